@@ -1,0 +1,43 @@
+"""Work to do once per process before it serves anyone.
+
+Daphne has no lifespan events, so the first connection of any kind runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+
+from conversations.generation import sweep_interrupted
+
+log = logging.getLogger(__name__)
+
+
+class SweepOnStartup:
+    """ASGI middleware: before the first request, mark the answers that a dead
+    process left `streaming` as `interrupted`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._done = False
+        self._lock: asyncio.Lock | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        if not self._done and scope["type"] in ("http", "websocket"):
+            await self._run_once()
+        return await self.app(scope, receive, send)
+
+    async def _run_once(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._done:
+                return
+            try:
+                await database_sync_to_async(sweep_interrupted)(at_startup=True)
+            except Exception:  # a missing table must not take the site down
+                log.exception("start-up sweep of streaming answers failed")
+            self._done = True

@@ -1,0 +1,271 @@
+"""The websocket protocol of DESIGN.md: parse, authorise, delegate.
+
+No business logic here: `generation` owns an answer's life; this consumer
+turns frames into calls and channel-layer events into frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+
+from accounts.limits import record_send, send_retry_after
+
+from . import generation
+from .models import Conversation, Message
+
+log = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+MAX_FRAME_BYTES = 256 * 1024
+SNAPSHOT_TIMEOUT = 3.0  # seconds to wait for a running answer to send its text
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def _uuid(frame: dict[str, Any], name: str, *, optional: bool = False) -> uuid.UUID | None:
+    value = frame.get(name)
+    if value is None and optional:
+        return None
+    try:
+        return uuid.UUID(str(value)) if isinstance(value, str) else uuid.UUID(value)
+    except (TypeError, ValueError, AttributeError):
+        raise FrameError("invalid_request", f"`{name}` must be a UUID string.") from None
+
+
+@dataclass
+class _Following:
+    """What this socket has shown of one conversation."""
+
+    awaiting_snapshot: bool = False
+    held: list[dict[str, Any]] = field(default_factory=list)  # deltas before the snapshot
+    last_seq: dict[str, int] = field(default_factory=dict)  # per answer
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    user: Any
+    following: dict[str, _Following]
+
+    async def connect(self) -> None:
+        # Accept first, then close: a refused handshake reaches the browser as
+        # a bare 403 and the page could not tell "log in again" from a fault.
+        await self.accept()
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.user = user
+        self.following = {}
+        await self.channel_layer.group_add(generation.user_group(user.pk), self.channel_name)
+
+    async def disconnect(self, code: int) -> None:
+        if not hasattr(self, "user"):
+            return
+        await self.channel_layer.group_discard(generation.user_group(self.user.pk), self.channel_name)
+        following, self.following = self.following, {}
+        for conversation_id in following:
+            await self.channel_layer.group_discard(
+                generation.conversation_group(conversation_id), self.channel_name
+            )
+        # Any answer this socket started runs on: it is not ours to stop.
+
+    # --- Client -> server ---------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if not hasattr(self, "user"):
+            return
+        try:
+            frame = self._parse(text_data, bytes_data)
+            handler = {
+                "message.send": self._message_send,
+                "generation.stop": self._generation_stop,
+                "conversation.join": self._conversation_join,
+            }.get(frame.get("type"))
+            if handler is None:
+                raise FrameError("invalid_request", f"Unknown frame type: {frame.get('type')!r}.")
+            await handler(frame)
+        except FrameError as exc:
+            await self.send_json({"type": "error", "code": exc.code, "message": exc.message, **exc.extra})
+
+    def _parse(self, text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
+        raw = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", "replace")
+        if len(raw.encode("utf-8", "replace")) > MAX_FRAME_BYTES:
+            raise FrameError("invalid_request", "Frame too large.")
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            raise FrameError("invalid_request", "Frames must be JSON objects.") from None
+        if not isinstance(frame, dict):
+            raise FrameError("invalid_request", "Frames must be JSON objects.")
+        return frame
+
+    async def _message_send(self, frame: dict[str, Any]) -> None:
+        client_id = _uuid(frame, "client_id")
+        extra: dict[str, Any] = {"client_id": str(client_id)}
+        conversation_id = _uuid(frame, "conversation", optional=True)
+        prompt_id = _uuid(frame, "prompt", optional=True) if conversation_id is None else None
+        if conversation_id is not None:
+            extra["conversation"] = str(conversation_id)
+        content = frame.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise FrameError("invalid_request", "The message is empty.", **extra)
+        limit = settings.CHAT_MAX_MESSAGE_CHARS
+        if len(content) > limit:
+            raise FrameError(
+                "invalid_request", f"The message is too long ({len(content)} > {limit} characters).", **extra
+            )
+
+        sent = await database_sync_to_async(generation.find_sent)(user=self.user, client_id=client_id)
+        if sent is not None:  # a resend: show what exists, create nothing
+            await self._follow(sent.conversation_id)
+            await self.send_json(
+                {
+                    "type": "message.created",
+                    "message": generation.message_payload(sent),
+                    "client_id": str(client_id),
+                }
+            )
+            return
+
+        retry_after = await sync_to_async(send_retry_after)(self.user)
+        if retry_after is not None:
+            raise FrameError(
+                "rate_limited",
+                f"Too many messages. Try again in {retry_after} s.",
+                retry_after=retry_after,
+                **extra,
+            )
+        try:
+            accepted = await database_sync_to_async(generation.accept_message)(
+                user=self.user,
+                conversation_id=conversation_id,
+                content=content,
+                client_id=client_id,
+                prompt_id=prompt_id,
+            )
+        except generation.NotFound:
+            raise FrameError("not_found", "No such conversation.", **extra) from None
+        except generation.Busy:
+            raise FrameError(
+                "busy", "An answer is still being written in this conversation.", **extra
+            ) from None
+        await sync_to_async(record_send)(self.user)
+        await self._follow(accepted.conversation.id)
+        await generation.launch(accepted)
+
+    async def _generation_stop(self, frame: dict[str, Any]) -> None:
+        conversation_id = _uuid(frame, "conversation")
+        await self._own(conversation_id)
+        await generation.request_stop(conversation_id)
+
+    async def _conversation_join(self, frame: dict[str, Any]) -> None:
+        conversation_id = _uuid(frame, "conversation")
+        after = frame.get("after")
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+            raise FrameError("invalid_request", "`after` must be a non-negative integer.")
+        await self._own(conversation_id)
+        state = await self._follow(conversation_id)
+        streaming = await Message.objects.filter(
+            conversation_id=conversation_id, status=Message.Status.STREAMING
+        ).aexists()
+        if streaming:
+            state.awaiting_snapshot = True
+            state.held.clear()
+            await generation.request_snapshot(conversation_id, self.channel_name)
+            asyncio.get_running_loop().call_later(
+                SNAPSHOT_TIMEOUT, lambda: asyncio.ensure_future(self._snapshot_timeout(str(conversation_id)))
+            )
+
+    async def _own(self, conversation_id: uuid.UUID | None) -> None:
+        exists = await Conversation.objects.filter(pk=conversation_id, owner=self.user).aexists()
+        if not exists:
+            # Same answer for someone else's conversation: never reveal it exists.
+            raise FrameError("not_found", "No such conversation.", conversation=str(conversation_id))
+
+    async def _follow(self, conversation_id: Any) -> _Following:
+        key = str(conversation_id)
+        if key not in self.following:
+            await self.channel_layer.group_add(generation.conversation_group(key), self.channel_name)
+            self.following[key] = _Following()
+        return self.following[key]
+
+    async def _snapshot_timeout(self, conversation_id: str) -> None:
+        state = self.following.get(conversation_id)
+        if state is not None and state.awaiting_snapshot:
+            # No running answer replied (its process died): deltas without
+            # their start would only mislead; a sweep settles the answer.
+            state.awaiting_snapshot = False
+            state.held.clear()
+
+    # --- Channel layer -> client ---------------------------------------------
+
+    async def _forward(self, event: dict[str, Any]) -> None:
+        await self.send_json(event)
+
+    async def conversation_created(self, event: dict[str, Any]) -> None:
+        await self._forward(event)
+
+    async def conversation_updated(self, event: dict[str, Any]) -> None:
+        await self._forward(event)
+
+    async def message_created(self, event: dict[str, Any]) -> None:
+        await self._forward(event)
+
+    async def generation_started(self, event: dict[str, Any]) -> None:
+        await self._forward(event)
+
+    async def generation_error(self, event: dict[str, Any]) -> None:
+        await self._forward({**event, "type": "error"})
+
+    async def generation_finished(self, event: dict[str, Any]) -> None:
+        state = self.following.get(event["conversation"])
+        if state is not None and state.awaiting_snapshot:
+            # The answer ended before its snapshot came: the full text is here.
+            state.awaiting_snapshot = False
+            state.held.clear()
+        await self._forward(event)
+
+    async def generation_delta(self, event: dict[str, Any]) -> None:
+        state = self.following.get(event["conversation"])
+        if state is None:
+            return
+        if state.awaiting_snapshot:
+            state.held.append(event)
+            return
+        await self._send_delta(state, event)
+
+    async def generation_snapshot(self, event: dict[str, Any]) -> None:
+        state = self.following.get(event["conversation"])
+        if state is None or not state.awaiting_snapshot:
+            return
+        state.awaiting_snapshot = False
+        state.last_seq[event["message"]] = event["seq"]
+        await self._forward(event)
+        await self._release_held(state)
+
+    async def _release_held(self, state: _Following) -> None:
+        held, state.held = state.held, []
+        for delta in held:
+            await self._send_delta(state, delta)
+
+    async def _send_delta(self, state: _Following, event: dict[str, Any]) -> None:
+        message = event["message"]
+        if event["seq"] <= state.last_seq.get(message, 0):
+            return  # already covered by the snapshot
+        state.last_seq[message] = event["seq"]
+        await self._forward(event)

@@ -1,0 +1,271 @@
+"""The model boundary: the ONLY module that imports the openai SDK.
+
+`stream_chat` yields `TextDelta`s and then exactly one `StreamEnd`, or raises
+one of this module's `LLMError`s. Everything the SDK or its HTTP client can
+raise is mapped here, so the rest of the project never sees an SDK type.
+
+Without an API key and without a base URL the offline demo model answers:
+a clearly labelled canned reply, streamed like a real one, no network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "demo"
+
+ChatMessage = dict[str, str]  # {"role": ..., "content": ...}
+
+
+# --- What the rest of the project sees ---------------------------------------
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    finish_reason: str
+    usage: Usage | None
+    model: str
+
+
+class LLMError(Exception):
+    """A model call went wrong. `code` is the websocket error code to show."""
+
+    code = "upstream_error"
+    user_message = "The model service returned an error."
+
+    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(detail or self.user_message)
+        self.retry_after = retry_after
+
+
+class UpstreamAuthError(LLMError):
+    user_message = "The model service refused our credentials. An administrator must fix the API key."
+
+
+class UpstreamRateLimited(LLMError):
+    code = "upstream_unavailable"
+    user_message = "The model service is rate limiting us. Try again shortly."
+
+
+class UpstreamUnavailable(LLMError):
+    code = "upstream_unavailable"
+    user_message = "The model service is unreachable or too slow right now. Try again shortly."
+
+
+class UpstreamBadRequest(LLMError):
+    user_message = "The model service rejected the request."
+
+
+class ContextTooLong(UpstreamBadRequest):
+    user_message = "This conversation is too long for the model. Start a new chat."
+
+
+class IncompleteStream(LLMError):
+    user_message = "The model's answer was cut off before it finished."
+
+
+# --- Configuration ------------------------------------------------------------
+
+
+def is_demo() -> bool:
+    """True when no model endpoint is configured: the offline demo answers."""
+    return not (settings.OPENAI_API_KEY or settings.OPENAI_BASE_URL)
+
+
+def default_model() -> str:
+    return DEMO_MODEL if is_demo() else settings.OPENAI_MODEL
+
+
+# One client (one connection pool) per event loop and configuration: a server
+# process has one loop, so one client; each test has a loop of its own.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], openai.AsyncOpenAI]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _get_client() -> openai.AsyncOpenAI:
+    config = (
+        settings.OPENAI_API_KEY,
+        settings.OPENAI_BASE_URL,
+        settings.OPENAI_TIMEOUT,
+        settings.OPENAI_CONNECT_TIMEOUT,
+        settings.OPENAI_MAX_RETRIES,
+    )
+    clients = _clients.setdefault(asyncio.get_running_loop(), {})
+    if config not in clients:
+        api_key, base_url, read_timeout, connect_timeout, retries = config
+        clients[config] = openai.AsyncOpenAI(
+            # Local servers (Ollama, vLLM, llama.cpp) need no key but the SDK wants one.
+            api_key=api_key or "not-needed",
+            base_url=base_url or None,
+            timeout=openai.Timeout(read_timeout, connect=connect_timeout),
+            # The SDK retries only a failed request, before any body arrives:
+            # once a token has streamed, nothing is retried.
+            max_retries=retries,
+        )
+    return clients[config]
+
+
+# --- Streaming ------------------------------------------------------------------
+
+
+async def stream_chat(
+    messages: Sequence[ChatMessage],
+    *,
+    model: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+) -> AsyncIterator[TextDelta | StreamEnd]:
+    """Stream one chat completion. Closing the iterator closes the HTTP stream."""
+    if is_demo():
+        async for event in _demo_stream(messages):
+            yield event
+        return
+
+    model = model or settings.OPENAI_MODEL
+    try:
+        stream = await _get_client().chat.completions.create(
+            model=model,
+            messages=list(messages),
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=max_tokens or settings.OPENAI_MAX_TOKENS,
+            temperature=settings.OPENAI_TEMPERATURE if temperature is None else temperature,
+        )
+    except openai.OpenAIError as exc:
+        raise _map_error(exc) from exc
+
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    served_model = model
+    try:
+        async for chunk in stream:
+            served_model = getattr(chunk, "model", None) or served_model
+            if chunk.usage is not None:
+                usage = _usage(chunk.usage)
+            for choice in chunk.choices:
+                if choice.delta is not None and choice.delta.content:
+                    yield TextDelta(choice.delta.content)
+                if choice.finish_reason:
+                    finish_reason = choice.finish_reason
+    except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
+        raise UpstreamUnavailable("The model stopped sending mid-answer.") from exc
+    except (openai.APIConnectionError, httpx2.HTTPError) as exc:
+        # The body broke off midway: a connection reset, a truncated chunk.
+        raise IncompleteStream(f"The stream was cut: {type(exc).__name__}") from exc
+    except openai.OpenAIError as exc:  # e.g. an error event inside the stream
+        raise _map_error(exc) from exc
+    finally:
+        await stream.close()
+
+    if finish_reason is None:
+        raise IncompleteStream("The stream ended without a finish_reason.")
+    yield StreamEnd(finish_reason=finish_reason, usage=usage, model=served_model)
+
+
+def _usage(raw: Any) -> Usage:
+    details = getattr(raw, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) or 0
+    return Usage(
+        prompt_tokens=raw.prompt_tokens or 0,
+        completion_tokens=raw.completion_tokens or 0,
+        cached_tokens=cached,
+    )
+
+
+def _map_error(exc: openai.OpenAIError) -> LLMError:
+    log.warning("model call failed: %s", type(exc).__name__)
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamUnavailable("The model service timed out.")
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamUnavailable("Could not connect to the model service.")
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return UpstreamAuthError()
+    if isinstance(exc, openai.RateLimitError):
+        return UpstreamRateLimited(retry_after=_retry_after(exc))
+    if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
+        if _is_context_error(exc):
+            return ContextTooLong()
+        return UpstreamBadRequest()
+    if isinstance(exc, openai.NotFoundError):
+        return UpstreamBadRequest("The model service does not know this model.")
+    if isinstance(exc, openai.APIStatusError) and exc.status_code >= 500:
+        return UpstreamUnavailable(
+            f"The model service failed (HTTP {exc.status_code}).", retry_after=_retry_after(exc)
+        )
+    return LLMError()
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    value = exc.response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _is_context_error(exc: openai.APIStatusError) -> bool:
+    code = getattr(exc, "code", None) or ""
+    text = f"{code} {exc.message}".lower()
+    return "context_length" in text or "context length" in text or "maximum context" in text
+
+
+# --- The offline demo model -----------------------------------------------------
+
+DEMO_DELAY = 0.02  # seconds between demo tokens: enough to watch it stream
+
+
+def demo_answer(question: str) -> str:
+    excerpt = " ".join(question.split())[:200]
+    return (
+        "**Demo mode.** No model is configured, so this is a canned answer from the "
+        "offline demo model, not an AI.\n\n"
+        f"You wrote: _{excerpt}_\n\n"
+        "To chat with a real model, set `OPENAI_API_KEY` (and `OPENAI_MODEL`), or "
+        "`OPENAI_BASE_URL` for any OpenAI-compatible server such as Ollama or vLLM, "
+        "then restart the server. For example:\n\n"
+        "```sh\nOPENAI_BASE_URL=http://127.0.0.1:11434/v1 OPENAI_MODEL=llama3.2 make run\n```\n"
+    )
+
+
+def estimate_tokens(text: str) -> int:
+    """A download-free token estimate: about four characters a token in English."""
+    return (len(text) + 3) // 4
+
+
+async def _demo_stream(messages: Sequence[ChatMessage]) -> AsyncIterator[TextDelta | StreamEnd]:
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    answer = demo_answer(question)
+    words = answer.split(" ")
+    for i, word in enumerate(words):
+        await asyncio.sleep(DEMO_DELAY)
+        yield TextDelta(word if i == len(words) - 1 else word + " ")
+    prompt_tokens = sum(estimate_tokens(m["content"]) + 4 for m in messages)
+    yield StreamEnd(
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=estimate_tokens(answer)),
+        model=DEMO_MODEL,
+    )

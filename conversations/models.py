@@ -1,0 +1,167 @@
+"""What a chat is made of: conversations, their messages, the system prompts
+staff write, and the ledger of what each model call cost."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class SystemPrompt(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=100, unique=True)
+    text = models.TextField()
+    is_default = models.BooleanField(default=False)
+    model = models.CharField(
+        max_length=100, blank=True, help_text="Model for this prompt; blank = OPENAI_MODEL."
+    )
+    temperature = models.FloatField(null=True, blank=True, help_text="Blank = OPENAI_TEMPERATURE.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_default"], condition=Q(is_default=True), name="one_default_prompt"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Conversation(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    title = models.CharField(max_length=200, blank=True)
+    prompt = models.ForeignKey(
+        SystemPrompt, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # The prompt text as it was when the conversation started: editing the
+    # prompt later must not change what this conversation was told.
+    prompt_text = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        indexes = [models.Index(fields=["owner", "-updated_at"], name="conv_sidebar_idx")]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.id}"
+
+    @property
+    def display_title(self) -> str:
+        return self.title or "New chat"
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming"
+        COMPLETE = "complete"
+        TRUNCATED = "truncated"
+        STOPPED = "stopped"
+        FAILED = "failed"
+        INTERRUPTED = "interrupted"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
+    finish_reason = models.CharField(max_length=32, blank=True)
+    model = models.CharField(max_length=100, blank=True)
+    # For user messages: the browser's id, so that a resent frame is a no-op.
+    client_id = models.UUIDField(null=True, blank=True)
+    # For streaming answers: which process runs it, so that a restarted
+    # process can tell its own dead answers from another worker's live ones.
+    worker = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [
+            models.Index(fields=["conversation", "created_at"], name="msg_conv_created_idx"),
+            models.Index(
+                fields=["updated_at"],
+                condition=Q(status="streaming"),
+                name="msg_streaming_idx",
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["conversation", "client_id"], name="unique_client_id_per_conversation"
+            ),
+            # At most one answer streams per conversation, enforced by the database.
+            models.UniqueConstraint(
+                fields=["conversation"],
+                condition=Q(status="streaming"),
+                name="one_streaming_answer_per_conversation",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:50]}"
+
+
+class ModelPrice(models.Model):
+    model = models.CharField(max_length=100, unique=True)
+    input_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, help_text="Price of 1M prompt tokens."
+    )
+    output_per_million = models.DecimalField(
+        max_digits=12, decimal_places=6, help_text="Price of 1M completion tokens."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model"]
+
+    def __str__(self) -> str:
+        return self.model
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        total = (
+            self.input_per_million * prompt_tokens + self.output_per_million * completion_tokens
+        ) / Decimal(1_000_000)
+        return total.quantize(Decimal("0.000001"))
+
+
+class TokenUsage(models.Model):
+    """One row per model call. A ledger: rows outlive the messages they paid for."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    conversation = models.ForeignKey(
+        Conversation, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    message = models.ForeignKey(Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    model = models.CharField(max_length=100)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
+    # True when the upstream sent no usage (a stopped or cut stream) and the
+    # counts are our estimate.
+    estimated = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["user", "created_at"], name="usage_user_created_idx"),
+            models.Index(fields=["model", "created_at"], name="usage_model_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model}: {self.prompt_tokens}+{self.completion_tokens}"

@@ -1,0 +1,230 @@
+"""Shared fixtures: the scripted fake model, three personas, websocket
+clients over the real ASGI stack, and a real daphne server process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import channel_layers
+from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test import Client
+
+from tests.fake_llm import FakeLLM
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+PASSWORD = "correct-horse-battery-staple"
+ARTIFACTS = BASE_DIR / "artifacts"
+
+# In CI a test that needs PostgreSQL, Redis or the browser must fail when it is
+# missing, never skip: these say what CI expects.
+REQUIRE_POSTGRES = bool(os.environ.get("REQUIRE_POSTGRES"))
+REQUIRE_REDIS = bool(os.environ.get("REQUIRE_REDIS"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    engine = django_settings.DATABASES["default"]["ENGINE"]
+    if REQUIRE_POSTGRES and "postgresql" not in engine:
+        raise pytest.UsageError("REQUIRE_POSTGRES is set but DATABASE_URL is not PostgreSQL")
+    if REQUIRE_REDIS and not django_settings.REDIS_URL:
+        raise pytest.UsageError("REQUIRE_REDIS is set but REDIS_URL is empty")
+
+
+# --- The fake model -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fake_llm_server() -> Iterator[FakeLLM]:
+    server = FakeLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_llm(fake_llm_server: FakeLLM, settings: Any) -> FakeLLM:
+    """The fake model, freshly scripted, configured as this test's endpoint."""
+    fake_llm_server.reset()
+    settings.OPENAI_API_KEY = "sk-test-fake-key"
+    settings.OPENAI_BASE_URL = fake_llm_server.base_url
+    settings.OPENAI_MODEL = "fake-model"
+    settings.OPENAI_MAX_RETRIES = 0
+    settings.OPENAI_TIMEOUT = 5.0
+    return fake_llm_server
+
+
+@pytest.fixture
+def demo_mode(settings: Any) -> None:
+    settings.OPENAI_API_KEY = ""
+    settings.OPENAI_BASE_URL = ""
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer_and_cache() -> Iterator[None]:
+    # Every test has its own event loop: layers made on another loop are stale.
+    channel_layers.backends.clear()
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    channel_layers.backends.clear()
+
+
+# --- Personas ---------------------------------------------------------------------
+
+
+def make_user(username: str, **extra: Any) -> Any:
+    return get_user_model().objects.create_user(username=username, password=PASSWORD, **extra)
+
+
+@pytest.fixture
+def alice(db: None) -> Any:
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(db: None) -> Any:
+    return make_user("bob")
+
+
+def session_cookie(user: Any) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies[django_settings.SESSION_COOKIE_NAME].value
+
+
+# --- Websocket clients over the real ASGI application -------------------------
+
+
+async def connect(
+    user: Any | None, *, origin: str | None = "http://localhost", path: str = "/ws/chat/"
+) -> WebsocketCommunicator:
+    """A connected WebsocketCommunicator through the whole ASGI stack: origin
+    check, session-cookie auth, router. Always `await ws.disconnect()`."""
+    from chatsite.asgi import application
+
+    headers = [(b"host", b"localhost")]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    if user is not None:
+        cookie = await sync_to_async(session_cookie)(user)
+        headers.append((b"cookie", f"{django_settings.SESSION_COOKIE_NAME}={cookie}".encode()))
+    communicator = WebsocketCommunicator(application, path, headers=headers)
+    connected, _ = await communicator.connect()
+    assert connected, "the websocket handshake was refused"
+    return communicator
+
+
+# --- A real daphne server process ---------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url() -> str:
+    """The URL of the test database this pytest process uses."""
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@dataclass
+class LiveServer:
+    url: str
+    ws_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def daphne_server(
+    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
+) -> Iterator[LiveServer]:
+    """daphne serving chatsite.asgi on a free port, on the test database, with
+    the fake model as its endpoint. Tests that use it need `transactional_db`."""
+    with django_db_blocker.unblock():
+        db_url = database_url()
+    port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+        "DATABASE_URL": db_url,
+        "DEBUG": "False",
+        # The same key as this process, so that sessions made here are valid there.
+        "SECRET_KEY": django_settings.SECRET_KEY,
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "OPENAI_API_KEY": "sk-test-fake-key",
+        "OPENAI_BASE_URL": fake_llm_server.base_url,
+        "OPENAI_MODEL": "fake-model",
+        "OPENAI_MAX_RETRIES": "0",
+        "OPENAI_TIMEOUT": "5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = tmp_path_factory.mktemp("daphne") / "daphne.log"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatsite.asgi:application"],
+        cwd=BASE_DIR,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    server = LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", process, log_path)
+    try:
+        _wait_until_up(server)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log_file.close()
+
+
+def _wait_until_up(server: LiveServer, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"daphne exited:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(server.url + "/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"daphne did not come up:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's, plus: close psycopg's pool before the test database is
+    dropped (an idle pooled connection would keep it open)."""
+    yield
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        for conn in connections.all():
+            close_pool = getattr(conn, "close_pool", None)
+            if close_pool is not None:
+                close_pool()

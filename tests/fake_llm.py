@@ -1,0 +1,244 @@
+"""A real OpenAI-compatible Chat Completions server on 127.0.0.1, scripted per test.
+
+The real `openai` SDK talks to it over HTTP through OPENAI_BASE_URL; nothing
+patches the SDK. Each request takes the next scripted `Reply` (or the
+default one): chunks and delays, the usage chunk, HTTP errors, a stream cut
+in the middle, one that ends without a finish_reason, a hang.
+
+    fake = FakeLLM().start()
+    fake.script(Reply(chunks=["Hel", "lo"], usage=(10, 2)))
+    ... fake.base_url ...
+    fake.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    chunks: list[str] = field(default_factory=lambda: ["Hello", " from", " the", " fake", " model."])
+    delay: float = 0.0  # seconds before each chunk
+    finish_reason: str | None = "stop"  # None: the stream ends without one
+    usage: tuple[int, int] | None = (11, 5)  # (prompt, completion); None: no usage chunk
+    cached_tokens: int = 0
+    status: int = 200  # anything else: an error body instead of a stream
+    error: dict[str, Any] | None = None  # the error object of an error reply
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. {"Retry-After": "7"}
+    cut_after: int | None = None  # drop the connection after this many chunks
+    hang_after: int | None = None  # stop sending (connection open) after this many chunks
+    model: str = "fake-model"
+
+    @classmethod
+    def error_reply(cls, status: int, message: str = "error", code: str | None = None, **kw: Any) -> Reply:
+        return cls(status=status, error={"message": message, "type": "error", "code": code}, **kw)
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class FakeLLM:
+    def __init__(self) -> None:
+        self.replies: deque[Reply] = deque()
+        self.default = Reply()
+        self.requests: list[Received] = []
+        self.disconnects = 0  # streams the client closed before their end
+        self.completed = 0  # streams written to their end
+        self._release = threading.Event()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    # --- control ------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> FakeLLM:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._release.set()  # free any hanging reply
+        self._server.shutdown()
+        self._server.server_close()
+
+    def script(self, *replies: Reply) -> None:
+        with self._lock:
+            self.replies.extend(replies)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.replies.clear()
+            self.requests.clear()
+            self.disconnects = self.completed = 0
+            self.default = Reply()
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError("fake LLM: condition not met in time")
+            time.sleep(0.01)
+
+    def _next(self) -> Reply:
+        with self._lock:
+            return self.replies.popleft() if self.replies else self.default
+
+    # --- the HTTP side ----------------------------------------------------------
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def do_GET(self) -> None:  # /v1/models, for completeness
+                self._json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                with fake._lock:
+                    fake.requests.append(Received(self.path, dict(self.headers), body))
+                if not self.path.endswith("/chat/completions"):
+                    self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+                    return
+                reply = fake._next()
+                if reply.status != 200:
+                    self._json(reply.status, {"error": reply.error or {"message": "error"}}, reply.headers)
+                elif body.get("stream"):
+                    self._stream(reply, body)
+                else:
+                    self._complete(reply)
+
+            def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _complete(self, reply: Reply) -> None:
+                prompt, completion = reply.usage or (0, 0)
+                self._json(
+                    200,
+                    {
+                        "id": f"chatcmpl-{uuid.uuid4().hex}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": reply.model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "".join(reply.chunks)},
+                                "finish_reason": reply.finish_reason or "stop",
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": prompt,
+                            "completion_tokens": completion,
+                            "total_tokens": prompt + completion,
+                        },
+                    },
+                )
+
+            def _chunk(self, payload: bytes) -> None:
+                self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+                self.wfile.flush()
+
+            def _event(self, reply: Reply, completion_id: str, choices: list[Any], usage: Any = None) -> None:
+                event = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": reply.model,
+                    "choices": choices,
+                }
+                if usage is not None:
+                    event["usage"] = usage
+                self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+
+            def _stream(self, reply: Reply, body: dict[str, Any]) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+                try:
+                    self._event(
+                        reply, completion_id, [{"index": 0, "delta": {"role": "assistant", "content": ""}}]
+                    )
+                    for i, text in enumerate(reply.chunks):
+                        if reply.cut_after is not None and i >= reply.cut_after:
+                            self._cut()
+                            return
+                        if reply.hang_after is not None and i >= reply.hang_after:
+                            fake._release.wait(60)
+                            return
+                        if reply.delay:
+                            time.sleep(reply.delay)
+                        self._event(reply, completion_id, [{"index": 0, "delta": {"content": text}}])
+                    if reply.cut_after is not None:
+                        self._cut()
+                        return
+                    if reply.finish_reason is not None:
+                        self._event(
+                            reply,
+                            completion_id,
+                            [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}],
+                        )
+                    include_usage = (body.get("stream_options") or {}).get("include_usage")
+                    if reply.usage is not None and include_usage:
+                        prompt, completion = reply.usage
+                        self._event(
+                            reply,
+                            completion_id,
+                            [],
+                            {
+                                "prompt_tokens": prompt,
+                                "completion_tokens": completion,
+                                "total_tokens": prompt + completion,
+                                "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
+                            },
+                        )
+                    self._chunk(b"data: [DONE]\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    with fake._lock:
+                        fake.completed += 1
+                except (BrokenPipeError, ConnectionResetError):
+                    with fake._lock:
+                        fake.disconnects += 1
+                    self.close_connection = True
+
+            def _cut(self) -> None:
+                # Drop the connection mid-body: no terminating chunk, no [DONE].
+                self.close_connection = True
+                self.wfile.flush()
+                self.connection.shutdown(2)
+
+        return Handler

@@ -1,0 +1,177 @@
+"""End to end: a real daphne process on a free port, a real websocket client
+(the `websockets` library), the fake model over HTTP, the test database."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+
+from conversations.models import Message, TokenUsage
+from tests.conftest import LiveServer, session_cookie
+from tests.fake_llm import Reply
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def open_socket(server: LiveServer, user: Any | None, origin: str | None = None) -> ClientConnection:
+    headers = {}
+    if user is not None:
+        headers["Cookie"] = f"sessionid={session_cookie(user)}"
+    return ws_connect(
+        server.ws_url + "/ws/chat/",
+        origin=origin or server.url,
+        additional_headers=headers,
+        open_timeout=10,
+    )
+
+
+def receive(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def until(ws: ClientConnection, frame_type: str, timeout: float = 15) -> list[dict[str, Any]]:
+    frames = []
+    while True:
+        frames.append(receive(ws, timeout))
+        if frames[-1]["type"] == frame_type:
+            return frames
+
+
+def send_message(ws: ClientConnection, content: str, conversation: str | None = None) -> None:
+    ws.send(
+        json.dumps(
+            {
+                "type": "message.send",
+                "conversation": conversation,
+                "content": content,
+                "client_id": str(uuid.uuid4()),
+            }
+        )
+    )
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 15) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def deltas_text(frames: list[dict[str, Any]]) -> str:
+    return "".join(f["text"] for f in frames if f["type"] == "generation.delta")
+
+
+def test_healthz_checks_database_and_channel_layer(daphne_server: LiveServer) -> None:
+    with urllib.request.urlopen(daphne_server.url + "/healthz", timeout=5) as response:
+        assert response.status == 200
+        assert json.load(response) == {"ok": True, "checks": {"database": "ok", "channel_layer": "ok"}}
+
+
+def test_static_files_are_served_with_debug_off(daphne_server: LiveServer) -> None:
+    with urllib.request.urlopen(daphne_server.url + "/static/js/chat.js", timeout=5) as response:
+        assert response.status == 200
+        assert b"WebSocket" in response.read()
+
+
+def test_anonymous_socket_is_closed_with_4401(daphne_server: LiveServer) -> None:
+    with open_socket(daphne_server, None) as ws, pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=5)
+    assert closed.value.rcvd.code == 4401
+
+
+def test_foreign_origin_handshake_is_refused(daphne_server: LiveServer, alice: Any) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        open_socket(daphne_server, alice, origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+
+
+def test_closed_socket_mid_answer_the_complete_answer_is_saved(
+    daphne_server: LiveServer, alice: Any, fake_llm: Any
+) -> None:
+    chunks = [f"word{i} " for i in range(60)]
+    fake_llm.script(Reply(chunks=chunks, delay=0.02, usage=(30, 60)))
+    with open_socket(daphne_server, alice) as ws:
+        send_message(ws, "Tell me a long story")
+        frames = until(ws, "generation.delta")
+    # The socket is closed; the answer must go on and be saved.
+    answer_id = frames[-1]["message"]
+    answer = wait_until(
+        lambda: Message.objects.filter(pk=answer_id).exclude(status="streaming").first(), timeout=20
+    )
+    assert answer.status == "complete"
+    assert answer.content == "".join(chunks)
+    usage = TokenUsage.objects.get(message=answer)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (30, 60)
+
+
+def test_join_mid_answer_rebuilds_the_exact_text(
+    daphne_server: LiveServer, alice: Any, fake_llm: Any
+) -> None:
+    chunks = [f"tok{i} " for i in range(80)]
+    fake_llm.script(Reply(chunks=chunks, delay=0.02))
+    with open_socket(daphne_server, alice) as tab1:
+        send_message(tab1, "Stream a lot")
+        frames = until(tab1, "generation.delta")
+        conversation = frames[0]["conversation"]["id"]
+        time.sleep(0.4)
+        with open_socket(daphne_server, alice) as tab2:
+            tab2.send(json.dumps({"type": "conversation.join", "conversation": conversation}))
+            joined = until(tab2, "generation.finished")
+        frames += until(tab1, "generation.finished")
+
+    snapshot = joined[0]
+    assert snapshot["type"] == "generation.snapshot"
+    assert 0 < len(snapshot["content"]) < len("".join(chunks))
+    later = [f for f in joined if f["type"] == "generation.delta"]
+    assert all(f["seq"] > snapshot["seq"] for f in later)
+    assert snapshot["content"] + deltas_text(later) == "".join(chunks)
+    assert deltas_text(frames) == "".join(chunks) == joined[-1]["content"]
+    assert Message.objects.get(pk=snapshot["message"]).content == "".join(chunks)
+
+
+def test_stop_mid_answer_from_another_socket(daphne_server: LiveServer, alice: Any, fake_llm: Any) -> None:
+    chunks = [f"x{i} " for i in range(300)]
+    fake_llm.script(Reply(chunks=chunks, delay=0.02))
+    with open_socket(daphne_server, alice) as tab1, open_socket(daphne_server, alice) as tab2:
+        send_message(tab1, "Never stop")
+        frames = until(tab1, "generation.delta")
+        time.sleep(0.3)
+        tab2.send(json.dumps({"type": "generation.stop", "conversation": frames[0]["conversation"]["id"]}))
+        frames += until(tab1, "generation.finished")
+
+    finished = frames[-1]
+    assert finished["status"] == "stopped"
+    assert deltas_text(frames) == finished["content"]
+    assert 0 < len(finished["content"]) < len("".join(chunks))
+    answer = Message.objects.get(pk=finished["message"])
+    assert (answer.status, answer.content) == ("stopped", finished["content"])
+    # A stop that really stops: the upstream stream was closed, not drained.
+    fake_llm.wait_for(lambda: fake_llm.disconnects == 1)
+    assert fake_llm.completed == 0
+
+
+def test_chat_page_needs_login(daphne_server: LiveServer) -> None:
+    request = urllib.request.Request(daphne_server.url + "/")
+    opener = urllib.request.build_opener(_NoRedirect())
+    with pytest.raises(urllib.error.HTTPError) as redirect:
+        opener.open(request, timeout=5)
+    assert redirect.value.code == 302
+    assert redirect.value.headers["Location"].startswith("/accounts/login/")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None

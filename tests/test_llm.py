@@ -1,0 +1,310 @@
+"""conversations.llm against the scripted fake OpenAI server, through the real SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from conversations import llm
+from conversations.llm import (
+    ContextTooLong,
+    IncompleteStream,
+    LLMError,
+    StreamEnd,
+    TextDelta,
+    UpstreamAuthError,
+    UpstreamBadRequest,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+    Usage,
+    stream_chat,
+)
+from tests.conftest import free_port
+from tests.fake_llm import FakeLLM, Reply
+
+QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+API_KEY = "sk-test-fake-key"
+
+
+async def collect(messages: Any = QUESTION, **kwargs: Any) -> list[TextDelta | StreamEnd]:
+    return [event async for event in stream_chat(messages, **kwargs)]
+
+
+async def collect_until_error(
+    messages: Any = QUESTION, **kwargs: Any
+) -> tuple[list[TextDelta | StreamEnd], LLMError]:
+    events: list[TextDelta | StreamEnd] = []
+    with pytest.raises(LLMError) as info:
+        async for event in stream_chat(messages, **kwargs):
+            events.append(event)
+    return events, info.value
+
+
+def texts(events: list[TextDelta | StreamEnd]) -> list[str]:
+    return [e.text for e in events if isinstance(e, TextDelta)]
+
+
+# --- A good stream ---------------------------------------------------------------
+
+
+async def test_stream_yields_deltas_in_order_then_one_stream_end(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply(chunks=["Hel", "lo", " there"], usage=(12, 3), cached_tokens=4, model="served-x"))
+
+    events = await collect()
+
+    assert events[:-1] == [TextDelta("Hel"), TextDelta("lo"), TextDelta(" there")]
+    assert events[-1] == StreamEnd(
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=12, completion_tokens=3, cached_tokens=4),
+        model="served-x",
+    )
+
+
+async def test_request_asks_for_a_stream_with_usage_and_sends_the_key(
+    fake_llm: FakeLLM, settings: Any
+) -> None:
+    settings.OPENAI_MAX_TOKENS = 321
+    settings.OPENAI_TEMPERATURE = 0.3
+
+    await collect()
+
+    assert len(fake_llm.requests) == 1
+    request = fake_llm.requests[0]
+    assert request.path.endswith("/chat/completions")
+    assert request.body["stream"] is True
+    assert request.body["stream_options"] == {"include_usage": True}
+    assert request.body["max_tokens"] == 321
+    assert request.body["temperature"] == 0.3
+    assert request.body["model"] == "fake-model"
+    assert request.body["messages"] == QUESTION
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    assert headers["authorization"] == f"Bearer {API_KEY}"
+
+
+async def test_explicit_model_temperature_and_max_tokens_override_settings(fake_llm: FakeLLM) -> None:
+    await collect(model="other-model", temperature=0.0, max_tokens=17)
+
+    body = fake_llm.requests[0].body
+    assert (body["model"], body["temperature"], body["max_tokens"]) == ("other-model", 0.0, 17)
+
+
+async def test_finish_reason_length_comes_through(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply(chunks=["a", "b"], finish_reason="length"))
+
+    events = await collect()
+
+    assert texts(events) == ["a", "b"]
+    assert isinstance(events[-1], StreamEnd)
+    assert events[-1].finish_reason == "length"
+
+
+async def test_stream_without_usage_chunk_ends_with_no_usage(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply(chunks=["x"], usage=None))
+
+    events = await collect()
+
+    assert events[-1] == StreamEnd(finish_reason="stop", usage=None, model="fake-model")
+
+
+# --- HTTP errors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_auth_refusal_maps_to_upstream_auth_error(fake_llm: FakeLLM, status: int) -> None:
+    fake_llm.script(Reply.error_reply(status, "Incorrect API key provided"))
+
+    events, error = await collect_until_error()
+
+    assert events == []
+    assert type(error) is UpstreamAuthError
+    assert error.code == "upstream_error"
+
+
+async def test_rate_limit_maps_to_upstream_rate_limited_with_retry_after(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply.error_reply(429, "Slow down", headers={"Retry-After": "7"}))
+
+    _, error = await collect_until_error()
+
+    assert type(error) is UpstreamRateLimited
+    assert error.retry_after == 7.0
+    assert error.code == "upstream_unavailable"
+
+
+async def test_server_error_maps_to_upstream_unavailable(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply.error_reply(500, "boom"))
+
+    _, error = await collect_until_error()
+
+    assert type(error) is UpstreamUnavailable
+    assert error.code == "upstream_unavailable"
+
+
+async def test_context_length_error_maps_to_context_too_long(fake_llm: FakeLLM) -> None:
+    fake_llm.script(
+        Reply.error_reply(
+            400, "This model's maximum context length is 8192 tokens", code="context_length_exceeded"
+        )
+    )
+
+    _, error = await collect_until_error()
+
+    assert type(error) is ContextTooLong
+    assert isinstance(error, UpstreamBadRequest)
+    assert error.code == "upstream_error"
+
+
+async def test_other_bad_request_maps_to_upstream_bad_request(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply.error_reply(400, "Invalid value for temperature", code="invalid_value"))
+
+    _, error = await collect_until_error()
+
+    assert type(error) is UpstreamBadRequest
+    assert error.code == "upstream_error"
+
+
+# --- Broken streams -------------------------------------------------------------------
+
+
+async def test_cut_stream_yields_the_first_deltas_then_incomplete_stream(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply(chunks=["one", "two", "three", "four"], cut_after=2))
+
+    events, error = await collect_until_error()
+
+    assert events == [TextDelta("one"), TextDelta("two")]
+    assert type(error) is IncompleteStream
+
+
+async def test_stream_ending_without_finish_reason_is_incomplete(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply(chunks=["one", "two"], finish_reason=None))
+
+    events, error = await collect_until_error()
+
+    assert texts(events) == ["one", "two"]
+    assert not any(isinstance(e, StreamEnd) for e in events)
+    assert type(error) is IncompleteStream
+
+
+async def test_stalled_stream_times_out_as_upstream_unavailable(fake_llm: FakeLLM, settings: Any) -> None:
+    settings.OPENAI_TIMEOUT = 0.5
+    fake_llm.script(Reply(chunks=["one", "two", "three"], hang_after=1))
+
+    started = time.monotonic()
+    events, error = await collect_until_error()
+
+    assert time.monotonic() - started < 4
+    assert events == [TextDelta("one")]
+    assert type(error) is UpstreamUnavailable
+
+
+async def test_connection_refused_maps_to_upstream_unavailable(fake_llm: FakeLLM, settings: Any) -> None:
+    settings.OPENAI_BASE_URL = f"http://127.0.0.1:{free_port()}/v1"
+
+    started = time.monotonic()
+    _, error = await collect_until_error()
+
+    assert time.monotonic() - started < 4
+    assert type(error) is UpstreamUnavailable
+    assert fake_llm.requests == []
+
+
+# --- Retries -------------------------------------------------------------------------
+
+
+async def test_a_failed_request_is_retried_before_the_first_token(fake_llm: FakeLLM, settings: Any) -> None:
+    settings.OPENAI_MAX_RETRIES = 1
+    fake_llm.script(
+        Reply.error_reply(500, "transient", headers={"retry-after-ms": "10"}),
+        Reply(chunks=["good", " answer"]),
+    )
+
+    events = await collect()
+
+    assert texts(events) == ["good", " answer"]
+    assert isinstance(events[-1], StreamEnd)
+    assert len(fake_llm.requests) == 2
+
+
+async def test_a_stream_cut_after_tokens_is_not_retried(fake_llm: FakeLLM, settings: Any) -> None:
+    settings.OPENAI_MAX_RETRIES = 1
+    fake_llm.script(Reply(chunks=["one", "two", "three"], cut_after=1), Reply(chunks=["again"]))
+
+    events, error = await collect_until_error()
+
+    assert events == [TextDelta("one")]
+    assert type(error) is IncompleteStream
+    assert len(fake_llm.requests) == 1
+
+
+async def test_stream_chat_works_on_a_new_event_loop_after_an_earlier_loop_closed(fake_llm: FakeLLM) -> None:
+    # The cached client's pooled keep-alive connection belongs to the loop that
+    # opened it; a later loop (another test, asyncio.run in a command) must still work.
+    first = await asyncio.to_thread(asyncio.run, collect())
+    assert isinstance(first[-1], StreamEnd)
+
+    events = await collect()
+
+    assert isinstance(events[-1], StreamEnd)
+    assert len(fake_llm.requests) == 2
+
+
+# --- Secrets -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply.error_reply(401, f"Incorrect API key provided: {API_KEY}"),
+        Reply.error_reply(429, f"Rate limit for key {API_KEY}", headers={"Retry-After": "1"}),
+        Reply.error_reply(500, f"internal error for {API_KEY}"),
+        Reply.error_reply(400, f"bad request from {API_KEY}"),
+        Reply(chunks=["a", "b"], cut_after=1),
+    ],
+    ids=["401", "429", "500", "400", "cut"],
+)
+async def test_api_key_never_appears_in_exception_messages(fake_llm: FakeLLM, reply: Reply) -> None:
+    fake_llm.script(reply)
+
+    _, error = await collect_until_error()
+
+    assert API_KEY not in str(error)
+    assert API_KEY not in repr(error)
+    assert API_KEY not in error.user_message
+
+
+# --- The offline demo model ---------------------------------------------------------------
+
+
+def test_demo_mode_is_on_without_key_and_base_url(demo_mode: None) -> None:
+    assert llm.is_demo() is True
+    assert llm.default_model() == "demo"
+
+
+def test_demo_mode_is_off_with_the_fake_server(fake_llm: FakeLLM) -> None:
+    assert llm.is_demo() is False
+    assert llm.default_model() == "fake-model"
+
+
+async def test_demo_stream_labels_itself_and_echoes_the_question(
+    demo_mode: None, fake_llm_server: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(llm, "DEMO_DELAY", 0)
+    fake_llm_server.reset()
+    question = [{"role": "user", "content": "What is the capital of Peru?"}]
+
+    events = await collect(question)
+
+    text = "".join(texts(events))
+    assert len(texts(events)) > 1  # streamed, not one blob
+    assert "Demo mode" in text
+    assert "What is the capital of Peru?" in text
+    end = events[-1]
+    assert isinstance(end, StreamEnd)
+    assert end.model == "demo"
+    assert end.finish_reason == "stop"
+    assert end.usage is not None
+    assert end.usage.prompt_tokens > 0
+    assert end.usage.completion_tokens > 0
+    assert fake_llm_server.requests == []
