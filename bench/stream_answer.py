@@ -87,8 +87,8 @@ async def main() -> None:
     print(f"database: {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, ", end="")
     print(f"frame interval {settings.CHAT_DELTA_INTERVAL * 1000:.0f} ms, ", end="")
     print(f"checkpoint interval {settings.CHAT_CHECKPOINT_INTERVAL:.1f} s")
-    header = f"{'tokens':>7} {'tok/s':>7} {'seconds':>8} {'frames':>7} {'frames/s':>9} {'tok/frame':>10} {'writes':>7}"
-    print(header)
+    columns = ("tokens", "tok/s", "seconds", "frames", "frames/s", "tok/frame", "writes")
+    print(" ".join(f"{name:>9}" for name in columns))
     sys.stdout.flush()
     for tokens, delay in SCENARIOS:
         fake.script(Reply(chunks=[f"t{i} " for i in range(tokens)], delay=delay, usage=(50, tokens)))
@@ -96,8 +96,8 @@ async def main() -> None:
         result = await one_answer(user, tokens, delay)
         seconds = result["duration"]
         print(
-            f"{tokens:>7} {tokens / seconds:>7.0f} {seconds:>8.2f} {result['deltas']:>7} "
-            f"{result['deltas'] / seconds:>9.1f} {tokens / result['deltas']:>10.1f} {len(writes):>7}"
+            f"{tokens:>9} {tokens / seconds:>9.0f} {seconds:>9.2f} {result['deltas']:>9} "
+            f"{result['deltas'] / seconds:>9.1f} {tokens / result['deltas']:>9.1f} {len(writes):>9}"
         )
     fake.stop()
 

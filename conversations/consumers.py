@@ -190,6 +190,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             asyncio.get_running_loop().call_later(
                 SNAPSHOT_TIMEOUT, lambda: asyncio.ensure_future(self._snapshot_timeout(str(conversation_id)))
             )
+        elif after is not None:
+            # The client was following an answer that has ended since.
+            await self._send_last_finished(conversation_id)
+
+    async def _send_last_finished(self, conversation_id: Any) -> None:
+        finished = await database_sync_to_async(generation.last_answer_finished)(conversation_id)
+        if finished is not None:
+            await self.send_json(finished)
 
     async def _own(self, conversation_id: uuid.UUID | None) -> None:
         exists = await Conversation.objects.filter(pk=conversation_id, owner=self.user).aexists()
@@ -207,10 +215,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _snapshot_timeout(self, conversation_id: str) -> None:
         state = self.following.get(conversation_id)
         if state is not None and state.awaiting_snapshot:
-            # No running answer replied (its process died): deltas without
-            # their start would only mislead; a sweep settles the answer.
+            # No running answer replied: its process may have died. Deltas
+            # without their start would only mislead; sweep, and if that
+            # settled the answer, say how it ended.
             state.awaiting_snapshot = False
             state.held.clear()
+            await database_sync_to_async(generation.sweep_interrupted)()
+            await self._send_last_finished(conversation_id)
 
     # --- Channel layer -> client ---------------------------------------------
 

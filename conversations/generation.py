@@ -96,6 +96,48 @@ def message_payload(message: Message) -> dict[str, Any]:
 # --- Accepting a question (sync: runs in a database thread) ----------------------
 
 
+def finished_event(
+    answer: Message, *, status: str, finish_reason: str, content: str, model: str, usage: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "type": "generation.finished",
+        "conversation": str(answer.conversation_id),
+        "message": str(answer.id),
+        "status": str(status),
+        "finish_reason": finish_reason,
+        "content": content,
+        "html": render_markdown(content),
+        "model": model,
+        "usage": usage,
+    }
+
+
+def last_answer_finished(conversation_id: Any) -> dict[str, Any] | None:
+    """The `generation.finished` event of the conversation's latest answer, if it
+    has ended: for a socket that was following it and missed the end."""
+    answer = (
+        Message.objects.filter(conversation_id=conversation_id, role=Message.Role.ASSISTANT)
+        .order_by("-created_at")
+        .first()
+    )
+    if answer is None or answer.status == Message.Status.STREAMING:
+        return None
+    row = TokenUsage.objects.filter(message=answer).first()
+    usage = {
+        "prompt_tokens": row.prompt_tokens if row else 0,
+        "completion_tokens": row.completion_tokens if row else 0,
+        "cost": str(row.cost if row else NO_COST),
+    }
+    return finished_event(
+        answer,
+        status=answer.status,
+        finish_reason=answer.finish_reason,
+        content=answer.content,
+        model=answer.model,
+        usage=usage,
+    )
+
+
 @dataclass
 class Accepted:
     conversation: Conversation
@@ -385,19 +427,21 @@ class Generation:
                 {
                     "type": "generation.error",
                     "code": outcome.error.code,
-                    "message": outcome.error.user_message,
+                    "message": outcome.error.user_message,  # for a person, as in every error
+                    "answer": str(self.answer.id),
                     "retry_after": outcome.error.retry_after,
                 }
             )
-        await self._publish(
-            {
-                "type": "generation.finished",
-                "status": status,
-                "finish_reason": finish_reason,
-                "content": content,
-                "html": render_markdown(content),
-                "usage": usage,
-            }
+        await self.layer.group_send(
+            self.group,
+            finished_event(
+                self.answer,
+                status=status,
+                finish_reason=finish_reason,
+                content=content,
+                model=model,
+                usage=usage,
+            ),
         )
         log.info(
             "answer %s %s: %d chars, %d frames, %d checkpoints",

@@ -99,6 +99,13 @@ def bob(db: None) -> Any:
     return make_user("bob")
 
 
+def dead_pid() -> int:
+    """A process id that no process has now."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
 def session_cookie(user: Any) -> str:
     client = Client()
     client.force_login(user)
@@ -221,9 +228,13 @@ def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[N
     """pytest-django's, plus: close psycopg's pool before the test database is
     dropped (an idle pooled connection would keep it open)."""
     yield
+    from asgiref.sync import SyncToAsync
     from django.db import connections
 
     with django_db_blocker.unblock():
+        # Async tests ran their ORM calls on asgiref's shared thread: close
+        # that thread's connections too, then every pool.
+        SyncToAsync.single_thread_executor.submit(connections.close_all).result()
         for conn in connections.all():
             close_pool = getattr(conn, "close_pool", None)
             if close_pool is not None:

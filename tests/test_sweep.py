@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
+import uuid
 from datetime import timedelta
 from io import StringIO
 from typing import Any
@@ -15,15 +14,9 @@ from django.utils import timezone
 
 from conversations import generation
 from conversations.models import Conversation, Message
-from tests.conftest import connect
+from tests.conftest import connect, dead_pid
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid  # reaped: no process has it now
 
 
 def streaming_answer(owner: Any, worker: str, age: float = 0) -> Message:
@@ -86,16 +79,10 @@ def test_an_interrupted_conversation_accepts_new_messages(alice: Any) -> None:
     answer = streaming_answer(alice, f"{socket.gethostname()}:{dead_pid()}")
     with pytest.raises(generation.Busy):
         generation.accept_message(
-            user=alice, conversation_id=answer.conversation_id, content="hi", client_id=_uuid()
+            user=alice, conversation_id=answer.conversation_id, content="hi", client_id=uuid.uuid4()
         )
     generation.sweep_interrupted()
     accepted = generation.accept_message(
-        user=alice, conversation_id=answer.conversation_id, content="hi", client_id=_uuid()
+        user=alice, conversation_id=answer.conversation_id, content="hi", client_id=uuid.uuid4()
     )
     assert accepted.answer.status == "streaming"
-
-
-def _uuid() -> Any:
-    import uuid
-
-    return uuid.uuid4()
