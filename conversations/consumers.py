@@ -43,8 +43,10 @@ def _uuid(frame: dict[str, Any], name: str, *, optional: bool = False) -> uuid.U
     if value is None and optional:
         return None
     try:
-        return uuid.UUID(str(value)) if isinstance(value, str) else uuid.UUID(value)
-    except (TypeError, ValueError, AttributeError):
+        if not isinstance(value, str):
+            raise TypeError(name)
+        return uuid.UUID(value)
+    except (TypeError, ValueError):
         raise FrameError("invalid_request", f"`{name}` must be a UUID string.") from None
 
 

@@ -4,10 +4,12 @@ a real daphne serving the site and the fake model behind it."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import pytest
+from django.db import connections
 from playwright.sync_api import Page, expect, sync_playwright
 
 from conversations.models import Message
@@ -15,6 +17,8 @@ from tests.conftest import ARTIFACTS, PASSWORD, LiveServer
 from tests.fake_llm import Reply
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+T = TypeVar("T")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -34,12 +38,7 @@ ANSWER_CHUNKS = [
 
 
 @pytest.fixture
-def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Page]:
-    # Playwright's sync API runs its own event loop in this thread, and Django
-    # refuses ORM calls from a thread with a running loop. No Django async code
-    # runs in this process during a browser test (the site is another
-    # process), so the test's own ORM calls are safe.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+def page() -> Iterator[Page]:
     # No skip when Chromium is missing: launching fails, and so does the test.
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -50,6 +49,20 @@ def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Page]:
         yield page
         context.close()
         browser.close()
+
+
+def in_thread(query: Callable[[], T]) -> T:
+    """Run an ORM query off this thread: Playwright's sync API keeps an event
+    loop running here, and Django refuses ORM calls beside a running loop."""
+
+    def run() -> T:
+        try:
+            return query()
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
 
 
 def log_in(page: Page, server: LiveServer, username: str) -> None:
@@ -93,7 +106,7 @@ def test_log_in_send_watch_the_answer_stream_reload_see_it_persisted(
     expect(finished).to_contain_text("fake-model")
     page.screenshot(path=str(SHOTS / "finished.png"))
 
-    answer = Message.objects.get(role="assistant")
+    answer = in_thread(lambda: Message.objects.get(role="assistant"))
     assert answer.status == "complete"
     assert answer.content == "".join(ANSWER_CHUNKS)
     assert f"/c/{answer.conversation_id}/" in page.url
