@@ -20,6 +20,9 @@ class SystemPrompt(models.Model):
         max_length=100, blank=True, help_text="Model for this prompt; blank = OPENAI_MODEL."
     )
     temperature = models.FloatField(null=True, blank=True, help_text="Blank = OPENAI_TEMPERATURE.")
+    max_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Longest answer in tokens; blank = OPENAI_MAX_TOKENS."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -35,6 +38,32 @@ class SystemPrompt(models.Model):
         return self.name
 
 
+class SystemPromptVersion(models.Model):
+    """The text and settings of a prompt as saved once: never edited, so that
+    an answer can always be traced to the prompt that produced it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    prompt = models.ForeignKey(SystemPrompt, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    text = models.TextField()
+    model = models.CharField(max_length=100, blank=True)
+    temperature = models.FloatField(null=True, blank=True)
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["prompt", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["prompt", "number"], name="unique_prompt_version_number")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.prompt} v{self.number}"
+
+
 class Conversation(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
@@ -47,12 +76,18 @@ class Conversation(models.Model):
     # The prompt text as it was when the conversation started: editing the
     # prompt later must not change what this conversation was told.
     prompt_text = models.TextField(blank=True)
+    prompt_version = models.ForeignKey(
+        SystemPromptVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Pinned conversations are kept by `prune_history`.
+    pinned = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-updated_at"]
         indexes = [models.Index(fields=["owner", "-updated_at"], name="conv_sidebar_idx")]
+        permissions = [("review_conversation", "Can read users' conversations in the admin")]
 
     def __str__(self) -> str:
         return self.title or f"Conversation {self.id}"
@@ -87,12 +122,17 @@ class Message(models.Model):
     # For streaming answers: which process runs it, so that a restarted
     # process can tell its own dead answers from another worker's live ones.
     worker = models.CharField(max_length=100, blank=True)
+    # Versions: a regenerated answer or an edited question is a new message in
+    # the same `version_group`; the replaced one stays, inactive (shown as 1/2).
+    version_group = models.UUIDField(default=uuid.uuid4, editable=False)
+    is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["created_at"]
         indexes = [
+            models.Index(fields=["created_at"], name="msg_created_idx"),
             models.Index(fields=["conversation", "created_at"], name="msg_conv_created_idx"),
             models.Index(
                 fields=["updated_at"],
@@ -142,14 +182,21 @@ class ModelPrice(models.Model):
 class TokenUsage(models.Model):
     """One row per model call. A ledger: rows outlive the messages they paid for."""
 
+    class Kind(models.TextChoices):
+        ANSWER = "answer"
+        TITLE = "title"
+        SUMMARY = "summary"
+
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     conversation = models.ForeignKey(
         Conversation, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     message = models.ForeignKey(Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.ANSWER)
     model = models.CharField(max_length=100)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
     cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal("0"))
     # True when the upstream sent no usage (a stopped or cut stream) and the
     # counts are our estimate.
