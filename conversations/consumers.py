@@ -50,6 +50,18 @@ def _uuid(frame: dict[str, Any], name: str, *, optional: bool = False) -> uuid.U
         raise FrameError("invalid_request", f"`{name}` must be a UUID string.") from None
 
 
+def _content(frame: dict[str, Any], extra: dict[str, Any]) -> str:
+    content = frame.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise FrameError("invalid_request", "The message is empty.", **extra)
+    limit = settings.CHAT_MAX_MESSAGE_CHARS
+    if len(content) > limit:
+        raise FrameError(
+            "invalid_request", f"The message is too long ({len(content)} > {limit} characters).", **extra
+        )
+    return content
+
+
 @dataclass
 class _Following:
     """What this socket has shown of one conversation."""
@@ -95,6 +107,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             frame = self._parse(text_data, bytes_data)
             handler = {
                 "message.send": self._message_send,
+                "message.edit": self._message_edit,
+                "message.regenerate": self._message_regenerate,
+                "message.continue": self._message_continue,
                 "generation.stop": self._generation_stop,
                 "conversation.join": self._conversation_join,
             }.get(frame.get("type"))
@@ -123,27 +138,68 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         prompt_id = _uuid(frame, "prompt", optional=True) if conversation_id is None else None
         if conversation_id is not None:
             extra["conversation"] = str(conversation_id)
-        content = frame.get("content")
-        if not isinstance(content, str) or not content.strip():
-            raise FrameError("invalid_request", "The message is empty.", **extra)
-        limit = settings.CHAT_MAX_MESSAGE_CHARS
-        if len(content) > limit:
-            raise FrameError(
-                "invalid_request", f"The message is too long ({len(content)} > {limit} characters).", **extra
-            )
-
-        sent = await database_sync_to_async(generation.find_sent)(user=self.user, client_id=client_id)
-        if sent is not None:  # a resend: show what exists, create nothing
-            await self._follow(sent.conversation_id)
-            await self.send_json(
-                {
-                    "type": "message.created",
-                    "message": generation.message_payload(sent),
-                    "client_id": str(client_id),
-                }
-            )
+        content = _content(frame, extra)
+        if await self._resent(client_id):
             return
+        await self._start(
+            generation.accept_message,
+            extra,
+            conversation_id=conversation_id,
+            content=content,
+            client_id=client_id,
+            prompt_id=prompt_id,
+        )
 
+    async def _message_edit(self, frame: dict[str, Any]) -> None:
+        client_id = _uuid(frame, "client_id")
+        conversation_id = _uuid(frame, "conversation")
+        extra: dict[str, Any] = {"client_id": str(client_id), "conversation": str(conversation_id)}
+        message_id = _uuid(frame, "message")
+        content = _content(frame, extra)
+        if await self._resent(client_id):
+            return
+        await self._start(
+            generation.accept_edit,
+            extra,
+            conversation_id=conversation_id,
+            message_id=message_id,
+            content=content,
+            client_id=client_id,
+        )
+
+    async def _message_regenerate(self, frame: dict[str, Any]) -> None:
+        conversation_id = _uuid(frame, "conversation")
+        await self._start(
+            generation.accept_regenerate,
+            {"conversation": str(conversation_id)},
+            conversation_id=conversation_id,
+        )
+
+    async def _message_continue(self, frame: dict[str, Any]) -> None:
+        conversation_id = _uuid(frame, "conversation")
+        await self._start(
+            generation.accept_continue,
+            {"conversation": str(conversation_id)},
+            conversation_id=conversation_id,
+        )
+
+    async def _resent(self, client_id: uuid.UUID) -> bool:
+        """A frame sent again (after a reconnect): show what exists, create nothing."""
+        sent = await database_sync_to_async(generation.find_sent)(user=self.user, client_id=client_id)
+        if sent is None:
+            return False
+        await self._follow(sent.conversation_id)
+        await self.send_json(
+            {
+                "type": "message.created",
+                "message": generation.message_payload(sent),
+                "client_id": str(client_id),
+            }
+        )
+        return True
+
+    async def _start(self, accept: Any, extra: dict[str, Any], **arguments: Any) -> None:
+        """Rate limit, then let `generation` accept the turn and start its answer."""
         retry_after = await sync_to_async(send_retry_after)(self.user)
         if retry_after is not None:
             raise FrameError(
@@ -153,19 +209,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 **extra,
             )
         try:
-            accepted = await database_sync_to_async(generation.accept_message)(
-                user=self.user,
-                conversation_id=conversation_id,
-                content=content,
-                client_id=client_id,
-                prompt_id=prompt_id,
-            )
+            accepted = await database_sync_to_async(accept)(user=self.user, **arguments)
         except generation.NotFound:
             raise FrameError("not_found", "No such conversation.", **extra) from None
         except generation.Busy:
             raise FrameError(
                 "busy", "An answer is still being written in this conversation.", **extra
             ) from None
+        except generation.Refused as exc:
+            raise FrameError("invalid_request", str(exc), **extra) from None
         await sync_to_async(record_send)(self.user)
         await self._follow(accepted.conversation.id)
         await generation.launch(accepted)
@@ -234,6 +286,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self._forward(event)
 
     async def conversation_updated(self, event: dict[str, Any]) -> None:
+        await self._forward(event)
+
+    async def conversation_deleted(self, event: dict[str, Any]) -> None:
+        if self.following.pop(event["conversation"], None) is not None:
+            await self.channel_layer.group_discard(
+                generation.conversation_group(event["conversation"]), self.channel_name
+            )
         await self._forward(event)
 
     async def message_created(self, event: dict[str, Any]) -> None:

@@ -49,6 +49,7 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:100]
 
 TITLE_CHARS = 60
 NO_COST = Decimal("0.000000")  # a model without a ModelPrice row
+CONTINUE_INSTRUCTION = "Continue exactly where your last answer stopped, without repeating anything."
 
 
 def conversation_group(conversation_id: Any) -> str:
@@ -90,6 +91,7 @@ def message_payload(message: Message) -> dict[str, Any]:
         "content": message.content,
         "status": message.status,
         "created_at": message.created_at.isoformat(),
+        "version_group": str(message.version_group),
     }
 
 
@@ -138,12 +140,22 @@ def last_answer_finished(conversation_id: Any) -> dict[str, Any] | None:
     )
 
 
+class Refused(Exception):
+    """A well-formed request that cannot be done (nothing to regenerate...)."""
+
+
 @dataclass
 class Accepted:
+    """A turn ready to be answered: the question and the empty answer."""
+
     conversation: Conversation
-    conversation_created: bool
     question: Message
     answer: Message
+    conversation_created: bool = False
+    question_created: bool = True  # False when an answer is regenerated or continued
+    replaces_question: Message | None = None  # an edit: the question it replaced
+    replaces_answer: Message | None = None  # a regenerate or edit: the answer it replaced
+    continues: Message | None = None  # a continue: the truncated answer
 
 
 def find_sent(*, user: Any, client_id: uuid.UUID) -> Message | None:
@@ -164,6 +176,47 @@ def _prompt_for_new_conversation(prompt_id: uuid.UUID | None) -> SystemPrompt | 
     return SystemPrompt.objects.filter(is_default=True).first()
 
 
+def _own_conversation(user: Any, conversation_id: Any) -> Conversation:
+    conversation = (
+        Conversation.objects.select_related("prompt").filter(pk=conversation_id, owner=user).first()
+    )
+    if conversation is None:
+        raise NotFound("No such conversation.")
+    return conversation
+
+
+def _last_active(conversation: Conversation, role: str) -> Message | None:
+    return (
+        Message.objects.filter(conversation=conversation, role=role, is_active=True)
+        .order_by("-created_at")
+        .first()
+    )
+
+
+def _new_answer(conversation: Conversation, **fields: Any) -> Message:
+    return Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model=_model_for(conversation),
+        worker=WORKER_ID,
+        **fields,
+    )
+
+
+def _atomic_turn(build: Any) -> Accepted:
+    """Run `build` in one transaction: everything it stores, or nothing."""
+    try:
+        with transaction.atomic():
+            accepted = build()
+            Conversation.objects.filter(pk=accepted.conversation.pk).update(updated_at=timezone.now())
+            return accepted
+    except IntegrityError as exc:
+        # The partial unique index on streaming answers, or the same client_id
+        # racing in on a second socket: either way, nothing was stored.
+        raise Busy(str(exc)) from exc
+
+
 def accept_message(
     *,
     user: Any,
@@ -177,40 +230,95 @@ def accept_message(
     Raises NotFound for a conversation that is not the user's, Busy when an
     answer already streams there (the question is then not stored either).
     """
-    try:
-        with transaction.atomic():
-            created = conversation_id is None
-            if created:
-                prompt = _prompt_for_new_conversation(prompt_id)
-                conversation = Conversation.objects.create(
-                    owner=user,
-                    title=_title_from(content),
-                    prompt=prompt,
-                    prompt_text=prompt.text if prompt else "",
-                )
-            else:
-                conversation = Conversation.objects.filter(pk=conversation_id, owner=user).first()
-                if conversation is None:
-                    raise NotFound("No such conversation.")
-                conversation.save(update_fields=["updated_at"])
-            question = Message.objects.create(
-                conversation=conversation,
-                role=Message.Role.USER,
-                content=content,
-                client_id=client_id,
+
+    def build() -> Accepted:
+        if conversation_id is None:
+            prompt = _prompt_for_new_conversation(prompt_id)
+            conversation = Conversation.objects.create(
+                owner=user,
+                title=_title_from(content),
+                prompt=prompt,
+                prompt_text=prompt.text if prompt else "",
             )
-            answer = Message.objects.create(
-                conversation=conversation,
-                role=Message.Role.ASSISTANT,
-                status=Message.Status.STREAMING,
-                model=_model_for(conversation),
-                worker=WORKER_ID,
-            )
-    except IntegrityError as exc:
-        # The partial unique index on streaming answers, or the same client_id
-        # racing in on a second socket: either way, nothing was stored.
-        raise Busy(str(exc)) from exc
-    return Accepted(conversation, created, question, answer)
+        else:
+            conversation = _own_conversation(user, conversation_id)
+        question = Message.objects.create(
+            conversation=conversation, role=Message.Role.USER, content=content, client_id=client_id
+        )
+        answer = _new_answer(conversation)
+        return Accepted(conversation, question, answer, conversation_created=conversation_id is None)
+
+    return _atomic_turn(build)
+
+
+def accept_regenerate(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
+    """A new version of the last answer (also "retry" of a failed one); the
+    old one stays as a replaced version."""
+
+    def build() -> Accepted:
+        conversation = _own_conversation(user, conversation_id)
+        old = _last_active(conversation, Message.Role.ASSISTANT)
+        question = _last_active(conversation, Message.Role.USER)
+        if old is None or question is None or old.created_at < question.created_at:
+            raise Refused("There is no answer to regenerate.")
+        if old.status == Message.Status.STREAMING:
+            raise Busy("The answer is still being written.")
+        Message.objects.filter(pk=old.pk).update(is_active=False)
+        answer = _new_answer(conversation, version_group=old.version_group)
+        return Accepted(conversation, question, answer, question_created=False, replaces_answer=old)
+
+    return _atomic_turn(build)
+
+
+def accept_edit(
+    *, user: Any, conversation_id: uuid.UUID, message_id: uuid.UUID, content: str, client_id: uuid.UUID
+) -> Accepted:
+    """Replace the last question with new text and answer it anew; the old
+    question and its answers stay as replaced versions."""
+
+    def build() -> Accepted:
+        conversation = _own_conversation(user, conversation_id)
+        old_question = _last_active(conversation, Message.Role.USER)
+        if old_question is None or old_question.pk != message_id:
+            raise Refused("Only the last question can be edited.")
+        old_answer = _last_active(conversation, Message.Role.ASSISTANT)
+        if old_answer is not None and old_answer.created_at < old_question.created_at:
+            old_answer = None
+        if old_answer is not None and old_answer.status == Message.Status.STREAMING:
+            raise Busy("The answer is still being written.")
+        Message.objects.filter(
+            conversation=conversation, is_active=True, created_at__gte=old_question.created_at
+        ).update(is_active=False)
+        question = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.USER,
+            content=content,
+            client_id=client_id,
+            version_group=old_question.version_group,
+        )
+        answer = _new_answer(
+            conversation, **({"version_group": old_answer.version_group} if old_answer else {})
+        )
+        return Accepted(
+            conversation, question, answer, replaces_question=old_question, replaces_answer=old_answer
+        )
+
+    return _atomic_turn(build)
+
+
+def accept_continue(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
+    """Go on with a truncated last answer, as a new answer after it."""
+
+    def build() -> Accepted:
+        conversation = _own_conversation(user, conversation_id)
+        truncated = _last_active(conversation, Message.Role.ASSISTANT)
+        question = _last_active(conversation, Message.Role.USER)
+        if truncated is None or truncated.status != Message.Status.TRUNCATED or question is None:
+            raise Refused("The last answer was not cut short: there is nothing to continue.")
+        answer = _new_answer(conversation)
+        return Accepted(conversation, question, answer, question_created=False, continues=truncated)
+
+    return _atomic_turn(build)
 
 
 def _title_from(content: str) -> str:
@@ -241,14 +349,15 @@ async def launch(accepted: Accepted) -> asyncio.Task[None]:
                 "conversation": conversation_payload(accepted.conversation),
             },
         )
-    await layer.group_send(
-        conversation_group(accepted.conversation.id),
-        {
+    if accepted.question_created:
+        created: dict[str, Any] = {
             "type": "message.created",
             "message": message_payload(accepted.question),
             "client_id": str(accepted.question.client_id),
-        },
-    )
+        }
+        if accepted.replaces_question is not None:
+            created["replaces"] = str(accepted.replaces_question.id)
+        await layer.group_send(conversation_group(accepted.conversation.id), created)
     answer = Generation(accepted)
     task = asyncio.create_task(answer.run(), name=f"generation-{accepted.answer.id}")
     _running.add(task)
@@ -292,16 +401,17 @@ class Generation:
         listener = asyncio.create_task(self._listen(control))
         reader: asyncio.Task[None] | None = None
         try:
-            await self._publish({"type": "generation.started"})
-            messages = await database_sync_to_async(build_messages)(
-                self.conversation, question=self.accepted.question
-            )
+            await self._publish(self._started_event())
+            messages = await database_sync_to_async(self._messages)()
             reader = asyncio.create_task(self._read(messages))
             outcome = await self._stream()
             reader.cancel()  # closes the upstream HTTP stream when stopped
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            await self._finish(messages, outcome)
+            status = await self._finish(messages, outcome)
+            if settings.CHAT_AUTO_TITLE and status in (Message.Status.COMPLETE, Message.Status.TRUNCATED):
+                if await database_sync_to_async(_needs_title)(self.conversation.pk):
+                    await make_title(self.conversation, self.accepted.question.content, "".join(self.sent))
         except asyncio.CancelledError:
             # The process is going down: say so in the database if we still can.
             await asyncio.shield(self._mark_interrupted())
@@ -314,6 +424,24 @@ class Generation:
                 reader.cancel()
             await self.layer.group_discard(control_group(self.conversation.id), control)
             await self._stop_listening(control, listener)
+
+    def _started_event(self) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "type": "generation.started",
+            "version_group": str(self.answer.version_group),
+        }
+        if self.accepted.replaces_answer is not None:
+            event["replaces"] = str(self.accepted.replaces_answer.id)
+        if self.accepted.continues is not None:
+            event["continues"] = str(self.accepted.continues.id)
+        return event
+
+    def _messages(self) -> list[llm.ChatMessage]:
+        if self.accepted.continues is None:
+            return build_messages(self.conversation, upto=self.accepted.question)
+        # The truncated answer is the last turn; ask the model to go on.
+        messages = build_messages(self.conversation, upto=self.accepted.continues)
+        return [*messages, {"role": "user", "content": CONTINUE_INSTRUCTION}]
 
     async def _stop_listening(self, control: str, listener: asyncio.Task[None]) -> None:
         # Ask, don't cancel: with channels-redis, a receive cancelled at the
@@ -352,6 +480,7 @@ class Generation:
                 messages,
                 model=None if llm.is_demo() else self.answer.model,
                 temperature=prompt.temperature if prompt else None,
+                max_tokens=prompt.max_tokens if prompt else None,
             ):
                 self.events.put_nowait(event)
         except llm.LLMError as exc:
@@ -408,7 +537,7 @@ class Generation:
             content="".join(self.sent), updated_at=timezone.now()
         )
 
-    async def _finish(self, messages: list[llm.ChatMessage], outcome: _Outcome) -> None:
+    async def _finish(self, messages: list[llm.ChatMessage], outcome: _Outcome) -> str:
         content = "".join(self.sent)
         status, finish_reason = outcome.status()
         model = outcome.end.model if outcome.end else self.answer.model
@@ -447,6 +576,7 @@ class Generation:
             "answer %s %s: %d chars, %d frames, %d checkpoints",
             self.answer.id, status, len(content), self.frames, self.checkpoints,
         )  # fmt: skip
+        return status
 
     async def _mark_interrupted(self) -> None:
         with contextlib.suppress(Exception):
@@ -497,26 +627,31 @@ def _save_answer(
             prompt_tokens=sum(llm.estimate_tokens(m["content"]) + 4 for m in messages),
             completion_tokens=llm.estimate_tokens(content),
         )
-    price = ModelPrice.objects.filter(model=model).first()
-    cost = price.cost(usage.prompt_tokens, usage.completion_tokens) if price else NO_COST
+    cost = price_of(model, usage)
     with transaction.atomic():
-        Message.objects.filter(pk=answer.pk).update(
-            content=content,
-            status=status,
-            finish_reason=finish_reason,
-            model=model,
-            worker="",
-            updated_at=timezone.now(),
-        )
-        Conversation.objects.filter(pk=answer.conversation_id).update(updated_at=timezone.now())
+        # Locked, so that a conversation deleted meanwhile is seen as gone and
+        # cannot vanish between this check and the ledger row.
+        alive = Message.objects.select_for_update().filter(pk=answer.pk).exists()
+        if alive:
+            Message.objects.filter(pk=answer.pk).update(
+                content=content,
+                status=status,
+                finish_reason=finish_reason,
+                model=model,
+                worker="",
+                updated_at=timezone.now(),
+            )
+            Conversation.objects.filter(pk=answer.conversation_id).update(updated_at=timezone.now())
         if called:
             TokenUsage.objects.create(
                 user_id=answer.conversation.owner_id,
-                conversation_id=answer.conversation_id,
-                message_id=answer.pk,
+                conversation_id=answer.conversation_id if alive else None,
+                message_id=answer.pk if alive else None,
+                kind=TokenUsage.Kind.ANSWER,
                 model=model,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
                 cost=cost,
                 estimated=estimated,
             )
@@ -527,6 +662,78 @@ def _save_answer(
         "completion_tokens": usage.completion_tokens,
         "cost": str(cost),
     }
+
+
+def price_of(model: str, usage: llm.Usage) -> Decimal:
+    """What a call cost at today's price (stored: later price changes don't rewrite it)."""
+    price = ModelPrice.objects.filter(model=model).first()
+    return price.cost(usage.prompt_tokens, usage.completion_tokens) if price else NO_COST
+
+
+# --- Titles -------------------------------------------------------------------------
+
+TITLE_INSTRUCTION = (
+    "Write a short title (at most six words) for the conversation below. "
+    "Reply with the title only: no quotes, no final period."
+)
+
+
+def _needs_title(conversation_id: Any) -> bool:
+    """After the first answer of a conversation, once."""
+    return Message.objects.filter(conversation_id=conversation_id, role=Message.Role.ASSISTANT).count() == 1
+
+
+def _save_title(conversation: Conversation, title: str, completion: llm.Completion) -> bool:
+    usage = completion.usage or llm.Usage(0, llm.estimate_tokens(title))
+    with transaction.atomic():
+        TokenUsage.objects.create(
+            user_id=conversation.owner_id,
+            conversation_id=conversation.pk,
+            kind=TokenUsage.Kind.TITLE,
+            model=completion.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            cost=price_of(completion.model, usage),
+            estimated=completion.usage is None,
+        )
+        # Only over the provisional title: a rename by the user wins.
+        return bool(
+            Conversation.objects.filter(pk=conversation.pk, title=conversation.title).update(title=title)
+        )
+
+
+QUOTES = "\"'\u201c\u201d\u2018\u2019"
+
+
+def clean_title(text: str) -> str:
+    title = " ".join(text.split()).strip().strip(QUOTES).rstrip(".").strip()
+    return title[:TITLE_CHARS].strip()
+
+
+async def make_title(conversation: Conversation, question: str, answer: str) -> None:
+    """Ask the model for a title, account for the call, tell the user's tabs."""
+    try:
+        completion = await llm.complete_chat(
+            [
+                {"role": "system", "content": TITLE_INSTRUCTION},
+                {"role": "user", "content": question[:2000]},
+                {"role": "assistant", "content": answer[:2000]},
+            ],
+            model=_model_for(conversation) if not llm.is_demo() else None,
+            max_tokens=24,
+        )
+    except llm.LLMError as exc:
+        log.warning("title for %s failed: %s", conversation.pk, exc)
+        return
+    title = clean_title(completion.text)
+    if not title:
+        return
+    if await database_sync_to_async(_save_title)(conversation, title, completion):
+        await get_channel_layer().group_send(
+            user_group(conversation.owner_id),
+            {"type": "conversation.updated", "conversation": {"id": str(conversation.pk), "title": title}},
+        )
 
 
 # --- Answers whose process died -------------------------------------------------

@@ -40,12 +40,14 @@ def fit_history(system_prompt: str, turns: Sequence[ChatMessage], budget: int) -
 
 
 def build_messages(
-    conversation: Conversation, *, question: Message, budget: int | None = None
+    conversation: Conversation, *, upto: Message, budget: int | None = None
 ) -> list[ChatMessage]:
-    """The messages for answering `question`: it and every earlier message of
-    this conversation with text, the answer being written excluded."""
+    """The messages for the answer that follows `upto` (the question, or the
+    truncated answer being continued): it and every earlier message of this
+    conversation on the active path that has text; replaced versions and the
+    answer being written are left out."""
     rows = (
-        Message.objects.filter(conversation=conversation, created_at__lte=question.created_at)
+        Message.objects.filter(conversation=conversation, is_active=True, created_at__lte=upto.created_at)
         .exclude(status=Message.Status.STREAMING)
         .exclude(content="")
         .order_by("created_at")

@@ -186,6 +186,35 @@ async def stream_chat(
     yield StreamEnd(finish_reason=finish_reason, usage=usage, model=served_model)
 
 
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    usage: Usage | None
+    model: str
+
+
+async def complete_chat(
+    messages: Sequence[ChatMessage], *, model: str | None = None, max_tokens: int = 64
+) -> Completion:
+    """One short, non-streamed completion (titles, summaries)."""
+    if is_demo():
+        question = next((m["content"] for m in messages if m["role"] == "user"), "")
+        text = demo_title(question)
+        prompt_tokens = sum(estimate_tokens(m["content"]) + 4 for m in messages)
+        return Completion(text, Usage(prompt_tokens, estimate_tokens(text)), DEMO_MODEL)
+    model = model or settings.OPENAI_MODEL
+    try:
+        response = await _get_client().chat.completions.create(
+            model=model, messages=list(messages), max_tokens=max_tokens, temperature=0.2
+        )
+    except openai.OpenAIError as exc:
+        raise _map_error(exc) from exc
+    choice = response.choices[0] if response.choices else None
+    text = (choice.message.content if choice and choice.message else None) or ""
+    usage = _usage(response.usage) if response.usage is not None else None
+    return Completion(text.strip(), usage, getattr(response, "model", None) or model)
+
+
 def _usage(raw: Any) -> Usage:
     details = getattr(raw, "prompt_tokens_details", None)
     cached = getattr(details, "cached_tokens", None) or 0
@@ -249,6 +278,13 @@ def demo_answer(question: str) -> str:
         "then restart the server. For example:\n\n"
         "```sh\nOPENAI_BASE_URL=http://127.0.0.1:11434/v1 OPENAI_MODEL=llama3.2 make run\n```\n"
     )
+
+
+def demo_title(question: str) -> str:
+    """The demo model's title: the question's first words, as a person would."""
+    words = question.split()
+    title = " ".join(words[:6]).strip(" .,:;!?")
+    return (title[:1].upper() + title[1:] + ("…" if len(words) > 6 else "")) or "New chat"
 
 
 def estimate_tokens(text: str) -> int:

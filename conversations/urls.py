@@ -7,4 +7,11 @@ app_name = "chat"
 urlpatterns = [
     path("", views.new_chat, name="new"),
     path("c/<uuid:conversation_id>/", views.conversation_detail, name="conversation"),
+    path("conversations/", views.conversation_list, name="list"),
+    path("c/<uuid:conversation_id>/rename", views.conversation_rename, name="rename"),
+    path("c/<uuid:conversation_id>/delete", views.conversation_delete, name="delete"),
+    path("c/<uuid:conversation_id>/export.md", views.conversation_export, {"fmt": "md"}, name="export_md"),
+    path(
+        "c/<uuid:conversation_id>/export.json", views.conversation_export, {"fmt": "json"}, name="export_json"
+    ),
 ]

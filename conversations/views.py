@@ -1,21 +1,21 @@
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils.text import slugify
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
-from . import llm
+from . import llm, selectors, services
 from .health import health_report
-from .models import Conversation, Message, SystemPrompt, TokenUsage
-from .rendering import render_markdown
-
-SIDEBAR_SIZE = 50
+from .models import Conversation, SystemPrompt
 
 
 @login_required
@@ -33,13 +33,12 @@ def conversation_detail(request: HttpRequest, conversation_id: uuid.UUID) -> Htt
 
 def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpResponse:
     prompts = list(SystemPrompt.objects.only("id", "name", "is_default"))
-    messages = _messages(conversation) if conversation else []
+    sidebar, next_cursor = selectors.sidebar_page(user=request.user)
     context = {
         "conversation": conversation,
-        "conversations": Conversation.objects.filter(owner=request.user).only("id", "title", "updated_at")[
-            :SIDEBAR_SIZE
-        ],
-        "messages": messages,
+        "conversations": sidebar,
+        "conversations_next": next_cursor,
+        "messages": selectors.messages_for_page(conversation) if conversation else [],
         "prompts": prompts,
         "default_prompt": next((p for p in prompts if p.is_default), None),
         "demo_mode": llm.is_demo(),
@@ -48,21 +47,77 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
             "conversation": str(conversation.id) if conversation else None,
             "maxChars": settings.CHAT_MAX_MESSAGE_CHARS,
             "demo": llm.is_demo(),
+            "conversationsUrl": reverse("chat:list"),
+            "conversationsNext": next_cursor,
         },
     }
     return render(request, "conversations/chat.html", context)
 
 
-def _messages(conversation: Conversation) -> list[Message]:
-    messages = list(conversation.messages.all())
-    usage = {
-        row.message_id: row
-        for row in TokenUsage.objects.filter(conversation=conversation, message__isnull=False)
-    }
-    for message in messages:
-        message.html = render_markdown(message.content)
-        message.usage = usage.get(message.id)
-    return messages
+@login_required
+@require_GET
+def conversation_list(request: HttpRequest) -> JsonResponse:
+    """The sidebar, a page at a time: `?cursor=` from the previous page's
+    `next`, `?q=` to search titles and message text."""
+    try:
+        page, next_cursor = selectors.sidebar_page(
+            user=request.user,
+            cursor=request.GET.get("cursor") or None,
+            query=request.GET.get("q", "")[:200],
+        )
+    except selectors.BadCursor:
+        return JsonResponse({"error": "Bad cursor."}, status=400)
+    return JsonResponse({"conversations": [selectors.sidebar_item(c) for c in page], "next": next_cursor})
+
+
+@login_required
+@require_POST
+def conversation_rename(request: HttpRequest, conversation_id: uuid.UUID) -> JsonResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    title = _posted(request).get("title")
+    try:
+        services.conversation_rename(conversation=conversation, title=title if isinstance(title, str) else "")
+    except services.InvalidTitle as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    return JsonResponse({"conversation": {"id": str(conversation.pk), "title": conversation.title}})
+
+
+@login_required
+@require_POST
+def conversation_delete(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    services.conversation_delete(conversation=conversation)
+    if (
+        request.headers.get("Accept", "").startswith("application/json")
+        or request.content_type == "application/json"
+    ):
+        return JsonResponse({"deleted": str(conversation_id)})
+    return redirect("chat:new")
+
+
+def _posted(request: HttpRequest) -> dict[str, Any]:
+    if request.content_type == "application/json":
+        try:
+            body = json.loads(request.body or b"{}")
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+    return request.POST.dict()
+
+
+@login_required
+@require_GET
+def conversation_export(request: HttpRequest, conversation_id: uuid.UUID, fmt: str) -> HttpResponse:
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    name = slugify(conversation.display_title)[:60] or "conversation"
+    if fmt == "md":
+        response = HttpResponse(
+            selectors.export_markdown(conversation), content_type="text/markdown; charset=utf-8"
+        )
+    else:
+        response = JsonResponse(selectors.export_json(conversation), json_dumps_params={"indent": 2})
+    response["Content-Disposition"] = f'attachment; filename="{name}.{fmt}"'
+    return response
 
 
 @require_GET

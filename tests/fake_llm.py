@@ -51,8 +51,12 @@ class Received:
 
 class FakeLLM:
     def __init__(self) -> None:
-        self.replies: deque[Reply] = deque()
+        self.replies: deque[Reply] = deque()  # for streamed requests (answers)
         self.default = Reply()
+        # Non-streamed requests (titles, summaries) have their own script, so
+        # that they never take a reply meant for an answer.
+        self.completion_replies: deque[Reply] = deque()
+        self.completion_default = Reply(chunks=["A", " fake", " title"], usage=(30, 3))
         self.requests: list[Received] = []
         self.disconnects = 0  # streams the client closed before their end
         self.completed = 0  # streams written to their end
@@ -82,12 +86,26 @@ class FakeLLM:
         with self._lock:
             self.replies.extend(replies)
 
+    def script_completion(self, *replies: Reply) -> None:
+        with self._lock:
+            self.completion_replies.extend(replies)
+
     def reset(self) -> None:
         with self._lock:
             self.replies.clear()
+            self.completion_replies.clear()
             self.requests.clear()
             self.disconnects = self.completed = 0
             self.default = Reply()
+            self.completion_default = Reply(chunks=["A", " fake", " title"], usage=(30, 3))
+
+    @property
+    def streamed_requests(self) -> list[Received]:
+        return [r for r in self.requests if r.body.get("stream")]
+
+    @property
+    def completion_requests(self) -> list[Received]:
+        return [r for r in self.requests if not r.body.get("stream")]
 
     def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -96,8 +114,12 @@ class FakeLLM:
                 raise TimeoutError("fake LLM: condition not met in time")
             time.sleep(0.01)
 
-    def _next(self) -> Reply:
+    def _next(self, *, stream: bool) -> Reply:
         with self._lock:
+            if not stream:
+                return (
+                    self.completion_replies.popleft() if self.completion_replies else self.completion_default
+                )
             return self.replies.popleft() if self.replies else self.default
 
     # --- the HTTP side ----------------------------------------------------------
@@ -122,7 +144,7 @@ class FakeLLM:
                 if not self.path.endswith("/chat/completions"):
                     self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
                     return
-                reply = fake._next()
+                reply = fake._next(stream=bool(body.get("stream")))
                 if reply.status != 200:
                     self._json(reply.status, {"error": reply.error or {"message": "error"}}, reply.headers)
                 elif body.get("stream"):

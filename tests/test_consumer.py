@@ -48,9 +48,13 @@ def of_type(frames: list[dict[str, Any]], frame_type: str) -> list[dict[str, Any
 
 
 async def ask(ws: WebsocketCommunicator, content: str = "Hello?", conversation: Any = None, **extra: Any):
+    """Send, return the frames up to `generation.finished`; let the answer's
+    task end, and take the title it may then push (`conversation.updated`)."""
     await ws.send_json_to(send_frame(content, conversation, **extra))
     frames = await frames_until(ws, "generation.finished")
     await generation.wait_all()
+    while not await ws.receive_nothing(timeout=0.05):
+        assert (await ws.receive_json_from())["type"] == "conversation.updated"
     return frames
 
 
@@ -126,7 +130,7 @@ async def test_follow_up_sends_history_and_system_prompt_upstream(alice: Any, fa
 
     assert of_type(second, "conversation.created") == []
     assert second[-1]["content"] == "Aye"
-    sent = fake_llm.requests[-1].body["messages"]
+    sent = fake_llm.streamed_requests[-1].body["messages"]
     assert sent == [
         {"role": "system", "content": "Talk like a pirate."},
         {"role": "user", "content": "First question"},
@@ -145,7 +149,7 @@ async def test_cost_comes_from_model_price(alice: Any, fake_llm: Any) -> None:
     await ws.disconnect()
     # 1000 * 2.50 / 1M + 200 * 10 / 1M = 0.0025 + 0.002
     assert frames[-1]["usage"]["cost"] == "0.004500"
-    usage = await TokenUsage.objects.aget()
+    usage = await TokenUsage.objects.aget(kind="answer")
     assert usage.cost == Decimal("0.0045")
 
 
@@ -204,7 +208,7 @@ async def test_refused_request_costs_nothing_but_a_cut_stream_is_estimated(alice
     first = await ask(ws)
     await ask(ws, "again", first[0]["conversation"]["id"])
     await ws.disconnect()
-    rows = [row async for row in TokenUsage.objects.all()]
+    rows = [row async for row in TokenUsage.objects.filter(kind="answer")]
     assert len(rows) == 1
     assert rows[0].estimated is True
     assert rows[0].completion_tokens > 0
@@ -281,6 +285,7 @@ async def test_same_client_id_twice_makes_one_message_and_one_answer(alice: Any,
     await ws.send_json_to(frame)
     first = await frames_until(ws, "generation.finished")
     await generation.wait_all()
+    assert (await ws.receive_json_from())["type"] == "conversation.updated"  # its title
     await ws.send_json_to(frame)  # e.g. resent after a reconnect
     repeat = await ws.receive_json_from(timeout=5)
     assert repeat["type"] == "message.created"
@@ -289,7 +294,7 @@ async def test_same_client_id_twice_makes_one_message_and_one_answer(alice: Any,
     assert await ws.receive_nothing(timeout=0.3)
     await ws.disconnect()
     assert await Message.objects.acount() == 2
-    assert len(fake_llm.requests) == 1
+    assert len(fake_llm.streamed_requests) == 1
 
 
 async def test_second_send_while_streaming_is_busy(alice: Any, fake_llm: Any) -> None:
@@ -340,7 +345,10 @@ async def test_prompt_choice_for_a_new_conversation(alice: Any, fake_llm: Any) -
     await ws.disconnect()
     conversation = await Conversation.objects.aget(pk=frames[0]["conversation"]["id"])
     assert (conversation.prompt_id, conversation.prompt_text) == (poet.id, "Answer in verse.")
-    assert fake_llm.requests[0].body["messages"][0] == {"role": "system", "content": "Answer in verse."}
+    assert fake_llm.streamed_requests[0].body["messages"][0] == {
+        "role": "system",
+        "content": "Answer in verse.",
+    }
     assert error["code"] == "not_found"
 
 
@@ -443,6 +451,11 @@ async def test_conversation_created_reaches_every_tab_of_the_user(
     await ask(tab1, "new one")
     created = await tab2.receive_json_from(timeout=5)
     assert created["type"] == "conversation.created"
+    titled = await tab2.receive_json_from(timeout=5)
+    assert titled == {
+        "type": "conversation.updated",
+        "conversation": {"id": created["conversation"]["id"], "title": "A fake title"},
+    }
     assert await tab2.receive_nothing(timeout=0.2)  # not following it: no deltas
     assert await stranger.receive_nothing(timeout=0.2)
     for ws in (tab1, tab2, stranger):

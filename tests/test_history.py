@@ -133,7 +133,7 @@ def test_build_messages_uses_only_this_conversations_messages(alice: Any, bob: A
     foreign.add("assistant", "bob's private answer")
     question = mine.add("user", "alice asks two")
 
-    result = build_messages(mine.conversation, question=question)
+    result = build_messages(mine.conversation, upto=question)
 
     assert result == [
         {"role": "system", "content": "Prompt of alice's first chat"},
@@ -154,7 +154,7 @@ def test_build_messages_excludes_the_answer_being_streamed(alice: Any) -> None:
     conversation.add("assistant", "half an answer so f", status=Message.Status.STREAMING)
     question = conversation.add("user", "second question")
 
-    result = build_messages(conversation.conversation, question=question)
+    result = build_messages(conversation.conversation, upto=question)
 
     assert result == [user("first question"), user("second question")]
 
@@ -165,7 +165,7 @@ def test_build_messages_excludes_the_new_streaming_answer_after_the_question(ali
     question = conversation.add("user", "the question")
     conversation.add("assistant", "", status=Message.Status.STREAMING)
 
-    assert build_messages(conversation.conversation, question=question) == [user("the question")]
+    assert build_messages(conversation.conversation, upto=question) == [user("the question")]
 
 
 @pytest.mark.django_db
@@ -175,7 +175,7 @@ def test_build_messages_excludes_empty_failed_answers(alice: Any) -> None:
     conversation.add("assistant", "", status=Message.Status.FAILED)
     question = conversation.add("user", "asked again")
 
-    result = build_messages(conversation.conversation, question=question)
+    result = build_messages(conversation.conversation, upto=question)
 
     assert result == [user("first question"), user("asked again")]
 
@@ -187,7 +187,7 @@ def test_build_messages_ignores_messages_after_the_question(alice: Any) -> None:
     conversation.add("assistant", "later answer")
     conversation.add("user", "later question")
 
-    assert build_messages(conversation.conversation, question=question) == [user("earlier question")]
+    assert build_messages(conversation.conversation, upto=question) == [user("earlier question")]
 
 
 @pytest.mark.django_db
@@ -198,7 +198,7 @@ def test_build_messages_uses_the_prompt_snapshot_not_the_edited_prompt(alice: An
     prompt.text = "Talk like a lawyer."
     prompt.save()
 
-    result = build_messages(conversation.conversation, question=question)
+    result = build_messages(conversation.conversation, upto=question)
 
     assert result[0] == {"role": "system", "content": "Talk like a pirate."}
     assert "lawyer" not in " ".join(contents(result))
@@ -209,7 +209,7 @@ def test_build_messages_has_no_system_entry_for_a_conversation_without_prompt(al
     conversation = chat(alice, "")
     question = conversation.add("user", "Hello")
 
-    assert build_messages(conversation.conversation, question=question) == [user("Hello")]
+    assert build_messages(conversation.conversation, upto=question) == [user("Hello")]
 
 
 @pytest.mark.django_db
@@ -220,6 +220,6 @@ def test_build_messages_fits_the_configured_context_budget(alice: Any, settings:
         conversation.add(role, text)
     question = conversation.add("user", U3)
 
-    result = build_messages(conversation.conversation, question=question)
+    result = build_messages(conversation.conversation, upto=question)
 
     assert result == [user(U2), assistant(A2), user(U3)]

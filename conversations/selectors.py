@@ -1,0 +1,160 @@
+"""Reads for pages and exports: what a user may see of their conversations."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from django.db.models import Exists, OuterRef, Q, QuerySet
+
+from .models import Conversation, Message, TokenUsage
+from .rendering import render_markdown
+
+PAGE_SIZE = 50
+SNIPPET_CHARS = 120
+
+
+class BadCursor(ValueError):
+    pass
+
+
+def _encode_cursor(conversation: Conversation) -> str:
+    raw = f"{conversation.updated_at.isoformat()}|{conversation.pk}"
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        updated_at, pk = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(updated_at), pk
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise BadCursor("Bad cursor.") from exc
+
+
+def sidebar_page(
+    *, user: Any, cursor: str | None = None, query: str = "", size: int = PAGE_SIZE
+) -> tuple[list[Conversation], str | None]:
+    """A page of the user's conversations, newest first (keyset pagination:
+    as fast on page 20 as on page 1), optionally only those whose title or
+    message text contains `query`."""
+    conversations: QuerySet[Conversation] = Conversation.objects.filter(owner=user).only(
+        "id", "title", "updated_at", "pinned"
+    )
+    query = query.strip()
+    if query:
+        matching = Message.objects.filter(conversation=OuterRef("pk"), content__icontains=query)
+        conversations = conversations.filter(Q(title__icontains=query) | Exists(matching))
+    if cursor:
+        updated_at, pk = _decode_cursor(cursor)
+        conversations = conversations.filter(
+            Q(updated_at__lt=updated_at) | Q(updated_at=updated_at, pk__lt=pk)
+        )
+    page = list(conversations.order_by("-updated_at", "-pk")[: size + 1])
+    more = len(page) > size
+    page = page[:size]
+    if query:
+        _attach_snippets(page, query)
+    return page, _encode_cursor(page[-1]) if more else None
+
+
+def _attach_snippets(conversations: list[Conversation], query: str) -> None:
+    for conversation in conversations:
+        conversation.snippet = ""
+        if query.lower() in conversation.title.lower():
+            continue
+        text = (
+            Message.objects.filter(conversation=conversation, content__icontains=query)
+            .values_list("content", flat=True)
+            .first()
+        ) or ""
+        at = text.lower().find(query.lower())
+        start = max(0, at - SNIPPET_CHARS // 3)
+        excerpt = " ".join(text[start : start + SNIPPET_CHARS].split())
+        conversation.snippet = (
+            ("…" if start else "") + excerpt + ("…" if start + SNIPPET_CHARS < len(text) else "")
+        )
+
+
+def sidebar_item(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "id": str(conversation.pk),
+        "title": conversation.display_title,
+        "updated_at": conversation.updated_at.isoformat(),
+        "pinned": conversation.pinned,
+        "snippet": getattr(conversation, "snippet", ""),
+    }
+
+
+def messages_for_page(conversation: Conversation) -> list[Message]:
+    """Every message, active and replaced, in order, each with its sanitised
+    HTML, its usage row and its place among its versions (`version_index` of
+    `version_count`)."""
+    messages = list(conversation.messages.order_by("created_at"))
+    usage = {
+        row.message_id: row
+        for row in TokenUsage.objects.filter(conversation=conversation, message__isnull=False)
+    }
+    groups: dict[Any, list[Message]] = defaultdict(list)
+    for message in messages:
+        groups[message.version_group].append(message)
+        message.html = render_markdown(message.content) if message.role == Message.Role.ASSISTANT else ""
+        message.usage = usage.get(message.pk)
+    for versions in groups.values():
+        for index, message in enumerate(versions, start=1):
+            message.version_index = index
+            message.version_count = len(versions)
+    return messages
+
+
+def export_markdown(conversation: Conversation) -> str:
+    lines = [f"# {conversation.display_title}", ""]
+    if conversation.prompt_text:
+        lines += ["> System prompt: " + conversation.prompt_text.replace("\n", "\n> "), ""]
+    for message in conversation.messages.filter(is_active=True).order_by("created_at"):
+        who = "You" if message.role == Message.Role.USER else f"Assistant ({message.model or 'model'})"
+        note = "" if message.status in ("complete",) else f" _[{message.status}]_"
+        lines += [f"**{who}:**{note}", "", message.content, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def export_json(conversation: Conversation) -> dict[str, Any]:
+    usage = {
+        row.message_id: row
+        for row in TokenUsage.objects.filter(conversation=conversation, message__isnull=False)
+    }
+    messages = []
+    for message in conversation.messages.order_by("created_at"):
+        row = usage.get(message.pk)
+        messages.append(
+            {
+                "id": str(message.pk),
+                "role": message.role,
+                "content": message.content,
+                "status": message.status,
+                "finish_reason": message.finish_reason,
+                "model": message.model,
+                "created_at": message.created_at.isoformat(),
+                "is_active": message.is_active,
+                "version_group": str(message.version_group),
+                "usage": (
+                    {
+                        "prompt_tokens": row.prompt_tokens,
+                        "completion_tokens": row.completion_tokens,
+                        "cost": str(row.cost),
+                        "estimated": row.estimated,
+                    }
+                    if row
+                    else None
+                ),
+            }
+        )
+    return {
+        "id": str(conversation.pk),
+        "title": conversation.display_title,
+        "created_at": conversation.created_at.isoformat(),
+        "system_prompt": conversation.prompt_text,
+        "messages": messages,
+    }

@@ -1,0 +1,50 @@
+"""Writes on conversations that are not an answer's: rename and delete. Each
+tells the user's open tabs through the channel layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+from . import generation
+from .models import Conversation, Message
+
+MAX_TITLE_CHARS = 200
+
+
+class InvalidTitle(ValueError):
+    pass
+
+
+def _tell_user(user_id: Any, event: dict[str, Any]) -> None:
+    async_to_sync(get_channel_layer().group_send)(generation.user_group(user_id), event)
+
+
+def conversation_rename(*, conversation: Conversation, title: str) -> Conversation:
+    title = " ".join(title.split())
+    if not title:
+        raise InvalidTitle("The title is empty.")
+    if len(title) > MAX_TITLE_CHARS:
+        raise InvalidTitle(f"The title is longer than {MAX_TITLE_CHARS} characters.")
+    conversation.title = title
+    conversation.save(update_fields=["title"])
+    payload = {"id": str(conversation.pk), "title": title}
+    transaction.on_commit(
+        lambda: _tell_user(conversation.owner_id, {"type": "conversation.updated", "conversation": payload})
+    )
+    return conversation
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    """Delete a conversation and its messages; its usage rows stay in the
+    ledger. A streaming answer is stopped first."""
+    conversation_id, owner_id = conversation.pk, conversation.owner_id
+    if Message.objects.filter(conversation=conversation, status=Message.Status.STREAMING).exists():
+        async_to_sync(generation.request_stop)(conversation_id)
+    conversation.delete()
+    transaction.on_commit(
+        lambda: _tell_user(owner_id, {"type": "conversation.deleted", "conversation": str(conversation_id)})
+    )
