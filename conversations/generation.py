@@ -39,7 +39,7 @@ from django.utils import timezone
 from . import llm
 from .history import build_messages
 from .models import Conversation, Message, ModelPrice, SystemPrompt, TokenUsage
-from .rendering import render_markdown
+from .rendering import render_markdown_cached
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def finished_event(
         "status": str(status),
         "finish_reason": finish_reason,
         "content": content,
-        "html": render_markdown(content),
+        "html": render_markdown_cached(content),  # and so cached for the page
         "model": model,
         "usage": usage,
     }

@@ -3,10 +3,12 @@ with raw HTML disabled, then sanitise the result with an allow-list."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 from functools import lru_cache
 
 import nh3
+from django.core.cache import cache
 from markdown_it import MarkdownIt
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
@@ -57,3 +59,29 @@ def render_markdown(text: str) -> str:
         link_rel="noopener noreferrer nofollow",
         set_tag_attribute_values={"a": {"target": "_blank"}},
     )
+
+
+# Rendering (markdown + highlighting + sanitising) costs about a millisecond
+# per answer with code: a long conversation would pay it on every page load.
+# Rendered HTML is kept in the cache (Redis, shared by the workers, when
+# configured), keyed by the text, so an answer is rendered about once.
+CACHE_PREFIX = "md:v1:"
+CACHE_SECONDS = 30 * 24 * 3600
+
+
+def _cache_key(text: str) -> str:
+    return CACHE_PREFIX + hashlib.sha256(text.encode()).hexdigest()
+
+
+def render_markdown_cached(text: str) -> str:
+    return render_many([text])[0]
+
+
+def render_many(texts: list[str]) -> list[str]:
+    """Sanitised HTML of each text, from the cache where it was rendered before."""
+    keys = [_cache_key(text) for text in texts]
+    found = cache.get_many(keys)
+    missing = {key: render_markdown(text) for key, text in zip(keys, texts, strict=True) if key not in found}
+    if missing:
+        cache.set_many(missing, CACHE_SECONDS)
+    return [found.get(key) or missing[key] for key in keys]

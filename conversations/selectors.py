@@ -11,7 +11,7 @@ from typing import Any
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from .models import Conversation, Message, TokenUsage
-from .rendering import render_markdown
+from .rendering import render_many
 
 PAGE_SIZE = 50
 SNIPPET_CHARS = 120
@@ -97,11 +97,15 @@ def messages_for_page(conversation: Conversation) -> list[Message]:
         row.message_id: row
         for row in TokenUsage.objects.filter(conversation=conversation, message__isnull=False)
     }
+    answers = [m for m in messages if m.role == Message.Role.ASSISTANT]
+    for answer, html in zip(answers, render_many([a.content for a in answers]), strict=True):
+        answer.html = html
     groups: dict[Any, list[Message]] = defaultdict(list)
     for message in messages:
         groups[message.version_group].append(message)
-        message.html = render_markdown(message.content) if message.role == Message.Role.ASSISTANT else ""
         message.usage = usage.get(message.pk)
+        if message.role != Message.Role.ASSISTANT:
+            message.html = ""
     for versions in groups.values():
         for index, message in enumerate(versions, start=1):
             message.version_index = index
