@@ -21,7 +21,7 @@ from django.conf import settings
 from accounts.limits import record_send, send_retry_after
 
 from . import generation
-from .models import Conversation, Message
+from .models import Conversation
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _content(frame: dict[str, Any], extra: dict[str, Any]) -> str:
 class _Following:
     """What this socket has shown of one conversation."""
 
-    awaiting_snapshot: bool = False
+    snapshot_of: str | None = None  # the streaming answer whose snapshot is awaited
     held: list[dict[str, Any]] = field(default_factory=list)  # deltas before the snapshot
     last_seq: dict[str, int] = field(default_factory=dict)  # per answer
 
@@ -234,11 +234,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise FrameError("invalid_request", "`after` must be a non-negative integer.")
         await self._own(conversation_id)
         state = await self._follow(conversation_id)
-        streaming = await Message.objects.filter(
-            conversation_id=conversation_id, status=Message.Status.STREAMING
-        ).aexists()
-        if streaming:
-            state.awaiting_snapshot = True
+        streaming = await database_sync_to_async(generation.streaming_answer_id)(conversation_id)
+        if streaming is not None:
+            state.snapshot_of = streaming
             state.held.clear()
             await generation.request_snapshot(conversation_id, self.channel_name)
             asyncio.get_running_loop().call_later(
@@ -268,11 +266,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _snapshot_timeout(self, conversation_id: str) -> None:
         state = self.following.get(conversation_id)
-        if state is not None and state.awaiting_snapshot:
+        if state is not None and state.snapshot_of is not None:
             # No running answer replied: its process may have died. Deltas
             # without their start would only mislead; sweep, and if that
             # settled the answer, say how it ended.
-            state.awaiting_snapshot = False
+            state.snapshot_of = None
             state.held.clear()
             await database_sync_to_async(generation.sweep_interrupted)()
             await self._send_last_finished(conversation_id)
@@ -306,9 +304,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def generation_finished(self, event: dict[str, Any]) -> None:
         state = self.following.get(event["conversation"])
-        if state is not None and state.awaiting_snapshot:
+        if state is not None and state.snapshot_of == event["message"]:
             # The answer ended before its snapshot came: the full text is here.
-            state.awaiting_snapshot = False
+            state.snapshot_of = None
             state.held.clear()
         await self._forward(event)
 
@@ -316,16 +314,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         state = self.following.get(event["conversation"])
         if state is None:
             return
-        if state.awaiting_snapshot:
+        if state.snapshot_of is not None:
             state.held.append(event)
             return
         await self._send_delta(state, event)
 
     async def generation_snapshot(self, event: dict[str, Any]) -> None:
         state = self.following.get(event["conversation"])
-        if state is None or not state.awaiting_snapshot:
-            return
-        state.awaiting_snapshot = False
+        if state is None or state.snapshot_of != event["message"]:
+            return  # not asked for, or the text of an answer that has just ended
+        state.snapshot_of = None
         state.last_seq[event["message"]] = event["seq"]
         await self._forward(event)
         await self._release_held(state)

@@ -114,6 +114,15 @@ def finished_event(
     }
 
 
+def streaming_answer_id(conversation_id: Any) -> str | None:
+    answer = (
+        Message.objects.filter(conversation_id=conversation_id, status=Message.Status.STREAMING)
+        .values_list("pk", flat=True)
+        .first()
+    )
+    return str(answer) if answer else None
+
+
 def last_answer_finished(conversation_id: Any) -> dict[str, Any] | None:
     """The `generation.finished` event of the conversation's latest answer, if it
     has ended: for a socket that was following it and missed the end."""
@@ -396,6 +405,14 @@ class Generation:
         await self.layer.group_send(self.group, event)
 
     async def run(self) -> None:
+        status = await self._answer()
+        # The title comes after the answer has left the control group, so
+        # that a next answer's stop or snapshot requests never reach this one.
+        if settings.CHAT_AUTO_TITLE and status in (Message.Status.COMPLETE, Message.Status.TRUNCATED):
+            if await database_sync_to_async(_needs_title)(self.conversation.pk):
+                await make_title(self.conversation, self.accepted.question.content, "".join(self.sent))
+
+    async def _answer(self) -> str:
         control = await self.layer.new_channel()
         await self.layer.group_add(control_group(self.conversation.id), control)
         listener = asyncio.create_task(self._listen(control))
@@ -408,17 +425,14 @@ class Generation:
             reader.cancel()  # closes the upstream HTTP stream when stopped
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            status = await self._finish(messages, outcome)
-            if settings.CHAT_AUTO_TITLE and status in (Message.Status.COMPLETE, Message.Status.TRUNCATED):
-                if await database_sync_to_async(_needs_title)(self.conversation.pk):
-                    await make_title(self.conversation, self.accepted.question.content, "".join(self.sent))
+            return await self._finish(messages, outcome)
         except asyncio.CancelledError:
             # The process is going down: say so in the database if we still can.
             await asyncio.shield(self._mark_interrupted())
             raise
         except Exception:
             log.exception("answer %s crashed", self.answer.id)
-            await self._finish([], _Outcome(error=llm.LLMError("Internal error.")))
+            return await self._finish([], _Outcome(error=llm.LLMError("Internal error.")))
         finally:
             if reader is not None:
                 reader.cancel()
