@@ -84,4 +84,4 @@ def render_many(texts: list[str]) -> list[str]:
     missing = {key: render_markdown(text) for key, text in zip(keys, texts, strict=True) if key not in found}
     if missing:
         cache.set_many(missing, CACHE_SECONDS)
-    return [found.get(key) or missing[key] for key in keys]
+    return [found[key] if key in found else missing[key] for key in keys]

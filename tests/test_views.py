@@ -261,3 +261,10 @@ def test_api_key_never_appears_in_any_page(alice: Any, fake_llm: Any) -> None:
     for path, response in responses:
         assert API_KEY not in page(response), path
         assert all(API_KEY not in value for value in response.headers.values()), path
+
+
+def test_cached_rendering_of_empty_and_repeated_answers() -> None:
+    from conversations.rendering import render_many
+
+    assert render_many(["", "**a**", ""]) == ["", "<p><strong>a</strong></p>\n", ""]
+    assert render_many(["", "**a**"]) == ["", "<p><strong>a</strong></p>\n"]  # now from the cache

@@ -1,0 +1,388 @@
+// The conversation list: newest first, loaded 50 at a time as it scrolls,
+// searchable over titles and message text, with rename and delete.
+//
+// GET  {conversationsUrl}?cursor=&q=  -> {conversations: [{id, title, updated_at, pinned, snippet}], next}
+// POST /c/<id>/rename {title}         -> {conversation: {id, title}}
+// POST /c/<id>/delete                 -> {deleted: id}
+
+import { $, iconButton, make, postJSON } from "./dom.js";
+
+const SEARCH_DELAY = 250; // ms of quiet typing before a search goes out
+const PAGE_SIZE = 50;
+
+export function createSidebar({ url, current, onDeletedCurrent, announce }) {
+  const list = $("conversation-list");
+  const empty = $("conversation-empty");
+  const more = $("conversation-more");
+  const sentinel = $("conversation-sentinel");
+  const nav = $("conv-nav");
+  const search = $("conv-search");
+  const searchForm = $("conv-search-form");
+  const heading = $("conv-heading");
+  const dialog = $("confirm-dialog");
+  if (!list) return null;
+
+  const results = make("ul", "conv-list conv-results");
+  results.id = "search-results";
+  results.hidden = true;
+  results.setAttribute("aria-label", "Search results");
+  list.after(results);
+
+  const state = {
+    current: current(),
+    // The first page came with the page; its cursor did not: `undefined`
+    // means "ask from the start and skip what is shown".
+    next: list.children.length >= PAGE_SIZE ? undefined : null,
+    loading: false,
+    query: "",
+    queryNext: null,
+    queryToken: 0,
+    searchTimer: null,
+  };
+
+  // --- Items -------------------------------------------------------------------------
+
+  function item(c) {
+    const li = make("li", "conv-item");
+    li.dataset.conversationId = c.id;
+    const link = make("a", "conv-link");
+    link.href = `/c/${c.id}/`;
+    link.append(make("span", "conv-title", c.title || "New chat"));
+    if (c.snippet) link.append(make("span", "conv-snippet", c.snippet));
+    li.append(link);
+    const actions = make("span", "conv-actions");
+    actions.append(iconButton("edit", "", { action: "rename" }), iconButton("trash", "", { action: "delete" }));
+    li.append(actions);
+    setItemTitle(li, c.title || "New chat", c.updated_at);
+    return li;
+  }
+
+  function setItemTitle(li, title, updatedAt) {
+    const titleEl = li.querySelector(".conv-title");
+    if (titleEl) titleEl.textContent = title;
+    const link = li.querySelector(".conv-link");
+    let tip = title;
+    if (updatedAt) {
+      const date = new Date(updatedAt);
+      if (!Number.isNaN(date.getTime())) tip += ` — ${date.toLocaleString()}`;
+    }
+    link.title = tip;
+    const rename = li.querySelector('[data-action="rename"]');
+    const del = li.querySelector('[data-action="delete"]');
+    if (rename) {
+      rename.setAttribute("aria-label", `Rename “${title}”`);
+      rename.title = "Rename";
+    }
+    if (del) {
+      del.setAttribute("aria-label", `Delete “${title}”`);
+      del.title = "Delete";
+    }
+  }
+
+  function findItem(id, where = list) {
+    return where.querySelector(`li[data-conversation-id="${CSS.escape(id)}"]`);
+  }
+
+  function allItems(id) {
+    return document.querySelectorAll(`.conv-item[data-conversation-id="${CSS.escape(id)}"]`);
+  }
+
+  function highlight() {
+    for (const li of document.querySelectorAll(".conv-item")) {
+      const isCurrent = li.dataset.conversationId === state.current;
+      li.classList.toggle("is-current", isCurrent);
+      const link = li.querySelector(".conv-link");
+      if (isCurrent) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+  }
+
+  function updateEmpty() {
+    if (empty) empty.hidden = list.hidden || list.children.length > 0;
+  }
+
+  // --- Paging ---------------------------------------------------------------------------
+
+  async function fetchPage(params) {
+    const query = new URLSearchParams();
+    if (params.cursor) query.set("cursor", params.cursor);
+    if (params.q) query.set("q", params.q);
+    const response = await fetch(`${url}?${query}`, {
+      credentials: "same-origin",
+      headers: { Accept: "application/json" },
+    });
+    if (!response.ok) throw new Error(`The server answered ${response.status}.`);
+    return response.json();
+  }
+
+  async function loadMore() {
+    if (state.loading) return;
+    const searching = Boolean(state.query);
+    const cursor = searching ? state.queryNext : state.next;
+    if (cursor === null) return;
+    if (searching && cursor === undefined) return;
+    state.loading = true;
+    more.textContent = "Loading…";
+    const token = state.queryToken;
+    try {
+      const data = await fetchPage({ cursor, q: state.query });
+      if (token !== state.queryToken) return; // a newer search replaced this one
+      const target = searching ? results : list;
+      for (const c of data.conversations || []) {
+        if (findItem(c.id, target)) continue;
+        target.append(item(c));
+      }
+      if (searching) state.queryNext = data.next || null;
+      else state.next = data.next || null;
+      more.textContent = "";
+      highlight();
+      updateEmpty();
+    } catch (error) {
+      more.textContent = `Could not load more chats: ${error.message}`;
+    } finally {
+      state.loading = false;
+    }
+    // Still at the end of the list (a tall screen): keep going.
+    if (sentinelVisible()) loadMore();
+  }
+
+  function sentinelVisible() {
+    const box = nav.getBoundingClientRect();
+    const s = sentinel.getBoundingClientRect();
+    return s.top <= box.bottom + 200 && box.height > 0;
+  }
+
+  const observer = new IntersectionObserver(
+    (entries) => {
+      if (entries.some((e) => e.isIntersecting)) loadMore();
+    },
+    { root: nav, rootMargin: "0px 0px 300px 0px" },
+  );
+  observer.observe(sentinel);
+
+  // --- Search ------------------------------------------------------------------------------
+
+  async function runSearch(q) {
+    state.query = q;
+    const token = ++state.queryToken;
+    if (!q) {
+      results.hidden = true;
+      results.replaceChildren();
+      list.hidden = false;
+      heading.textContent = "Your chats";
+      more.textContent = "";
+      updateEmpty();
+      return;
+    }
+    more.textContent = "Searching…";
+    try {
+      const data = await fetchPage({ q });
+      if (token !== state.queryToken) return;
+      results.replaceChildren(...(data.conversations || []).map(item));
+      state.queryNext = data.next || null;
+      list.hidden = true;
+      results.hidden = false;
+      if (empty) empty.hidden = true;
+      const n = results.children.length;
+      heading.textContent = "Search results";
+      more.textContent = n ? "" : `No chats match “${q}”.`;
+      announce(n ? `${n}${state.queryNext ? "+" : ""} ${n === 1 ? "chat" : "chats"} found` : "No chats found");
+      highlight();
+    } catch (error) {
+      if (token === state.queryToken) more.textContent = `Search failed: ${error.message}`;
+    }
+  }
+
+  search.addEventListener("input", () => {
+    clearTimeout(state.searchTimer);
+    const q = search.value.trim();
+    state.searchTimer = setTimeout(() => runSearch(q), q ? SEARCH_DELAY : 0);
+  });
+  search.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && search.value) {
+      event.preventDefault();
+      event.stopPropagation();
+      search.value = "";
+      runSearch("");
+    } else if (event.key === "ArrowDown") {
+      const first = (results.hidden ? list : results).querySelector(".conv-link");
+      if (first) {
+        event.preventDefault();
+        first.focus();
+      }
+    }
+  });
+  searchForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    clearTimeout(state.searchTimer);
+    runSearch(search.value.trim());
+  });
+
+  // --- Rename ----------------------------------------------------------------------------
+
+  function startRename(li) {
+    if (li.querySelector(".conv-rename")) return;
+    const id = li.dataset.conversationId;
+    const link = li.querySelector(".conv-link");
+    const title = li.querySelector(".conv-title").textContent;
+    const form = make("form", "conv-rename");
+    const label = make("label", "visually-hidden", "New title");
+    const input = make("input");
+    input.type = "text";
+    input.value = title;
+    input.maxLength = 200;
+    input.id = `rename-${id}`;
+    label.htmlFor = input.id;
+    form.append(label, input);
+    link.hidden = true;
+    li.classList.add("is-renaming");
+    link.after(form);
+    input.focus();
+    input.select();
+
+    let done = false;
+    const finish = async (save) => {
+      if (done) return;
+      done = true;
+      const value = input.value.trim();
+      if (save && value && value !== title) {
+        input.disabled = true;
+        try {
+          const data = await postJSON(`/c/${id}/rename`, { title: value });
+          const c = (data && data.conversation) || { id, title: value };
+          applyTitle(c.id, c.title);
+        } catch (error) {
+          announce(`Rename failed: ${error.message}`, true);
+        }
+      }
+      form.remove();
+      link.hidden = false;
+      li.classList.remove("is-renaming");
+      const button = li.querySelector('[data-action="rename"]');
+      if (button && (document.activeElement === document.body || !document.activeElement)) button.focus();
+      else if (button && !save) button.focus();
+    };
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      finish(true);
+    });
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.preventDefault();
+        event.stopPropagation();
+        finish(false);
+      }
+    });
+    input.addEventListener("blur", () => finish(true));
+  }
+
+  // --- Delete ------------------------------------------------------------------------------
+
+  function confirmDelete(li) {
+    const id = li.dataset.conversationId;
+    const title = li.querySelector(".conv-title").textContent;
+    $("confirm-text").textContent = `“${title}” and all its messages will be deleted. This cannot be undone.`;
+    dialog.returnValue = "";
+    const opener = li.querySelector('[data-action="delete"]');
+    dialog.addEventListener(
+      "close",
+      async () => {
+        if (dialog.returnValue !== "confirm") {
+          if (opener && opener.isConnected) opener.focus();
+          return;
+        }
+        try {
+          await postJSON(`/c/${id}/delete`);
+          removeConversation(id);
+        } catch (error) {
+          announce(`Delete failed: ${error.message}`, true);
+        }
+      },
+      { once: true },
+    );
+    dialog.showModal();
+  }
+
+  function removeConversation(id) {
+    for (const li of allItems(id)) {
+      const next = li.nextElementSibling || li.previousElementSibling;
+      const hadFocus = li.contains(document.activeElement);
+      li.remove();
+      if (hadFocus && next) next.querySelector(".conv-link").focus();
+    }
+    updateEmpty();
+    if (id === state.current) onDeletedCurrent(id);
+  }
+
+  // --- Events --------------------------------------------------------------------------------
+
+  for (const ul of [list, results]) {
+    ul.addEventListener("click", (event) => {
+      const button = event.target.closest("button[data-action]");
+      if (!button) return;
+      const li = button.closest(".conv-item");
+      if (button.dataset.action === "rename") startRename(li);
+      else if (button.dataset.action === "delete") confirmDelete(li);
+    });
+    ul.addEventListener("keydown", (event) => {
+      // Arrow keys move between chats; F2 renames, Delete asks to delete.
+      const link = event.target.closest(".conv-link");
+      if (!link) return;
+      const li = link.closest(".conv-item");
+      if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+        const sibling = event.key === "ArrowDown" ? li.nextElementSibling : li.previousElementSibling;
+        if (sibling) {
+          event.preventDefault();
+          sibling.querySelector(".conv-link").focus();
+        } else if (event.key === "ArrowUp") {
+          event.preventDefault();
+          search.focus();
+        }
+      } else if (event.key === "F2") {
+        event.preventDefault();
+        startRename(li);
+      } else if (event.key === "Delete") {
+        event.preventDefault();
+        confirmDelete(li);
+      }
+    });
+  }
+
+  // --- What the rest of the page tells the list ------------------------------------------------
+
+  function applyTitle(id, title) {
+    if (!title) return;
+    for (const li of allItems(id)) setItemTitle(li, title);
+  }
+
+  function upsert(id, title, { top = true } = {}) {
+    let li = findItem(id);
+    if (!li) {
+      li = item({ id, title: title || "New chat" });
+      list.prepend(li);
+    } else {
+      if (top && list.firstElementChild !== li) list.prepend(li);
+      if (title) setItemTitle(li, title);
+    }
+    updateEmpty();
+    highlight();
+  }
+
+  function setCurrent(id) {
+    state.current = id;
+    highlight();
+  }
+
+  return {
+    upsert,
+    applyTitle,
+    remove: removeConversation,
+    setCurrent,
+    has: (id) => Boolean(findItem(id)),
+    focusSearch() {
+      search.focus();
+      search.select();
+    },
+  };
+}
+
