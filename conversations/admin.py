@@ -1,15 +1,241 @@
+"""The staff side: system prompts (versioned, one default, with a preview),
+model prices, the token ledger with its totals and the spend report, and
+conversation review behind its own permission."""
+
 from __future__ import annotations
 
-from django.contrib import admin
+import difflib
+import json
+from datetime import timedelta
+from typing import Any
 
-from .models import Conversation, Message, ModelPrice, SystemPrompt, TokenUsage
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import path
+from django.utils import timezone
+
+from . import llm, prompts, reports
+from .models import Conversation, Message, ModelPrice, SystemPrompt, SystemPromptVersion, TokenUsage
+
+REVIEW_PERMISSION = "conversations.review_conversation"
+
+
+# --- System prompts ----------------------------------------------------------------------
+
+
+class SystemPromptForm(forms.ModelForm):
+    class Meta:
+        model = SystemPrompt
+        fields = ["name", "text", "is_default", "model", "temperature", "max_tokens"]
+
+    def clean_is_default(self) -> bool:
+        value = self.cleaned_data["is_default"]
+        was_default = (
+            self.instance.pk is not None
+            and SystemPrompt.objects.filter(pk=self.instance.pk, is_default=True).exists()
+        )
+        if was_default and not value:
+            raise ValidationError(
+                "One prompt is always the default: make another prompt the default instead."
+            )
+        return value
+
+    def _get_validation_exclusions(self) -> set[str]:
+        # `one_default_prompt` would refuse a second default; `save_prompt`
+        # moves the flag instead, in one transaction.
+        return super()._get_validation_exclusions() | {"is_default"}
+
+    def clean_temperature(self) -> float | None:
+        value = self.cleaned_data["temperature"]
+        if value is not None and not 0 <= value <= 2:
+            raise ValidationError("Temperature goes from 0 to 2.")
+        return value
+
+
+def prompt_preview(prompt: SystemPrompt, *, previous: SystemPromptVersion | None) -> dict[str, Any]:
+    """What the model receives with this prompt: the request a new conversation
+    would send (with a sample question), its size, and the change since the
+    last saved version."""
+    request = {
+        "model": prompt.model or settings.OPENAI_MODEL,
+        "temperature": prompt.temperature if prompt.temperature is not None else settings.OPENAI_TEMPERATURE,
+        "max_tokens": prompt.max_tokens or settings.OPENAI_MAX_TOKENS,
+        "messages": [
+            {"role": "system", "content": prompt.text},
+            {"role": "user", "content": "(the user's first message)"},
+        ],
+    }
+    diff = ""
+    if previous is not None:
+        diff = "\n".join(
+            difflib.unified_diff(
+                previous.text.splitlines(),
+                prompt.text.splitlines(),
+                fromfile=f"v{previous.number}",
+                tofile="this edit",
+                lineterm="",
+            )
+        )
+    return {
+        "request": json.dumps(request, indent=2, ensure_ascii=False),
+        "characters": len(prompt.text),
+        "tokens": llm.estimate_tokens(prompt.text),
+        "previous": previous,
+        "diff": diff,
+    }
+
+
+class SystemPromptVersionInline(admin.TabularInline):
+    model = SystemPromptVersion
+    fields = ["number", "created_at", "created_by", "model", "temperature", "max_tokens", "text"]
+    readonly_fields = fields
+    ordering = ["-number"]
+    extra = 0
+    can_delete = False
+    verbose_name_plural = "Versions (each save that changed the text or settings)"
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(SystemPrompt)
 class SystemPromptAdmin(admin.ModelAdmin):
-    list_display = ["name", "is_default", "model", "temperature", "updated_at"]
+    form = SystemPromptForm
+    list_display = [
+        "name",
+        "is_default",
+        "model",
+        "temperature",
+        "max_tokens",
+        "current_version",
+        "updated_at",
+    ]
     list_filter = ["is_default"]
     search_fields = ["name", "text"]
+    readonly_fields = ["current_version"]
+    inlines = [SystemPromptVersionInline]
+    actions = ["make_default"]
+    change_form_template = "admin/conversations/systemprompt/change_form.html"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[SystemPrompt]:
+        return super().get_queryset(request).prefetch_related("versions")
+
+    @admin.display(description="Version")
+    def current_version(self, prompt: SystemPrompt) -> str:
+        numbers = [version.number for version in prompt.versions.all()]
+        return f"v{max(numbers)}" if numbers else "—"
+
+    def save_model(self, request: HttpRequest, obj: SystemPrompt, form: Any, change: bool) -> None:
+        version = prompts.save_prompt(obj, by=request.user)
+        messages.info(request, f"“{obj}” is at version {version.number}.")
+
+    def has_delete_permission(self, request: HttpRequest, obj: SystemPrompt | None = None) -> bool:
+        if obj is not None and (obj.is_default or _prompt_in_use(obj)):
+            return False  # keep the default, and every prompt a conversation was given
+        return super().has_delete_permission(request, obj)
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # one by one, through the checks above
+        return actions
+
+    @admin.action(description="Make the selected prompt the default", permissions=["change"])
+    def make_default(self, request: HttpRequest, queryset: QuerySet[SystemPrompt]) -> None:
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one prompt.", messages.ERROR)
+            return
+        prompt = queryset.get()
+        prompts.make_default(prompt)
+        self.message_user(request, f"“{prompt}” is now the default prompt.")
+
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: Any = None,
+    ) -> HttpResponse:
+        if request.method == "POST" and "_preview" in request.POST:
+            return self._preview_view(request, object_id, form_url)
+        extra_context = extra_context or {}
+        if object_id:
+            prompt = self.get_object(request, unquote(object_id))
+            if prompt is not None:
+                extra_context["preview"] = prompt_preview(prompt, previous=None)
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def _preview_view(self, request: HttpRequest, object_id: str | None, form_url: str) -> HttpResponse:
+        """The form as edited, not saved, with the preview of the edited prompt."""
+        prompt = self.get_object(request, unquote(object_id)) if object_id else None
+        add = prompt is None
+        if object_id and prompt is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        allowed = self.has_add_permission(request) if add else self.has_change_permission(request, prompt)
+        if not allowed:
+            raise PermissionDenied
+        previous = None if add else prompts.latest_version(prompt)
+        form = self.get_form(request, prompt, change=not add)(request.POST, instance=prompt)
+        form.is_valid()  # fills the instance with the edited fields; errors are shown
+        edited = form.instance
+        admin_form = helpers.AdminForm(
+            form,
+            list(self.get_fieldsets(request, prompt)),
+            self.get_prepopulated_fields(request, prompt),
+            self.get_readonly_fields(request, prompt),
+            model_admin=self,
+        )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Preview of {edited.name or 'a new prompt'}",
+            "subtitle": None,
+            "adminform": admin_form,
+            "object_id": object_id,
+            "original": prompt,
+            "is_popup": False,
+            "to_field": None,
+            "media": self.media + admin_form.media,
+            "inline_admin_formsets": [],
+            "errors": helpers.AdminErrorList(form, []),
+            "preserved_filters": self.get_preserved_filters(request),
+            "preview": prompt_preview(edited, previous=previous),
+            "previewing": True,
+        }
+        return self.render_change_form(
+            request, context, add=add, change=not add, obj=prompt, form_url=form_url
+        )
+
+
+def _prompt_in_use(prompt: SystemPrompt) -> bool:
+    return Conversation.objects.filter(prompt_version__prompt=prompt).exists()
+
+
+@admin.register(SystemPromptVersion)
+class SystemPromptVersionAdmin(admin.ModelAdmin):
+    """Read only: where a conversation's `prompt_version` link leads."""
+
+    list_display = ["prompt", "number", "model", "temperature", "max_tokens", "created_by", "created_at"]
+    list_select_related = ["prompt", "created_by"]
+    list_filter = ["prompt"]
+    search_fields = ["prompt__name", "text"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(ModelPrice)
@@ -18,38 +244,225 @@ class ModelPriceAdmin(admin.ModelAdmin):
     search_fields = ["model"]
 
 
+# --- The token ledger --------------------------------------------------------------------
+
+
+class InputFilter(admin.SimpleListFilter):
+    """A text box in the filter sidebar: no query over the ledger to list
+    the choices, which a million rows would make slow."""
+
+    template = "admin/input_filter.html"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("", "")]  # the filter shows only if there is a lookup
+
+    def choices(self, changelist: Any) -> Any:
+        others = []
+        for name, value in changelist.get_filters_params().items():
+            if name == self.parameter_name:
+                continue
+            for one in value if isinstance(value, list) else [value]:
+                others.append((name, one))
+        yield {
+            "selected": self.value() is None,
+            "query_string": changelist.get_query_string(remove=[self.parameter_name]),
+            "others": others,
+            "display": "All",
+        }
+
+
+class UserFilter(InputFilter):
+    title = "username"
+    parameter_name = "username"
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[TokenUsage]) -> QuerySet[TokenUsage]:
+        value = self.value()
+        return queryset.filter(user__username=value.strip()) if value else queryset
+
+
+class ModelFilter(InputFilter):
+    title = "model"
+    parameter_name = "model_name"
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[TokenUsage]) -> QuerySet[TokenUsage]:
+        value = self.value()
+        return queryset.filter(model=value.strip()) if value else queryset
+
+
+class SpendReportForm(forms.Form):
+    by = forms.ChoiceField(choices=[(name, name.title()) for name in reports.GROUPINGS], initial="day")
+    since = forms.DateField(widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(widget=forms.DateInput(attrs={"type": "date"}))
+    metric = forms.ChoiceField(choices=[("cost", "Cost"), ("tokens", "Tokens")], initial="cost")
+    user = forms.CharField(required=False, label="Username")
+    model = forms.CharField(required=False)
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        since, until = cleaned.get("since"), cleaned.get("until")
+        if since and until and since > until:
+            raise ValidationError("The range starts after it ends.")
+        return cleaned
+
+
+def report_defaults() -> dict[str, Any]:
+    today = timezone.localdate()
+    return {"by": "day", "since": today - timedelta(days=29), "until": today, "metric": "cost"}
+
+
 @admin.register(TokenUsage)
 class TokenUsageAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "user", "model", "prompt_tokens", "completion_tokens", "cost", "estimated"]
-    list_filter = ["model", "estimated", "created_at"]
+    list_display = [
+        "created_at", "user", "kind", "model", "prompt_tokens", "completion_tokens",
+        "cached_tokens", "cost", "estimated",
+    ]  # fmt: skip
+    list_filter = [UserFilter, ModelFilter, "estimated", "kind", ("created_at", admin.DateFieldListFilter)]
     list_select_related = ["user"]
-    search_fields = ["user__username", "model"]
-    date_hierarchy = "created_at"
-    readonly_fields = [f.name for f in TokenUsage._meta.fields]
+    fields = [
+        "created_at", "user", "kind", "model", "prompt_tokens", "completion_tokens", "cached_tokens",
+        "cost", "estimated", "conversation_ref", "message_ref",
+    ]  # fmt: skip
+    readonly_fields = fields
+    # A million rows: count the filtered set once, never the whole table again.
+    show_full_result_count = False
+    change_list_template = "admin/conversations/tokenusage/change_list.html"
 
-    def has_add_permission(self, request) -> bool:  # a ledger is written by the code only
+    # The ids only: a conversation's title is content, for reviewers only.
+    @admin.display(description="Conversation")
+    def conversation_ref(self, usage: TokenUsage) -> str:
+        return str(usage.conversation_id or "— (pruned)")
+
+    @admin.display(description="Message")
+    def message_ref(self, usage: TokenUsage) -> str:
+        return str(usage.message_id or "— (pruned)")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:  # a ledger is written by the code only
         return False
 
-    def has_change_permission(self, request, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        if context and "cl" in context:
+            context["spend_total"] = reports.spend_totals(context["cl"].queryset)
+        return response
+
+    def get_urls(self) -> list[Any]:
+        report = path(
+            "report/", self.admin_site.admin_view(self.report_view), name="conversations_tokenusage_report"
+        )
+        return [report, *super().get_urls()]
+
+    def report_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        form = SpendReportForm(request.GET if "by" in request.GET else None, initial=report_defaults())
+        params = form.cleaned_data if form.is_bound and form.is_valid() else report_defaults()
+        context: dict[str, Any] = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Spend report",
+            "form": form,
+            "params": params,
+        }
+        if not form.is_bound or form.is_valid():
+            rows = reports.ledger(
+                since=params["since"],
+                until=params["until"],
+                user=params.get("user") or None,
+                model=params.get("model") or None,
+            )
+            spend = reports.spend_by(rows, params["by"])
+            if request.GET.get("format") == "csv":
+                return self._csv(spend, params)
+            context.update(
+                spend=spend,
+                total=reports.total_of(spend),
+                chart=reports.spend_chart_svg(spend, metric=params["metric"]),
+                csv_query=_with_csv(request),
+            )
+        return TemplateResponse(request, "admin/conversations/tokenusage/report.html", context)
+
+    def _csv(self, spend: list[reports.SpendRow], params: dict[str, Any]) -> HttpResponse:
+        name = f"spend-by-{params['by']}-{params['since']}-{params['until']}.csv"
+        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="{name}"'
+        reports.write_csv(spend, params["by"], response)
+        return response
+
+
+def _with_csv(request: HttpRequest) -> str:
+    query = request.GET.copy()
+    query["format"] = "csv"
+    if "by" not in query:
+        query.update({key: str(value) for key, value in report_defaults().items()})
+    return query.urlencode()
+
+
+# --- Conversation review -----------------------------------------------------------------
+
+
+def _may_review(request: HttpRequest) -> bool:
+    return request.user.is_active and request.user.is_staff and request.user.has_perm(REVIEW_PERMISSION)
 
 
 class MessageInline(admin.TabularInline):
     model = Message
-    fields = ["created_at", "role", "status", "finish_reason", "model", "content"]
+    fields = ["created_at", "role", "status", "finish_reason", "model", "is_active", "content"]
     readonly_fields = fields
     extra = 0
     can_delete = False
     show_change_link = False
 
-    def has_add_permission(self, request, obj=None) -> bool:
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return _may_review(request)
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ["display_title", "owner", "created_at", "updated_at"]
-    list_select_related = ["owner"]
+    """Read only, and only for staff with the `review_conversation`
+    permission: the plain view/change permissions are not enough."""
+
+    list_display = ["display_title", "owner", "pinned", "prompt_version", "created_at", "updated_at"]
+    list_select_related = ["owner", "prompt_version__prompt"]
+    list_filter = ["pinned"]
     search_fields = ["title", "owner__username"]
-    readonly_fields = ["id", "owner", "prompt", "prompt_text", "created_at", "updated_at"]
+    fields = [
+        "id",
+        "owner",
+        "title",
+        "pinned",
+        "prompt",
+        "prompt_version",
+        "prompt_text",
+        "created_at",
+        "updated_at",
+    ]
+    readonly_fields = fields
     inlines = [MessageInline]
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return _may_review(request)
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return _may_review(request)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # history is pruned by `manage.py prune_history`, not by hand

@@ -218,6 +218,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             ) from None
         except generation.Refused as exc:
             raise FrameError("invalid_request", str(exc), **extra) from None
+        except generation.OverQuota as exc:
+            raise FrameError("quota_exceeded", str(exc), retry_after=exc.retry_after, **extra) from None
         await sync_to_async(record_send)(self.user)
         await self._follow(accepted.conversation.id)
         await generation.launch(accepted)

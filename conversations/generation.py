@@ -36,8 +36,11 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import llm
+from accounts import quotas
+
+from . import llm, prompts
 from .history import build_messages
+from .history import message_tokens as history_tokens
 from .models import Conversation, Message, ModelPrice, SystemPrompt, TokenUsage
 from .rendering import render_markdown_cached
 
@@ -153,6 +156,14 @@ class Refused(Exception):
     """A well-formed request that cannot be done (nothing to regenerate...)."""
 
 
+class OverQuota(Exception):
+    """The user's budget does not cover another answer now."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass
 class Accepted:
     """A turn ready to be answered: the question and the empty answer."""
@@ -165,6 +176,7 @@ class Accepted:
     replaces_question: Message | None = None  # an edit: the question it replaced
     replaces_answer: Message | None = None  # a regenerate or edit: the answer it replaced
     continues: Message | None = None  # a continue: the truncated answer
+    reservation: quotas.Reservation | None = None  # budget held until the answer settles
 
 
 def find_sent(*, user: Any, client_id: uuid.UUID) -> Message | None:
@@ -214,16 +226,39 @@ def _new_answer(conversation: Conversation, **fields: Any) -> Message:
 
 
 def _atomic_turn(build: Any) -> Accepted:
-    """Run `build` in one transaction: everything it stores, or nothing."""
+    """Run `build` in one transaction, with the budget check: everything it
+    stores and reserves, or nothing."""
     try:
         with transaction.atomic():
             accepted = build()
+            accepted.reservation = quotas.reserve_answer(
+                accepted.conversation.owner,
+                estimated_tokens=_most_tokens(accepted),
+                model=accepted.answer.model,
+            )
             Conversation.objects.filter(pk=accepted.conversation.pk).update(updated_at=timezone.now())
             return accepted
     except IntegrityError as exc:
         # The partial unique index on streaming answers, or the same client_id
         # racing in on a second socket: either way, nothing was stored.
         raise Busy(str(exc)) from exc
+    except quotas.QuotaExceeded as exc:
+        raise OverQuota(exc.message, retry_after=exc.retry_after) from exc
+
+
+def _most_tokens(accepted: Accepted) -> int:
+    """What the answer may cost at most, reserved before it starts: the
+    history it sends (capped by the context budget) and its longest reply.
+    Settling gives back what it did not use."""
+    history = Message.objects.filter(conversation=accepted.conversation, is_active=True).values_list(
+        "content", flat=True
+    )
+    prompt_tokens = llm.estimate_tokens(accepted.conversation.prompt_text) + sum(
+        history_tokens(text) for text in history
+    )
+    prompt = accepted.conversation.prompt
+    longest = (prompt.max_tokens if prompt and prompt.max_tokens else None) or settings.OPENAI_MAX_TOKENS
+    return min(prompt_tokens, settings.CHAT_CONTEXT_TOKENS) + longest
 
 
 def accept_message(
@@ -243,11 +278,13 @@ def accept_message(
     def build() -> Accepted:
         if conversation_id is None:
             prompt = _prompt_for_new_conversation(prompt_id)
+            version = prompts.version_for_new_conversation(prompt) if prompt else None
             conversation = Conversation.objects.create(
                 owner=user,
                 title=_title_from(content),
                 prompt=prompt,
-                prompt_text=prompt.text if prompt else "",
+                prompt_version=version,
+                prompt_text=version.text if version else "",
             )
         else:
             conversation = _own_conversation(user, conversation_id)
@@ -564,6 +601,7 @@ class Generation:
             usage=outcome.end.usage if outcome.end else None,
             messages=messages,
             called=outcome.called(content),
+            reservation=self.accepted.reservation,
         )
         if outcome.error is not None:
             await self._publish(
@@ -633,6 +671,7 @@ def _save_answer(
     usage: llm.Usage | None,
     messages: list[llm.ChatMessage],
     called: bool,
+    reservation: quotas.Reservation | None,
 ) -> dict[str, Any]:
     """The answer's final state and its ledger row, together."""
     estimated = usage is None
@@ -669,6 +708,12 @@ def _save_answer(
                 cost=cost,
                 estimated=estimated,
             )
+        quotas.settle(
+            reservation,
+            user=answer.conversation.owner,
+            tokens=usage.prompt_tokens + usage.completion_tokens if called else 0,
+            cost=cost if called else NO_COST,
+        )
     if not called:
         return {"prompt_tokens": 0, "completion_tokens": 0, "cost": str(NO_COST)}
     return {
@@ -699,7 +744,11 @@ def _needs_title(conversation_id: Any) -> bool:
 
 def _save_title(conversation: Conversation, title: str, completion: llm.Completion) -> bool:
     usage = completion.usage or llm.Usage(0, llm.estimate_tokens(title))
+    cost = price_of(completion.model, usage)
     with transaction.atomic():
+        quotas.settle(
+            None, user=conversation.owner, tokens=usage.prompt_tokens + usage.completion_tokens, cost=cost
+        )
         TokenUsage.objects.create(
             user_id=conversation.owner_id,
             conversation_id=conversation.pk,
@@ -708,7 +757,7 @@ def _save_title(conversation: Conversation, title: str, completion: llm.Completi
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             cached_tokens=usage.cached_tokens,
-            cost=price_of(completion.model, usage),
+            cost=cost,
             estimated=completion.usage is None,
         )
         # Only over the provisional title: a rename by the user wins.
