@@ -204,5 +204,7 @@ LOGGING = {
     "loggers": {
         "conversations": {"level": LOG_LEVEL},
         "chatsite": {"level": LOG_LEVEL},
+        # runserver's access log has a handler of its own: don't print it twice.
+        "django.channels.server": {"level": "INFO", "propagate": False},
     },
 }

@@ -17,9 +17,18 @@
     }
   }
 
+  var systemDark = window.matchMedia ? window.matchMedia("(prefers-color-scheme: dark)") : null;
+
+  // Always a resolved `data-theme`, so that the stylesheet holds each palette once.
   function apply(choice) {
-    if (choice === "system") root.removeAttribute("data-theme");
-    else root.setAttribute("data-theme", choice);
+    var dark = choice === "dark" || (choice === "system" && systemDark !== null && systemDark.matches);
+    root.setAttribute("data-theme", dark ? "dark" : "light");
+  }
+
+  if (systemDark !== null && systemDark.addEventListener) {
+    systemDark.addEventListener("change", function () {
+      if (stored() === "system") apply("system");
+    });
   }
 
   function label(button, choice) {
