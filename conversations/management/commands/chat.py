@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 import threading
@@ -44,6 +45,9 @@ class Command(BaseCommand):
         parser.add_argument("--prompt", metavar="NAME", help="System prompt for new conversations (by name).")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["verbosity"] < 2:
+            # The answer's own log lines would land in the middle of the chat.
+            logging.getLogger("conversations").setLevel(logging.WARNING)
         user = get_user_model().objects.filter(username=options["user"]).first()
         if user is None:
             raise CommandError(f"No such user: {options['user']}.")
