@@ -34,13 +34,14 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Count, Sum
+from django.db.models.functions import Coalesce, Length
 from django.utils import timezone
 
 from accounts import quotas
 
 from . import llm, prompts
-from .history import build_messages
-from .history import message_tokens as history_tokens
+from .history import PER_MESSAGE_OVERHEAD, build_messages
 from .models import Conversation, Message, ModelPrice, SystemPrompt, TokenUsage
 from .rendering import render_markdown_cached
 
@@ -250,11 +251,14 @@ def _most_tokens(accepted: Accepted) -> int:
     """What the answer may cost at most, reserved before it starts: the
     history it sends (capped by the context budget) and its longest reply.
     Settling gives back what it did not use."""
-    history = Message.objects.filter(conversation=accepted.conversation, is_active=True).values_list(
-        "content", flat=True
+    # Summed by the database: a long conversation's text is not loaded for this.
+    history = Message.objects.filter(conversation=accepted.conversation, is_active=True).aggregate(
+        chars=Coalesce(Sum(Length("content")), 0), count=Count("pk")
     )
-    prompt_tokens = llm.estimate_tokens(accepted.conversation.prompt_text) + sum(
-        history_tokens(text) for text in history
+    prompt_tokens = (
+        llm.estimate_tokens(accepted.conversation.prompt_text)
+        + (history["chars"] + 3) // 4
+        + history["count"] * PER_MESSAGE_OVERHEAD
     )
     prompt = accepted.conversation.prompt
     longest = (prompt.max_tokens if prompt and prompt.max_tokens else None) or settings.OPENAI_MAX_TOKENS

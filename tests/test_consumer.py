@@ -343,8 +343,15 @@ async def test_prompt_choice_for_a_new_conversation(alice: Any, fake_llm: Any) -
     await ws.send_json_to(send_frame("hi", prompt=str(uuid.uuid4())))
     error = await ws.receive_json_from(timeout=5)
     await ws.disconnect()
-    conversation = await Conversation.objects.aget(pk=frames[0]["conversation"]["id"])
+    conversation = await Conversation.objects.select_related("prompt_version").aget(
+        pk=frames[0]["conversation"]["id"]
+    )
     assert (conversation.prompt_id, conversation.prompt_text) == (poet.id, "Answer in verse.")
+    # The exact version is recorded: later edits of the prompt don't change it.
+    assert (conversation.prompt_version.prompt_id, conversation.prompt_version.text) == (
+        poet.id,
+        "Answer in verse.",
+    )
     assert fake_llm.streamed_requests[0].body["messages"][0] == {
         "role": "system",
         "content": "Answer in verse.",
