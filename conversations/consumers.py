@@ -108,8 +108,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             handler = {
                 "message.send": self._message_send,
                 "message.edit": self._message_edit,
-                "message.regenerate": self._message_regenerate,
-                "message.continue": self._message_continue,
+                "message.regenerate": self._answer_again,
+                "message.continue": self._answer_again,
                 "generation.stop": self._generation_stop,
                 "conversation.join": self._conversation_join,
             }.get(frame.get("type"))
@@ -167,21 +167,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             client_id=client_id,
         )
 
-    async def _message_regenerate(self, frame: dict[str, Any]) -> None:
+    async def _answer_again(self, frame: dict[str, Any]) -> None:
+        """`message.regenerate` and `message.continue`: a new answer, no new question."""
         conversation_id = _uuid(frame, "conversation")
-        await self._start(
-            generation.accept_regenerate,
-            {"conversation": str(conversation_id)},
-            conversation_id=conversation_id,
+        accept = (
+            generation.accept_regenerate
+            if frame["type"] == "message.regenerate"
+            else generation.accept_continue
         )
-
-    async def _message_continue(self, frame: dict[str, Any]) -> None:
-        conversation_id = _uuid(frame, "conversation")
-        await self._start(
-            generation.accept_continue,
-            {"conversation": str(conversation_id)},
-            conversation_id=conversation_id,
-        )
+        await self._start(accept, {"conversation": str(conversation_id)}, conversation_id=conversation_id)
 
     async def _resent(self, client_id: uuid.UUID) -> bool:
         """A frame sent again (after a reconnect): show what exists, create nothing."""

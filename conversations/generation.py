@@ -237,7 +237,8 @@ def _atomic_turn(build: Any) -> Accepted:
                 estimated_tokens=_most_tokens(accepted),
                 model=accepted.answer.model,
             )
-            Conversation.objects.filter(pk=accepted.conversation.pk).update(updated_at=timezone.now())
+            if not accepted.conversation_created:  # a new one has just been stamped
+                Conversation.objects.filter(pk=accepted.conversation.pk).update(updated_at=timezone.now())
             return accepted
     except IntegrityError as exc:
         # The partial unique index on streaming answers, or the same client_id

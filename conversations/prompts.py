@@ -48,8 +48,13 @@ def save_prompt(prompt: SystemPrompt, *, by: Any = None) -> SystemPromptVersion:
         elif not SystemPrompt.objects.filter(is_default=True).exclude(pk=prompt.pk).exists():
             prompt.is_default = True
         prompt.save()
-        # Lock the prompt row: two staff saving at once must not both take
-        # the same version number.
+        return _current_version(prompt, by=by)
+
+
+def _current_version(prompt: SystemPrompt, *, by: Any) -> SystemPromptVersion:
+    """The latest version if it matches the prompt's fields, else a new one.
+    Locks the prompt row: two saves at once must not take the same number."""
+    with transaction.atomic():
         SystemPrompt.objects.select_for_update().filter(pk=prompt.pk).first()
         latest = latest_version(prompt)
         if not _differs(prompt, latest):
@@ -64,16 +69,10 @@ def version_for_new_conversation(prompt: SystemPrompt) -> SystemPromptVersion:
     outside `save_prompt` (a shell, a data migration) gets a new version too,
     so the version always holds the text the conversation is given."""
     latest = latest_version(prompt)
-    if not _differs(prompt, latest):
+    if not _differs(prompt, latest):  # the usual case: no lock needed
         assert latest is not None
         return latest
-    with transaction.atomic():
-        SystemPrompt.objects.select_for_update().filter(pk=prompt.pk).first()
-        latest = latest_version(prompt)
-        if not _differs(prompt, latest):
-            assert latest is not None
-            return latest
-        return _new_version(prompt, by=None, after=latest)
+    return _current_version(prompt, by=None)
 
 
 def make_default(prompt: SystemPrompt) -> None:
