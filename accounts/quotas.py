@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F, Min, Q, Sum
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from conversations.models import ModelPrice, TokenUsage
@@ -89,15 +89,20 @@ def _limits_of(quota: Quota, source: str) -> Limits:
 
 def limits_for(user: Any) -> Limits:
     """The user's own quota; else, field by field, the lowest limit among their
-    groups' quotas (blank = unlimited); else the site default; else none."""
-    own = Quota.objects.filter(user_id=user.pk).first()
+    groups' quotas (blank = unlimited); else the site default; else none.
+    One query: it runs before every answer."""
+    rows = list(Quota.objects.filter(Q(user_id=user.pk) | Q(group__user=user.pk) | Q(is_default=True)))
+    own = next((q for q in rows if q.user_id == user.pk), None)
     if own is not None:
         return _limits_of(own, "user")
-    groups = Quota.objects.filter(group__user=user.pk)
-    if groups.exists():
-        lowest = groups.aggregate(**{name: Min(name) for name in LIMIT_FIELDS})
+    groups = [q for q in rows if q.group_id is not None]
+    if groups:
+        lowest = {
+            name: min((v for q in groups if (v := getattr(q, name)) is not None), default=None)
+            for name in LIMIT_FIELDS
+        }
         return Limits(**lowest, source="group")
-    default = Quota.objects.filter(is_default=True).first()
+    default = next((q for q in rows if q.is_default), None)
     if default is not None:
         return _limits_of(default, "default")
     return Limits()

@@ -31,7 +31,6 @@ import django  # noqa: E402
 django.setup()
 
 from asgiref.sync import sync_to_async  # noqa: E402
-from channels.layers import get_channel_layer  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -61,14 +60,21 @@ async def one_answer(user: Any, tokens: int, delay: float) -> dict[str, Any]:
     accepted = await sync_to_async(generation.accept_message)(
         user=user, conversation_id=None, content="benchmark", client_id=uuid.uuid4()
     )
-    layer = get_channel_layer()
-    channel = await layer.new_channel()
-    await layer.group_add(generation.conversation_group(accepted.conversation.id), channel)
+    frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    class Follower:
+        def deliver(self, frame: generation.Frame) -> None:
+            frames.put_nowait(frame.data)
+
+        def resync(self, conversation_id: str) -> None:
+            pass
+
+    await generation.get_hub().follow(str(accepted.conversation.id), Follower())
     start = time.perf_counter()
     await generation.launch(accepted)
     deltas = 0
     while True:
-        event = await layer.receive(channel)
+        event = await frames.get()
         if event["type"] == "generation.delta":
             deltas += 1
         if event["type"] == "generation.finished":

@@ -79,16 +79,20 @@ TEMPLATES = [
 # --- Database ---------------------------------------------------------------
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 _db = DATABASES["default"]
-# Under ASGI every request may run on another thread: persistent connections
-# would leak, so connections are short-lived and pooled by the driver instead.
-_db["CONN_MAX_AGE"] = 0
+# Every ORM call of the sockets and answers runs on ONE thread (Channels'
+# database_sync_to_async is thread-sensitive): opening a connection per call
+# was a fifth of the server's CPU under load. PostgreSQL takes connections
+# from psycopg's pool (Django requires CONN_MAX_AGE=0 with it); SQLite keeps
+# one connection per thread open.
 if _db["ENGINE"] == "django.db.backends.postgresql":
+    _db["CONN_MAX_AGE"] = 0
     _db.setdefault("OPTIONS", {})["pool"] = {
         "min_size": env.int("DATABASE_POOL_MIN", default=1),
         "max_size": env.int("DATABASE_POOL_MAX", default=10),
         "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
     }
 elif _db["ENGINE"] == "django.db.backends.sqlite3":
+    _db["CONN_MAX_AGE"] = None
     # Several threads (and the end-to-end tests' server process) write at once:
     # WAL lets readers go on, IMMEDIATE avoids deadlocked upgrades.
     _db.setdefault("OPTIONS", {}).update(
@@ -160,6 +164,17 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# The test suite sets a fast hasher for itself and the servers it starts.
+PASSWORD_HASHERS = env.list(
+    "PASSWORD_HASHERS",
+    default=[
+        "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+        "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
+        "django.contrib.auth.hashers.Argon2PasswordHasher",
+        "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+        "django.contrib.auth.hashers.ScryptPasswordHasher",
+    ],
+)
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:new"
 LOGOUT_REDIRECT_URL = "login"

@@ -10,24 +10,22 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from accounts.limits import record_send, send_retry_after
-
 from . import generation
-from .models import Conversation
+from .generation import Frame
 
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 MAX_FRAME_BYTES = 256 * 1024
-SNAPSHOT_TIMEOUT = 3.0  # seconds to wait for a running answer to send its text
+MAX_OUTBOX = 2000  # frames queued for one socket before its deltas are cut back to a snapshot
 
 
 class FrameError(Exception):
@@ -66,12 +64,16 @@ def _content(frame: dict[str, Any], extra: dict[str, Any]) -> str:
 class _Following:
     """What this socket has shown of one conversation."""
 
-    snapshot_of: str | None = None  # the streaming answer whose snapshot is awaited
-    held: list[dict[str, Any]] = field(default_factory=list)  # deltas before the snapshot
-    last_seq: dict[str, int] = field(default_factory=dict)  # per answer
+    holding: bool = False  # a snapshot or catch-up is on its way: deltas wait for it
+    held: list[Frame] = field(default_factory=list)
+    last_seq: dict[str, int] = field(default_factory=dict)  # per answer: the last delta shown
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
+    """One browser tab. Frames from the answers it follows arrive through
+    `deliver` (called by the hub, synchronously) and leave through one
+    ordered, bounded outbox."""
+
     user: Any
     following: dict[str, _Following]
 
@@ -85,17 +87,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.user = user
         self.following = {}
+        self.hub = generation.get_hub()
+        self._outbox: deque[tuple[str, str | None, str]] = deque()  # (type, conversation, json)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Future[Any]] = set()  # catch-ups under way
+        self._announced: set[str] = set()  # conversations whose creation this tab was shown
+        self._sender = asyncio.create_task(self._send_loop())
         await self.channel_layer.group_add(generation.user_group(user.pk), self.channel_name)
 
     async def disconnect(self, code: int) -> None:
         if not hasattr(self, "user"):
             return
+        self._sender.cancel()
         await self.channel_layer.group_discard(generation.user_group(self.user.pk), self.channel_name)
         following, self.following = self.following, {}
         for conversation_id in following:
-            await self.channel_layer.group_discard(
-                generation.conversation_group(conversation_id), self.channel_name
-            )
+            await self.hub.unfollow(conversation_id, self)
         # Any answer this socket started runs on: it is not ours to stop.
 
     # --- Client -> server ---------------------------------------------------
@@ -117,11 +124,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 raise FrameError("invalid_request", f"Unknown frame type: {frame.get('type')!r}.")
             await handler(frame)
         except FrameError as exc:
-            await self.send_json({"type": "error", "code": exc.code, "message": exc.message, **exc.extra})
+            self._emit({"type": "error", "code": exc.code, "message": exc.message, **exc.extra})
 
     def _parse(self, text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
         raw = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", "replace")
-        if len(raw.encode("utf-8", "replace")) > MAX_FRAME_BYTES:
+        if len(raw) > MAX_FRAME_BYTES or len(raw.encode("utf-8", "replace")) > MAX_FRAME_BYTES:
             raise FrameError("invalid_request", "Frame too large.")
         try:
             frame = json.loads(raw)
@@ -139,8 +146,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if conversation_id is not None:
             extra["conversation"] = str(conversation_id)
         content = _content(frame, extra)
-        if await self._resent(client_id):
-            return
         await self._start(
             generation.accept_message,
             extra,
@@ -156,8 +161,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         extra: dict[str, Any] = {"client_id": str(client_id), "conversation": str(conversation_id)}
         message_id = _uuid(frame, "message")
         content = _content(frame, extra)
-        if await self._resent(client_id):
-            return
         await self._start(
             generation.accept_edit,
             extra,
@@ -177,33 +180,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         await self._start(accept, {"conversation": str(conversation_id)}, conversation_id=conversation_id)
 
-    async def _resent(self, client_id: uuid.UUID) -> bool:
-        """A frame sent again (after a reconnect): show what exists, create nothing."""
-        sent = await database_sync_to_async(generation.find_sent)(user=self.user, client_id=client_id)
-        if sent is None:
-            return False
-        await self._follow(sent.conversation_id)
-        await self.send_json(
-            {
-                "type": "message.created",
-                "message": generation.message_payload(sent),
-                "client_id": str(client_id),
-            }
-        )
-        return True
-
     async def _start(self, accept: Any, extra: dict[str, Any], **arguments: Any) -> None:
-        """Rate limit, then let `generation` accept the turn and start its answer."""
-        retry_after = await sync_to_async(send_retry_after)(self.user)
-        if retry_after is not None:
-            raise FrameError(
-                "rate_limited",
-                f"Too many messages. Try again in {retry_after} s.",
-                retry_after=retry_after,
-                **extra,
-            )
+        """Let `generation` accept the turn (every rule lives there), then
+        follow the conversation and start the answer."""
         try:
             accepted = await database_sync_to_async(accept)(user=self.user, **arguments)
+        except generation.Resent as exc:
+            # A frame sent again (after a reconnect): show what exists, create nothing.
+            await self._follow(str(exc.message.conversation_id))
+            self._emit(
+                {
+                    "type": "message.created",
+                    "message": generation.message_payload(exc.message),
+                    "client_id": str(exc.message.client_id),
+                }
+            )
+            return
+        except generation.RateLimited as exc:
+            raise FrameError("rate_limited", str(exc), retry_after=exc.retry_after, **extra) from None
         except generation.NotFound:
             raise FrameError("not_found", "No such conversation.", **extra) from None
         except generation.Busy:
@@ -214,9 +208,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise FrameError("invalid_request", str(exc), **extra) from None
         except generation.OverQuota as exc:
             raise FrameError("quota_exceeded", str(exc), retry_after=exc.retry_after, **extra) from None
-        await sync_to_async(record_send)(self.user)
-        await self._follow(accepted.conversation.id)
+        await self._follow(str(accepted.conversation.id))
         await generation.launch(accepted)
+
+    async def _own(self, conversation_id: uuid.UUID | None) -> None:
+        try:
+            await database_sync_to_async(generation.check_owner)(
+                user=self.user, conversation_id=conversation_id
+            )
+        except generation.NotFound:
+            # Same answer for someone else's conversation: never reveal it exists.
+            raise FrameError(
+                "not_found", "No such conversation.", conversation=str(conversation_id)
+            ) from None
 
     async def _generation_stop(self, frame: dict[str, Any]) -> None:
         conversation_id = _uuid(frame, "conversation")
@@ -229,109 +233,168 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
             raise FrameError("invalid_request", "`after` must be a non-negative integer.")
         await self._own(conversation_id)
-        state = await self._follow(conversation_id)
-        streaming = await database_sync_to_async(generation.streaming_answer_id)(conversation_id)
-        if streaming is not None:
-            state.snapshot_of = streaming
-            state.held.clear()
-            await generation.request_snapshot(conversation_id, self.channel_name)
-            asyncio.get_running_loop().call_later(
-                SNAPSHOT_TIMEOUT, lambda: asyncio.ensure_future(self._snapshot_timeout(str(conversation_id)))
-            )
-        elif after is not None:
-            # The client was following an answer that has ended since.
-            await self._send_last_finished(conversation_id)
+        await self._rejoin(str(conversation_id), missed_end=after is not None)
 
-    async def _send_last_finished(self, conversation_id: Any) -> None:
-        finished = await database_sync_to_async(generation.last_answer_finished)(conversation_id)
-        if finished is not None:
-            await self.send_json(finished)
-
-    async def _own(self, conversation_id: uuid.UUID | None) -> None:
-        exists = await Conversation.objects.filter(pk=conversation_id, owner=self.user).aexists()
-        if not exists:
-            # Same answer for someone else's conversation: never reveal it exists.
-            raise FrameError("not_found", "No such conversation.", conversation=str(conversation_id))
-
-    async def _follow(self, conversation_id: Any) -> _Following:
-        key = str(conversation_id)
-        if key not in self.following:
-            await self.channel_layer.group_add(generation.conversation_group(key), self.channel_name)
-            self.following[key] = _Following()
-        return self.following[key]
-
-    async def _snapshot_timeout(self, conversation_id: str) -> None:
+    async def _follow(self, conversation_id: str) -> _Following:
         state = self.following.get(conversation_id)
-        if state is not None and state.snapshot_of is not None:
-            # No running answer replied: its process may have died. Deltas
-            # without their start would only mislead; sweep, and if that
-            # settled the answer, say how it ended.
-            state.snapshot_of = None
-            state.held.clear()
+        if state is None:
+            state = self.following[conversation_id] = _Following()
+            await self.hub.follow(conversation_id, self)
+        return state
+
+    async def _rejoin(self, conversation_id: str, *, missed_end: bool) -> None:
+        """Follow a conversation and show where it stands: the streaming
+        answer's snapshot (then only newer deltas), or, for a follower that
+        may have missed the end, the last answer's `generation.finished`."""
+        state = await self._follow(conversation_id)
+        state.holding = True
+        snapshot = await self.hub.snapshot(conversation_id)
+        if self.following.get(conversation_id) is not state:
+            return  # unfollowed meanwhile (the conversation was deleted)
+        if snapshot is not None and state.holding:
+            state.last_seq[snapshot.answer_id] = max(state.last_seq.get(snapshot.answer_id, 0), snapshot.seq)
+            self._emit(
+                {
+                    "type": "generation.snapshot",
+                    "conversation": conversation_id,
+                    "message": snapshot.answer_id,
+                    "seq": snapshot.seq,
+                    "content": snapshot.content,
+                }
+            )
+        self._release(state, lenient=True)
+        if snapshot is None:
+            await self._settle_missed(conversation_id, missed_end=missed_end)
+
+    async def _settle_missed(self, conversation_id: str, *, missed_end: bool) -> None:
+        streaming = await database_sync_to_async(generation.streaming_answer_id)(conversation_id)
+        if streaming is not None and await self.hub.snapshot(conversation_id) is None:
+            # The database says streaming but no worker runs it: its process
+            # died. Sweep, and if that settled the answer, say how it ended.
             await database_sync_to_async(generation.sweep_interrupted)()
-            await self._send_last_finished(conversation_id)
+            missed_end = True
+        if missed_end:
+            finished = await database_sync_to_async(generation.last_answer_finished)(conversation_id)
+            if finished is not None:
+                self._emit(finished)
 
-    # --- Channel layer -> client ---------------------------------------------
+    def resync(self, conversation_id: str) -> None:
+        """The hub's live tail was cut: frames may be missing; catch up."""
+        if conversation_id in self.following:
+            self._spawn(self._rejoin(conversation_id, missed_end=True))
 
-    async def _forward(self, event: dict[str, Any]) -> None:
-        await self.send_json(event)
+    # --- Answer frames (from the hub) -> client --------------------------------------
+
+    def deliver(self, frame: Frame) -> None:
+        data = frame.data
+        state = self.following.get(frame.conversation)
+        if state is None:
+            return
+        kind = data["type"]
+        if kind == "conversation.created":
+            self._announced.add(frame.conversation)
+        if kind == "generation.delta":
+            if state.holding:
+                state.held.append(frame)
+            else:
+                self._delta(state, frame, lenient=False)
+            return
+        if kind == "generation.started":
+            state.last_seq.setdefault(data["message"], 0)
+        elif kind == "generation.finished":
+            if state.holding:
+                # The answer ended before its snapshot came: the full text is here.
+                state.holding = False
+                state.held.clear()
+            state.last_seq.pop(data["message"], None)
+        self._queue(kind, frame.conversation, frame.text)
+
+    def _delta(self, state: _Following, frame: Frame, *, lenient: bool) -> None:
+        data = frame.data
+        answer, seq = data["message"], data["seq"]
+        last = state.last_seq.get(answer, 0)
+        if seq <= last:
+            return  # already covered by the snapshot
+        if seq > last + 1 and not lenient:
+            # A gap (the live tail from another worker dropped frames): fill
+            # it from the answer's log, holding what comes meanwhile.
+            state.holding = True
+            state.held.append(frame)
+            self._spawn(self._catch_up(data["conversation"], answer, last))
+            return
+        state.last_seq[answer] = seq
+        self._queue("generation.delta", frame.conversation, frame.text)
+
+    async def _catch_up(self, conversation_id: str, answer: str, after: int) -> None:
+        deltas = await self.hub.deltas_after(conversation_id, answer, after)
+        state = self.following.get(conversation_id)
+        if state is None or not state.holding:
+            return
+        for seq, text in deltas:
+            delta = {"type": "generation.delta", "conversation": conversation_id, "message": answer}
+            self._delta(state, Frame({**delta, "seq": seq, "text": text}, conversation_id), lenient=True)
+        self._release(state, lenient=True)
+
+    def _release(self, state: _Following, *, lenient: bool) -> None:
+        held, state.held = state.held, []
+        state.holding = False
+        for frame in held:
+            self._delta(state, frame, lenient=lenient)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- The outbox: every frame to the client, in order --------------------------------
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        conversation = event.get("conversation")
+        self._queue(
+            event["type"],
+            conversation if isinstance(conversation, str) else None,
+            json.dumps(event, ensure_ascii=False),
+        )
+
+    def _queue(self, kind: str, conversation_id: str | None, text: str) -> None:
+        if len(self._outbox) >= MAX_OUTBOX:
+            self._cut_back()
+        self._outbox.append((kind, conversation_id, text))
+        self._wake.set()
+
+    def _cut_back(self) -> None:
+        """The client does not keep up: drop its queued deltas and send it a
+        fresh snapshot instead (memory stays bounded, other sockets unslowed)."""
+        behind = {c for kind, c, _ in self._outbox if kind == "generation.delta" and c}
+        self._outbox = deque(item for item in self._outbox if item[0] != "generation.delta")
+        log.warning(
+            "socket of user %s fell %d frames behind: cut back to a snapshot", self.user.pk, MAX_OUTBOX
+        )
+        for conversation_id in behind:
+            state = self.following.get(conversation_id)
+            if state is not None:
+                state.last_seq.clear()
+                self.resync(conversation_id)
+
+    async def _send_loop(self) -> None:
+        outbox_send = self.base_send
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                _kind, _conversation, text = self._outbox.popleft()
+                await outbox_send({"type": "websocket.send", "text": text})
+
+    # --- Channel layer (user group: small, rare events) -> client ------------------------
 
     async def conversation_created(self, event: dict[str, Any]) -> None:
-        await self._forward(event)
+        if event["conversation"]["id"] not in self._announced:  # this tab had it from the hub
+            self._emit(event)
 
     async def conversation_updated(self, event: dict[str, Any]) -> None:
-        await self._forward(event)
+        self._emit(event)
 
     async def conversation_deleted(self, event: dict[str, Any]) -> None:
         if self.following.pop(event["conversation"], None) is not None:
-            await self.channel_layer.group_discard(
-                generation.conversation_group(event["conversation"]), self.channel_name
-            )
-        await self._forward(event)
-
-    async def message_created(self, event: dict[str, Any]) -> None:
-        await self._forward(event)
-
-    async def generation_started(self, event: dict[str, Any]) -> None:
-        await self._forward(event)
-
-    async def generation_error(self, event: dict[str, Any]) -> None:
-        await self._forward({**event, "type": "error"})
-
-    async def generation_finished(self, event: dict[str, Any]) -> None:
-        state = self.following.get(event["conversation"])
-        if state is not None and state.snapshot_of == event["message"]:
-            # The answer ended before its snapshot came: the full text is here.
-            state.snapshot_of = None
-            state.held.clear()
-        await self._forward(event)
-
-    async def generation_delta(self, event: dict[str, Any]) -> None:
-        state = self.following.get(event["conversation"])
-        if state is None:
-            return
-        if state.snapshot_of is not None:
-            state.held.append(event)
-            return
-        await self._send_delta(state, event)
-
-    async def generation_snapshot(self, event: dict[str, Any]) -> None:
-        state = self.following.get(event["conversation"])
-        if state is None or state.snapshot_of != event["message"]:
-            return  # not asked for, or the text of an answer that has just ended
-        state.snapshot_of = None
-        state.last_seq[event["message"]] = event["seq"]
-        await self._forward(event)
-        await self._release_held(state)
-
-    async def _release_held(self, state: _Following) -> None:
-        held, state.held = state.held, []
-        for delta in held:
-            await self._send_delta(state, delta)
-
-    async def _send_delta(self, state: _Following, event: dict[str, Any]) -> None:
-        message = event["message"]
-        if event["seq"] <= state.last_seq.get(message, 0):
-            return  # already covered by the snapshot
-        state.last_seq[message] = event["seq"]
-        await self._forward(event)
+            await self.hub.unfollow(event["conversation"], self)
+        self._emit(event)

@@ -1,9 +1,13 @@
 """What is sent upstream for one answer: the system prompt, then the most
-recent turns of THIS conversation that fit the context budget."""
+recent turns of THIS conversation that fit the context budget.
+
+The conversation is read newest-first, a page at a time, and reading stops
+as soon as the budget is spent: a turn costs the same whether the chat has
+ten messages or ten thousand."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from django.conf import settings
 
@@ -12,23 +16,26 @@ from .models import Conversation, Message
 
 # Every message costs a few tokens of framing on top of its text.
 PER_MESSAGE_OVERHEAD = 4
+FIRST_PAGE = 32  # most turns fit in the first page; later pages grow
 
 
 def message_tokens(content: str) -> int:
     return estimate_tokens(content) + PER_MESSAGE_OVERHEAD
 
 
-def fit_history(system_prompt: str, turns: Sequence[ChatMessage], budget: int) -> list[ChatMessage]:
-    """Keep the system prompt and the newest turn always; add older turns,
-    newest first, while they fit in `budget` tokens."""
+def messages_tokens(messages: Iterable[ChatMessage]) -> int:
+    return sum(message_tokens(m["content"]) for m in messages)
+
+
+def _fit_newest_first(
+    system_prompt: str, newest_first: Iterable[ChatMessage], budget: int
+) -> list[ChatMessage]:
     head: list[ChatMessage] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    if not turns:
-        return head
-    used = sum(message_tokens(m["content"]) for m in head) + message_tokens(turns[-1]["content"])
-    kept = [turns[-1]]
-    for turn in reversed(turns[:-1]):
+    used = messages_tokens(head)
+    kept: list[ChatMessage] = []
+    for turn in newest_first:
         cost = message_tokens(turn["content"])
-        if used + cost > budget:
+        if kept and used + cost > budget:  # the newest turn is always kept
             break
         used += cost
         kept.append(turn)
@@ -39,6 +46,36 @@ def fit_history(system_prompt: str, turns: Sequence[ChatMessage], budget: int) -
     return head + kept
 
 
+def fit_history(system_prompt: str, turns: Sequence[ChatMessage], budget: int) -> list[ChatMessage]:
+    """Keep the system prompt and the newest turn always; add older turns,
+    newest first, while they fit in `budget` tokens."""
+    return _fit_newest_first(system_prompt, reversed(turns), budget)
+
+
+def _newest_first(conversation: Conversation, upto: Message) -> Iterable[ChatMessage]:
+    """The active, non-empty, settled messages up to `upto`, newest first, a
+    page at a time (keyset on created_at, pk): stops reading when the caller
+    stops iterating."""
+    rows = (
+        Message.objects.filter(conversation=conversation, is_active=True)
+        .exclude(status=Message.Status.STREAMING)
+        .exclude(content="")
+        .order_by("-created_at", "-pk")
+        .values_list("role", "content", "created_at", "pk")
+    )
+    page = rows.filter(created_at__lte=upto.created_at)
+    size = FIRST_PAGE
+    while True:
+        batch = list(page[:size])
+        for role, content, _created, _pk in batch:
+            yield {"role": role, "content": content}
+        if len(batch) < size:
+            return
+        _, _, created, pk = batch[-1]
+        page = rows.filter(created_at__lte=created).exclude(created_at=created, pk__gte=pk)
+        size *= 4
+
+
 def build_messages(
     conversation: Conversation, *, upto: Message, budget: int | None = None
 ) -> list[ChatMessage]:
@@ -46,16 +83,8 @@ def build_messages(
     truncated answer being continued): it and every earlier message of this
     conversation on the active path that has text; replaced versions and the
     answer being written are left out."""
-    rows = (
-        Message.objects.filter(conversation=conversation, is_active=True, created_at__lte=upto.created_at)
-        .exclude(status=Message.Status.STREAMING)
-        .exclude(content="")
-        .order_by("created_at")
-        .values_list("role", "content")
-    )
-    turns = [{"role": role, "content": content} for role, content in rows]
-    return fit_history(
+    return _fit_newest_first(
         conversation.prompt_text,
-        turns,
+        _newest_first(conversation, upto),
         settings.CHAT_CONTEXT_TOKENS if budget is None else budget,
     )

@@ -139,6 +139,10 @@ class Message(models.Model):
                 condition=Q(status="streaming"),
                 name="msg_streaming_idx",
             ),
+            # A resent frame is looked up by its client_id before every turn.
+            models.Index(
+                fields=["client_id"], condition=Q(client_id__isnull=False), name="msg_client_id_idx"
+            ),
         ]
         constraints = [
             models.UniqueConstraint(

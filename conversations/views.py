@@ -6,8 +6,8 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.text import slugify
 from django.views.decorators.cache import never_cache
@@ -27,8 +27,15 @@ def new_chat(request: HttpRequest) -> HttpResponse:
 @login_required
 @never_cache
 def conversation_detail(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
-    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    conversation = _own_or_404(request, conversation_id)
     return _chat_page(request, conversation)
+
+
+def _own_or_404(request: HttpRequest, conversation_id: uuid.UUID) -> Conversation:
+    try:
+        return selectors.conversation_for_user(user=request.user, conversation_id=conversation_id)
+    except selectors.NotFound:
+        raise Http404("No such conversation.") from None
 
 
 def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpResponse:
@@ -73,7 +80,7 @@ def conversation_list(request: HttpRequest) -> JsonResponse:
 @login_required
 @require_POST
 def conversation_rename(request: HttpRequest, conversation_id: uuid.UUID) -> JsonResponse:
-    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    conversation = _own_or_404(request, conversation_id)
     title = _posted(request).get("title")
     try:
         services.conversation_rename(conversation=conversation, title=title if isinstance(title, str) else "")
@@ -85,7 +92,7 @@ def conversation_rename(request: HttpRequest, conversation_id: uuid.UUID) -> Jso
 @login_required
 @require_POST
 def conversation_delete(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
-    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    conversation = _own_or_404(request, conversation_id)
     services.conversation_delete(conversation=conversation)
     if (
         request.headers.get("Accept", "").startswith("application/json")
@@ -108,7 +115,7 @@ def _posted(request: HttpRequest) -> dict[str, Any]:
 @login_required
 @require_GET
 def conversation_export(request: HttpRequest, conversation_id: uuid.UUID, fmt: str) -> HttpResponse:
-    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    conversation = _own_or_404(request, conversation_id)
     name = slugify(conversation.display_title)[:60] or "conversation"
     if fmt == "md":
         response = HttpResponse(

@@ -23,6 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # the default 5 refuses a burst of concurrent answers
+
+
 @dataclass
 class Reply:
     chunks: list[str] = field(default_factory=lambda: ["Hello", " from", " the", " fake", " model."])
@@ -60,9 +64,10 @@ class FakeLLM:
         self.requests: list[Received] = []
         self.disconnects = 0  # streams the client closed before their end
         self.completed = 0  # streams written to their end
+        self.in_flight = 0  # requests being answered now
         self._release = threading.Event()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -137,6 +142,15 @@ class FakeLLM:
                 self._json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
             def do_POST(self) -> None:
+                with fake._lock:
+                    fake.in_flight += 1
+                try:
+                    self._answer()
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+
+            def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with fake._lock:

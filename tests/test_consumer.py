@@ -520,17 +520,13 @@ async def test_join_with_after_replays_the_end_of_an_answer_that_ended_meanwhile
     )
     replay = await tab2.receive_json_from(timeout=5)
     await tab2.disconnect()
-    assert replay == {**frames[-1]}
+    # The live end also names its last delta's seq; the replay from the database cannot.
+    assert replay == {key: value for key, value in frames[-1].items() if key != "seq"}
     assert replay["model"] == "fake-model"
     assert replay["usage"] == {"prompt_tokens": 9, "completion_tokens": 2, "cost": "0.000000"}
 
 
-async def test_join_on_an_answer_whose_process_died_reports_it_interrupted(
-    alice: Any, monkeypatch: Any
-) -> None:
-    from conversations import consumers
-
-    monkeypatch.setattr(consumers, "SNAPSHOT_TIMEOUT", 0.2)
+async def test_join_on_an_answer_whose_process_died_reports_it_interrupted(alice: Any) -> None:
     conversation = await Conversation.objects.acreate(owner=alice)
     worker = f"{socket.gethostname()}:{await sync_to_async(dead_pid)()}"
     orphan = await Message.objects.acreate(

@@ -13,12 +13,12 @@ import uuid
 from typing import IO, Any
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from conversations import generation
 from conversations.models import Conversation, SystemPrompt
+from conversations.selectors import NotFound, conversation_for_user
 
 HELP_LINE = (
     "/new starts a new conversation, /clear clears the screen, /quit (or Ctrl+D) leaves; "
@@ -72,10 +72,10 @@ def _own_conversation(user: Any, conversation_id: str) -> Conversation:
         pk = uuid.UUID(conversation_id)
     except ValueError as exc:
         raise CommandError(f"Not a conversation id: {conversation_id!r}.") from exc
-    conversation = Conversation.objects.filter(pk=pk, owner=user).first()
-    if conversation is None:  # someone else's looks the same as none
-        raise CommandError(f"No such conversation: {conversation_id}.")
-    return conversation
+    try:
+        return conversation_for_user(user=user, conversation_id=pk)
+    except NotFound:  # someone else's looks the same as none
+        raise CommandError(f"No such conversation: {conversation_id}.") from None
 
 
 class ChatSession:
@@ -136,8 +136,8 @@ class ChatSession:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGINT, self._on_interrupt)  # main thread only
         threading.Thread(target=self._read_stdin, args=(loop,), daemon=True, name="chat-stdin").start()
-        self.layer = get_channel_layer()
-        self.channel = await self.layer.new_channel()
+        self.hub = generation.get_hub()
+        self.frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         try:
             await self._greet()
             await self._loop()
@@ -185,12 +185,19 @@ class ChatSession:
                 await self._ask(text)
 
     async def _follow(self, conversation_id: Any) -> None:
-        """Listen to one conversation's group (or to none)."""
+        """Follow one conversation's answers (or none)."""
         if self.conversation_id is not None:
-            await self.layer.group_discard(generation.conversation_group(self.conversation_id), self.channel)
+            await self.hub.unfollow(str(self.conversation_id), self)
         self.conversation_id = conversation_id
         if conversation_id is not None:
-            await self.layer.group_add(generation.conversation_group(conversation_id), self.channel)
+            await self.hub.follow(str(conversation_id), self)
+
+    # The hub hands this session the frames of the conversation it follows.
+    def deliver(self, frame: generation.Frame) -> None:
+        self.frames.put_nowait(frame.data)
+
+    def resync(self, conversation_id: str) -> None:
+        pass  # the answer's end carries its whole text
 
     async def _ask(self, text: str) -> None:
         new = self.conversation_id is None
@@ -214,6 +221,9 @@ class ChatSession:
         except generation.OverQuota as exc:
             self.write(self.style.ERROR(f"{exc} (quota_exceeded)"))
             return
+        except generation.RateLimited as exc:
+            self.write(self.style.ERROR(f"{exc} (rate_limited)"))
+            return
         if new:
             # Follow the group BEFORE the answer starts: no delta is missed.
             await self._follow(accepted.conversation.id)
@@ -231,14 +241,14 @@ class ChatSession:
         self.write("assistant> ", ending="")
         seq = 0
         while True:
-            event = await self.layer.receive(self.channel)
-            if event.get("message") != answer_id:
-                continue
+            event = await self.frames.get()
             kind = event.get("type")
+            if event.get("answer" if kind == "error" else "message") != answer_id:
+                continue
             if kind == "generation.delta" and event["seq"] > seq:
                 seq = event["seq"]
                 self.write(event["text"], ending="")
-            elif kind == "generation.error":
+            elif kind == "error":
                 self.write(
                     "\n" + self.style.ERROR(f"[{event.get('code')}] {event.get('message')}"), ending=""
                 )

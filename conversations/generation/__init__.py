@@ -1,0 +1,75 @@
+"""The life of one answer, one module per job:
+
+- `events`: the contract's events and payloads;
+- `turns`: accepting a turn with every rule (ownership, idempotency, rate
+  limit, one streaming answer per conversation, budget) and its history;
+- `runner`: running an answer, its checkpoints, stop and finish;
+- `fanout`: the answer's log and how frames reach every follower, in this
+  process and in other workers;
+- `ledger`: usage rows, prices and quota settlement;
+- `titles`: model-made titles;
+- `recovery`: answers whose process died.
+
+Knows nothing of websockets or HTTP: interfaces call the names below.
+"""
+
+from __future__ import annotations
+
+from .events import Frame, conversation_payload, finished_event, message_payload, user_group
+from .fanout import Snapshot, get_hub
+from .ledger import price_of
+from .recovery import WORKER_ID, sweep_interrupted
+from .runner import Generation, last_answer_finished, launch, request_stop, wait_all
+from .titles import clean_title, make_title
+from .turns import (
+    CONTINUE_INSTRUCTION,
+    Accepted,
+    Busy,
+    NotFound,
+    OverQuota,
+    RateLimited,
+    Refused,
+    Resent,
+    accept_continue,
+    accept_edit,
+    accept_message,
+    accept_regenerate,
+    check_owner,
+    find_sent,
+    streaming_answer_id,
+)
+
+__all__ = [
+    "CONTINUE_INSTRUCTION",
+    "WORKER_ID",
+    "Accepted",
+    "Busy",
+    "Frame",
+    "Generation",
+    "NotFound",
+    "OverQuota",
+    "RateLimited",
+    "Refused",
+    "Resent",
+    "Snapshot",
+    "accept_continue",
+    "accept_edit",
+    "accept_message",
+    "accept_regenerate",
+    "check_owner",
+    "clean_title",
+    "conversation_payload",
+    "find_sent",
+    "finished_event",
+    "get_hub",
+    "last_answer_finished",
+    "launch",
+    "make_title",
+    "message_payload",
+    "price_of",
+    "request_stop",
+    "streaming_answer_id",
+    "sweep_interrupted",
+    "user_group",
+    "wait_all",
+]

@@ -1,0 +1,368 @@
+"""The answer's log and its fan-out: how an answer's frames reach every
+socket that follows its conversation, in this process and in others.
+
+One `Hub` per process (per event loop). A follower (a socket, the terminal
+client) registers for a conversation; `publish` hands each frame to every
+local follower at once, synchronously: a frame for a socket of the same
+process never leaves the process, never waits on a queue that can fill, and
+is encoded to JSON once however many sockets get it.
+
+The running answers of this process are registered here too, so that a stop,
+a snapshot or a catch-up from a socket of this process reaches its answer
+directly.
+
+With REDIS_URL set (several workers), the hub also keeps:
+
+- the answer's log: every delta is XADDed to a Redis Stream per answer
+  (`chat:answer:<id>`, fields `s` = seq and `t` = text, capped with MAXLEN),
+  and `chat:running:<conversation>` names the streaming answer. A follower in
+  another worker takes its snapshot there, and catches up after its last
+  `seq` when it missed something: nothing depends on a capacity;
+- the live tail: each conversation frame is PUBLISHed on `chat:conv:<id>`.
+  One pub/sub connection per process subscribes to the conversations its
+  sockets follow (and to `chat:ctl`, on which stops travel) and hands what
+  other workers publish to its local followers;
+- batched writes: frames published while the previous pipeline was in flight
+  go together in the next one, so a busy worker makes a few Redis round
+  trips per tick, not a few per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from django.conf import settings
+
+from .events import Frame
+from .recovery import WORKER_ID
+
+log = logging.getLogger(__name__)
+
+LOG_MAXLEN = 100_000  # deltas kept per answer (about 4 MB of text at the default frame rate)
+LOG_TTL = 24 * 3600  # s: the log of an answer that never finished (its worker died)
+FINISHED_LOG_TTL = 300  # s: a late follower of a finished answer reads the database
+CONTROL_CHANNEL = "chat:ctl"
+RECONNECT_DELAY = (0.1, 0.5, 1.0, 2.0)
+
+
+class Follower(Protocol):
+    def deliver(self, frame: Frame) -> None:
+        """Take one frame; never block, never raise."""
+
+    def resync(self, conversation_id: str) -> None:
+        """Frames may have been missed (the live tail was cut): catch up."""
+
+
+class RunningAnswer(Protocol):
+    answer_id: str
+
+    def snapshot(self) -> tuple[int, str]: ...
+
+    def deltas_after(self, seq: int) -> list[tuple[int, str]]: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    answer_id: str
+    seq: int
+    content: str
+
+
+def _conv_channel(conversation_id: str) -> str:
+    return f"chat:conv:{conversation_id}"
+
+
+def _log_key(answer_id: str) -> str:
+    return f"chat:answer:{answer_id}"
+
+
+def _running_key(conversation_id: str) -> str:
+    return f"chat:running:{conversation_id}"
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.followers: dict[str, set[Follower]] = defaultdict(set)
+        self.running: dict[str, RunningAnswer] = {}  # conversation id -> this process's answer
+        self.remote = RedisLink(self, settings.REDIS_URL) if settings.REDIS_URL else None
+
+    # --- followers ------------------------------------------------------------
+
+    async def follow(self, conversation_id: str, follower: Follower) -> None:
+        followers = self.followers[conversation_id]
+        first = not followers
+        followers.add(follower)
+        if first and self.remote is not None:
+            await self.remote.subscribe(conversation_id)
+
+    async def unfollow(self, conversation_id: str, follower: Follower) -> None:
+        followers = self.followers.get(conversation_id)
+        if followers is None:
+            return
+        followers.discard(follower)
+        if not followers:
+            del self.followers[conversation_id]
+            if self.remote is not None:
+                await self.remote.unsubscribe(conversation_id)
+
+    def deliver_local(self, conversation_id: str, frame: Frame) -> None:
+        for follower in tuple(self.followers.get(conversation_id, ())):
+            try:
+                follower.deliver(frame)
+            except Exception:  # one broken follower must not starve the others
+                log.exception("follower of %s failed", conversation_id)
+
+    # --- publishing -----------------------------------------------------------
+
+    def publish(self, conversation_id: str, data: dict[str, Any]) -> Frame:
+        """Hand a conversation event to every follower, here and in other
+        workers; a delta also goes to the answer's log."""
+        frame = Frame(data, conversation_id)
+        self.deliver_local(conversation_id, frame)
+        if self.remote is not None:
+            self.remote.publish(conversation_id, frame)
+        return frame
+
+    # --- running answers -------------------------------------------------------
+
+    def register(self, conversation_id: str, answer: RunningAnswer) -> None:
+        self.running[conversation_id] = answer
+
+    def unregister(self, conversation_id: str, answer: RunningAnswer) -> None:
+        if self.running.get(conversation_id) is answer:
+            del self.running[conversation_id]
+
+    async def snapshot(self, conversation_id: str) -> Snapshot | None:
+        """The streaming answer of a conversation and its text so far, from
+        whichever worker runs it; None if no answer is streaming (or its
+        worker is gone)."""
+        local = self.running.get(conversation_id)
+        if local is not None:
+            seq, content = local.snapshot()
+            return Snapshot(local.answer_id, seq, content)
+        if self.remote is not None:
+            return await self.remote.snapshot(conversation_id)
+        return None
+
+    async def deltas_after(self, conversation_id: str, answer_id: str, seq: int) -> list[tuple[int, str]]:
+        local = self.running.get(conversation_id)
+        if local is not None and local.answer_id == answer_id:
+            return local.deltas_after(seq)
+        if self.remote is not None:
+            return await self.remote.deltas_after(answer_id, seq)
+        return []
+
+    async def stop(self, conversation_id: str) -> None:
+        """Ask the running answer of a conversation, in whatever worker, to stop."""
+        local = self.running.get(conversation_id)
+        if local is not None:
+            local.stop()
+        elif self.remote is not None:
+            await self.remote.send_stop(conversation_id)
+
+    async def flush(self) -> None:
+        """Wait until everything published so far has reached Redis."""
+        if self.remote is not None:
+            await self.remote.flush()
+
+
+class RedisLink:
+    """The hub's side in Redis: the answers' logs, the live tail and stops."""
+
+    def __init__(self, hub: Hub, url: str) -> None:
+        import redis.asyncio as redis
+
+        self.hub = hub
+        self.client = redis.Redis.from_url(url, socket_timeout=15, socket_connect_timeout=5)
+        self.origin = json.dumps(WORKER_ID)
+        self._queue: list[tuple[Any, ...]] = []
+        self._wake = asyncio.Event()
+        self._flushed: list[asyncio.Future[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._subscribed: set[str] = set()
+        self._ready: asyncio.Future[None] | None = None
+
+    # --- writes: batched ---------------------------------------------------------
+
+    def _enqueue(self, *commands: tuple[Any, ...]) -> None:
+        self._queue.extend(commands)
+        self._wake.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name="answer-log-writer"
+            )
+
+    def publish(self, conversation_id: str, frame: Frame) -> None:
+        data = frame.data
+        kind = data["type"]
+        payload = f'{{"o":{self.origin},"f":{frame.text}}}'
+        commands: list[tuple[Any, ...]] = []
+        if kind == "generation.delta":
+            key = _log_key(data["message"])
+            commands.append(
+                ("XADD", key, "MAXLEN", "~", LOG_MAXLEN, "*", "s", data["seq"], "t", data["text"])
+            )
+            if data["seq"] == 1:
+                commands.append(("EXPIRE", key, LOG_TTL))
+        elif kind == "generation.started":
+            commands.append(("SET", _running_key(conversation_id), data["message"], "EX", LOG_TTL))
+        elif kind == "generation.finished":
+            commands.append(("EXPIRE", _log_key(data["message"]), FINISHED_LOG_TTL))
+            commands.append(("DEL", _running_key(conversation_id)))
+        commands.append(("PUBLISH", _conv_channel(conversation_id), payload))
+        self._enqueue(*commands)
+
+    async def send_stop(self, conversation_id: str) -> None:
+        self._enqueue(("PUBLISH", CONTROL_CHANNEL, json.dumps({"stop": conversation_id})))
+        await self.flush()
+
+    async def flush(self) -> None:
+        if not self._queue and (self._writer is None or self._writer.done()):
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._flushed.append(done)
+        self._wake.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        await done
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            waiting, self._flushed = self._flushed, []
+            if batch:
+                await self._write(batch)
+            for done in waiting:
+                if not done.done():
+                    done.set_result(None)
+
+    async def _write(self, batch: list[tuple[Any, ...]]) -> None:
+        for attempt, delay in enumerate((*RECONNECT_DELAY, None)):
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for command in batch:
+                    pipe.execute_command(*command)
+                await pipe.execute(raise_on_error=False)
+                return
+            except Exception as exc:  # Redis down: local followers still have every frame
+                if delay is None:
+                    log.error("answer log: %d Redis writes lost after %d tries: %s", len(batch), attempt, exc)
+                    return
+                await asyncio.sleep(delay)
+
+    # --- reads -------------------------------------------------------------------
+
+    async def snapshot(self, conversation_id: str) -> Snapshot | None:
+        answer_id = await self.client.get(_running_key(conversation_id))
+        if answer_id is None:
+            return None
+        answer_id = answer_id.decode()
+        entries = await self.client.xrange(_log_key(answer_id))
+        seq, parts = 0, []
+        for _id, fields in entries:
+            seq = int(fields[b"s"])
+            parts.append(fields[b"t"].decode())
+        return Snapshot(answer_id, seq, "".join(parts))
+
+    async def deltas_after(self, answer_id: str, seq: int) -> list[tuple[int, str]]:
+        entries = await self.client.xrange(_log_key(answer_id))
+        deltas = [(int(fields[b"s"]), fields[b"t"].decode()) for _id, fields in entries]
+        return [(s, t) for s, t in deltas if s > seq]
+
+    # --- the live tail -----------------------------------------------------------------
+
+    async def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            loop = asyncio.get_running_loop()
+            self._ready = loop.create_future()
+            self._reader = loop.create_task(self._read_loop(), name="answer-log-reader")
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
+
+    async def subscribe(self, conversation_id: str) -> None:
+        self._subscribed.add(conversation_id)
+        await self._ensure_reader()
+        with contextlib.suppress(Exception):  # the reader resubscribes after a reconnect
+            await self._pubsub.subscribe(_conv_channel(conversation_id))
+
+    async def unsubscribe(self, conversation_id: str) -> None:
+        self._subscribed.discard(conversation_id)
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(_conv_channel(conversation_id))
+
+    async def _read_loop(self) -> None:
+        failures = 0
+        while True:
+            try:
+                self._pubsub = self.client.pubsub()
+                channels = [CONTROL_CHANNEL, *(_conv_channel(c) for c in self._subscribed)]
+                await self._pubsub.subscribe(*channels)
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(None)
+                if failures:
+                    log.warning("answer log: live tail reconnected; followers catch up")
+                    self._resync_all()
+                failures = 0
+                while True:
+                    message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None and message.get("type") == "message":
+                        self._dispatch(message["channel"], message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = RECONNECT_DELAY[min(failures, len(RECONNECT_DELAY) - 1)]
+                failures += 1
+                log.warning("answer log: live tail lost (%s); reconnecting in %.1f s", exc, delay)
+                with contextlib.suppress(Exception):
+                    await self._pubsub.aclose()
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(None)  # subscribers go on; resync follows
+                await asyncio.sleep(delay)
+
+    def _resync_all(self) -> None:
+        for conversation_id, followers in list(self.hub.followers.items()):
+            for follower in tuple(followers):
+                with contextlib.suppress(Exception):
+                    follower.resync(conversation_id)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return
+        name = channel.decode()
+        if name == CONTROL_CHANNEL:
+            answer = self.hub.running.get(message.get("stop", ""))
+            if answer is not None:
+                answer.stop()
+            return
+        if message.get("o") == WORKER_ID:
+            return  # our own frame: local followers had it already
+        conversation_id = name.removeprefix("chat:conv:")
+        self.hub.deliver_local(conversation_id, Frame(message["f"], conversation_id))
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+def get_hub() -> Hub:
+    """This process's hub (one per event loop: each test has a loop of its own)."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        hub = _hubs[loop] = Hub()
+    return hub

@@ -1,0 +1,127 @@
+"""Usage rows and prices: every model call is accounted, with its cost at
+today's price, and the quota reservation it held is settled in the same
+transaction."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from accounts import quotas
+
+from .. import llm
+from ..models import Conversation, Message, ModelPrice, TokenUsage
+from ..rendering import render_markdown_cached
+from .events import NO_COST, usage_payload
+
+
+def price_of(model: str, usage: llm.Usage) -> Decimal:
+    """What a call cost at today's price (stored: later price changes don't rewrite it)."""
+    price = ModelPrice.objects.filter(model=model).first()
+    return price.cost(usage.prompt_tokens, usage.completion_tokens) if price else NO_COST
+
+
+def record_call(
+    *,
+    user_id: int,
+    kind: str,
+    model: str,
+    usage: llm.Usage,
+    estimated: bool,
+    reservation: quotas.Reservation | None,
+    conversation_id: Any = None,
+    message_id: Any = None,
+) -> Decimal:
+    """One ledger row and the quota settlement of one model call. Call it in
+    the transaction that stores what the call produced."""
+    cost = price_of(model, usage)
+    TokenUsage.objects.create(
+        user_id=user_id,
+        conversation_id=conversation_id,
+        message_id=message_id,
+        kind=kind,
+        model=model,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        cost=cost,
+        estimated=estimated,
+    )
+    quotas.settle(
+        reservation, user=_UserRef(user_id), tokens=usage.prompt_tokens + usage.completion_tokens, cost=cost
+    )
+    return cost
+
+
+class _UserRef:
+    """`quotas.settle` needs only the user's pk."""
+
+    def __init__(self, pk: int) -> None:
+        self.pk = pk
+
+
+def save_answer(
+    *,
+    answer: Message,
+    owner_id: int,
+    content: str,
+    status: str,
+    finish_reason: str,
+    model: str,
+    usage: llm.Usage | None,
+    messages: list[llm.ChatMessage],
+    called: bool,
+    reservation: quotas.Reservation | None,
+) -> tuple[dict[str, Any], str, bool]:
+    """The answer's final state and its ledger row, together, in one
+    transaction. Returns the usage payload, the answer's sanitised HTML and
+    whether the conversation still wants a title (its first answer)."""
+    estimated = usage is None
+    if usage is None:
+        usage = llm.Usage(
+            prompt_tokens=sum(llm.estimate_tokens(m["content"]) + 4 for m in messages),
+            completion_tokens=llm.estimate_tokens(content),
+        )
+    with transaction.atomic():
+        now = timezone.now()
+        # Locked, so that a conversation deleted meanwhile is seen as gone and
+        # cannot vanish between this check and the ledger row.
+        alive = Message.objects.select_for_update().filter(pk=answer.pk).exists()
+        if alive:
+            Message.objects.filter(pk=answer.pk).update(
+                content=content,
+                status=status,
+                finish_reason=finish_reason,
+                model=model,
+                worker="",
+                updated_at=now,
+            )
+            Conversation.objects.filter(pk=answer.conversation_id).update(updated_at=now)
+        if called:
+            cost = record_call(
+                user_id=owner_id,
+                kind=TokenUsage.Kind.ANSWER,
+                model=model,
+                usage=usage,
+                estimated=estimated,
+                reservation=reservation,
+                conversation_id=answer.conversation_id if alive else None,
+                message_id=answer.pk if alive else None,
+            )
+        else:
+            quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)
+        first_answer = (
+            alive
+            and status in (Message.Status.COMPLETE, Message.Status.TRUNCATED)
+            and Message.objects.filter(conversation_id=answer.conversation_id, role=Message.Role.ASSISTANT)[
+                :2
+            ].count()
+            == 1
+        )
+    html = render_markdown_cached(content)  # and so cached for the page
+    if not called:
+        return usage_payload(0, 0, NO_COST), html, False
+    return usage_payload(usage.prompt_tokens, usage.completion_tokens, cost), html, first_answer

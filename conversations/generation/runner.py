@@ -1,0 +1,392 @@
+"""Running an answer: stream from the model, coalesce tokens into frames,
+hand them to the answer's log, checkpoint, stop, finish and account.
+
+An answer is a task of its own, not tied to the socket that asked for it:
+closing the browser does not stop it, and it is saved when it ends. Its
+frames go through this process's `Hub` (fanout.py); a stop from any socket
+in any worker reaches it there.
+
+Per token an answer does a list append and a clock read; per frame (one
+every CHAT_DELTA_INTERVAL at most) one dict and one JSON encoding, handed to
+each follower; per CHAT_CHECKPOINT_INTERVAL one process-wide database write
+for every running answer together. Never a database write per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Case, Value, When
+from django.utils import timezone
+
+from .. import llm
+from ..models import Message, TokenUsage
+from ..rendering import render_markdown_cached
+from .events import NO_COST, conversation_payload, finished_event, message_payload, usage_payload, user_group
+from .fanout import get_hub
+from .ledger import save_answer
+from .titles import make_title
+from .turns import Accepted
+
+log = logging.getLogger(__name__)
+
+_running: set[asyncio.Task[None]] = set()  # strong references: tasks outlive sockets
+
+
+async def launch(accepted: Accepted) -> asyncio.Task[None]:
+    """Announce the question and start its answer as a task of its own."""
+    hub = get_hub()
+    conversation_id = str(accepted.conversation.id)
+    if accepted.conversation_created:
+        created = {
+            "type": "conversation.created",
+            "conversation": conversation_payload(accepted.conversation),
+        }
+        # To the socket that asked, in order with what follows; to the user's
+        # other tabs through the channel layer.
+        hub.publish(conversation_id, created)
+        await get_channel_layer().group_send(user_group(accepted.conversation.owner_id), created)
+    if accepted.question_created:
+        question: dict[str, Any] = {
+            "type": "message.created",
+            "conversation": conversation_id,
+            "message": message_payload(accepted.question),
+            "client_id": str(accepted.question.client_id),
+        }
+        if accepted.replaces_question is not None:
+            question["replaces"] = str(accepted.replaces_question.id)
+        hub.publish(conversation_id, question)
+    generation = Generation(accepted)
+    hub.register(conversation_id, generation)  # before any await: a stop or join finds it at once
+    task = asyncio.create_task(generation.run(), name=f"generation-{accepted.answer.id}")
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    return task
+
+
+async def wait_all(timeout: float = 30.0) -> None:
+    """Wait for every answer of this process to end (tests, graceful shutdown)."""
+    if _running:
+        await asyncio.wait_for(asyncio.gather(*list(_running)), timeout)
+
+
+async def request_stop(conversation_id: Any) -> None:
+    """Ask the running answer of a conversation, in whatever process, to stop."""
+    await get_hub().stop(str(conversation_id))
+
+
+class Generation:
+    """One answer being written."""
+
+    def __init__(self, accepted: Accepted) -> None:
+        self.accepted = accepted
+        self.conversation = accepted.conversation
+        self.answer = accepted.answer
+        self.conversation_id = str(self.conversation.id)
+        self.answer_id = str(self.answer.id)
+        self.hub = get_hub()
+        self.seq = 0
+        self.sent: list[str] = []  # the text of deltas 1..seq
+        self.pending: list[str] = []  # received, not yet sent
+        self.checkpointed = 0  # the seq the database has
+        self.last_frame = 0.0
+        self.stopping = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[_Outcome] | None = None
+
+    # --- what followers and other workers ask of it ----------------------------------
+
+    def snapshot(self) -> tuple[int, str]:
+        return self.seq, "".join(self.sent)
+
+    def deltas_after(self, seq: int) -> list[tuple[int, str]]:
+        return [(i + 1, text) for i, text in enumerate(self.sent) if i + 1 > seq]
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        if self._reader is not None:
+            self._reader.cancel()  # closes the upstream HTTP stream
+
+    # --- the answer's life ------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            _status, first_answer = await self._answer()
+        finally:
+            self.hub.unregister(self.conversation_id, self)
+            checkpointer().discard(self)
+        # The title comes after the answer has left the registry, so that a
+        # next answer's stop never reaches this one.
+        if first_answer and settings.CHAT_AUTO_TITLE:
+            await make_title(self.conversation, self.accepted.question.content, "".join(self.sent))
+
+    async def _answer(self) -> tuple[str, bool]:
+        try:
+            self._publish(self._started_event())
+            checkpointer().add(self)
+            outcome = await self._read_until_done()
+            return await self._finish(outcome)
+        except asyncio.CancelledError:
+            # The process is going down: say so in the database if we still can.
+            await asyncio.shield(self._mark_interrupted())
+            raise
+        except Exception:
+            log.exception("answer %s crashed", self.answer_id)
+            return await self._finish(_Outcome(error=llm.LLMError("Internal error.")))
+
+    async def _read_until_done(self) -> _Outcome:
+        if self.stopping:  # stopped before it started
+            return _Outcome(stopped=True)
+        self._reader = asyncio.create_task(self._read())
+        try:
+            return await self._reader
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self.stopping and self._reader.cancelled() and not (current and current.cancelling()):
+                self._flush()
+                return _Outcome(stopped=True)
+            self._reader.cancel()
+            raise
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        self.hub.publish(
+            self.conversation_id,
+            {"conversation": self.conversation_id, "message": self.answer_id, **event},
+        )
+
+    def _started_event(self) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "type": "generation.started",
+            "version_group": str(self.answer.version_group),
+        }
+        if self.accepted.replaces_answer is not None:
+            event["replaces"] = str(self.accepted.replaces_answer.id)
+        if self.accepted.continues is not None:
+            event["continues"] = str(self.accepted.continues.id)
+        return event
+
+    async def _read(self) -> _Outcome:
+        """Read the model's stream; the first token goes out at once, then a
+        frame per interval with whatever arrived meanwhile."""
+        prompt = self.conversation.prompt
+        interval = settings.CHAT_DELTA_INTERVAL
+        stream = llm.stream_chat(
+            self.accepted.messages,
+            model=None if llm.is_demo() else self.answer.model,
+            temperature=prompt.temperature if prompt else None,
+            max_tokens=prompt.max_tokens if prompt else None,
+        )
+        end: llm.StreamEnd | None = None
+        try:
+            async with aclosing(stream):
+                async for event in stream:
+                    if type(event) is llm.TextDelta:
+                        self.pending.append(event.text)
+                        if self.seq == 0 or time.monotonic() - self.last_frame >= interval:
+                            self._flush()
+                        elif self._timer is None:
+                            loop = asyncio.get_running_loop()
+                            self._timer = loop.call_at(loop.time() + interval, self._flush)
+                    elif isinstance(event, llm.StreamEnd):
+                        end = event
+        except llm.LLMError as exc:
+            self._flush()
+            return _Outcome(error=exc)
+        self._flush()
+        return _Outcome(end=end)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.pending:
+            return
+        text = "".join(self.pending)
+        self.pending.clear()
+        self.seq += 1
+        self.sent.append(text)
+        self.last_frame = time.monotonic()
+        self._publish({"type": "generation.delta", "seq": self.seq, "text": text})
+
+    async def _finish(self, outcome: _Outcome) -> tuple[str, bool]:
+        content = "".join(self.sent)
+        status, finish_reason = outcome.status()
+        model = outcome.end.model if outcome.end else self.answer.model
+        usage, html, first_answer = await database_sync_to_async(save_answer)(
+            answer=self.answer,
+            owner_id=self.conversation.owner_id,
+            content=content,
+            status=status,
+            finish_reason=finish_reason,
+            model=model,
+            usage=outcome.end.usage if outcome.end else None,
+            messages=self.accepted.messages,
+            called=outcome.called(content),
+            reservation=self.accepted.reservation,
+        )
+        if outcome.error is not None:
+            self._publish(
+                {
+                    "type": "error",
+                    "code": outcome.error.code,
+                    "message": outcome.error.user_message,  # for a person, as in every error
+                    "answer": self.answer_id,
+                    "retry_after": outcome.error.retry_after,
+                }
+            )
+        self.hub.publish(
+            self.conversation_id,
+            finished_event(
+                self.answer,
+                status=status,
+                finish_reason=finish_reason,
+                content=content,
+                html=html,
+                model=model,
+                usage=usage,
+                seq=self.seq,
+            ),
+        )
+        log.info("answer %s %s: %d chars, %d frames", self.answer_id, status, len(content), self.seq)
+        return status, first_answer
+
+    async def _mark_interrupted(self) -> None:
+        with contextlib.suppress(Exception):
+            await Message.objects.filter(pk=self.answer.pk, status=Message.Status.STREAMING).aupdate(
+                content="".join(self.sent),
+                status=Message.Status.INTERRUPTED,
+                worker="",
+                updated_at=timezone.now(),
+            )
+
+
+@dataclass
+class _Outcome:
+    end: llm.StreamEnd | None = None
+    error: llm.LLMError | None = None
+    stopped: bool = False
+
+    def status(self) -> tuple[str, str]:
+        if self.stopped:
+            return Message.Status.STOPPED, ""
+        if self.error is not None or self.end is None:
+            return Message.Status.FAILED, ""
+        if self.end.finish_reason == "length":
+            return Message.Status.TRUNCATED, "length"
+        return Message.Status.COMPLETE, self.end.finish_reason
+
+    def called(self, content: str) -> bool:
+        """Did the model do billable work? A refused request (401, 429,
+        connection refused) produced nothing and costs nothing."""
+        return self.end is not None or bool(content) or self.stopped
+
+
+# --- Checkpoints: one write for every running answer of the process ----------------------
+
+
+class Checkpointer:
+    """Every CHAT_CHECKPOINT_INTERVAL, the text of every running answer that
+    grew goes to the database in ONE statement, and every running answer's
+    `updated_at` is refreshed (its heartbeat: a live answer is never stale)."""
+
+    def __init__(self) -> None:
+        self.answers: set[Generation] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.writes = 0
+
+    def add(self, generation: Generation) -> None:
+        self.answers.add(generation)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="checkpointer")
+
+    def discard(self, generation: Generation) -> None:
+        self.answers.discard(generation)
+
+    async def _loop(self) -> None:
+        while self.answers:
+            await asyncio.sleep(settings.CHAT_CHECKPOINT_INTERVAL)
+            try:
+                await self.checkpoint()
+            except Exception as exc:  # the database is away: the next tick tries again
+                log.warning("checkpoint failed: %s", exc)
+
+    async def checkpoint(self) -> None:
+        grew = {g.answer.pk: "".join(g.sent) for g in self.answers if g.seq > g.checkpointed}
+        seqs = {g: g.seq for g in self.answers}
+        alive = [g.answer.pk for g in self.answers]
+        if not alive:
+            return
+        await database_sync_to_async(_write_checkpoints)(grew, alive)
+        self.writes += 1
+        for generation, seq in seqs.items():
+            generation.checkpointed = seq
+
+
+def _write_checkpoints(grew: dict[Any, str], alive: list[Any]) -> None:
+    now = timezone.now()
+    with transaction.atomic():
+        streaming = Message.objects.filter(status=Message.Status.STREAMING)
+        if grew:
+            streaming.filter(pk__in=list(grew)).update(
+                content=Case(*(When(pk=pk, then=Value(text)) for pk, text in grew.items())),
+                updated_at=now,
+            )
+        rest = [pk for pk in alive if pk not in grew]
+        if rest:
+            streaming.filter(pk__in=rest).update(updated_at=now)
+
+
+_checkpointers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Checkpointer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def checkpointer() -> Checkpointer:
+    loop = asyncio.get_running_loop()
+    found = _checkpointers.get(loop)
+    if found is None:
+        found = _checkpointers[loop] = Checkpointer()
+    return found
+
+
+# --- A follower that missed the end -----------------------------------------------------
+
+
+def last_answer_finished(conversation_id: Any) -> dict[str, Any] | None:
+    """The `generation.finished` event of the conversation's latest answer, if it
+    has ended: for a socket that was following it and missed the end."""
+    answer = (
+        Message.objects.filter(conversation_id=conversation_id, role=Message.Role.ASSISTANT)
+        .order_by("-created_at")
+        .first()
+    )
+    if answer is None or answer.status == Message.Status.STREAMING:
+        return None
+    row = TokenUsage.objects.filter(message=answer).first()
+    usage = (
+        usage_payload(row.prompt_tokens, row.completion_tokens, row.cost)
+        if row
+        else usage_payload(0, 0, NO_COST)
+    )
+    return finished_event(
+        answer,
+        status=answer.status,
+        finish_reason=answer.finish_reason,
+        content=answer.content,
+        html=render_markdown_cached(answer.content),
+        model=answer.model,
+        usage=usage,
+    )

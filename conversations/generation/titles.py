@@ -1,0 +1,87 @@
+"""Titles: after a conversation's first answer the model names it (its own
+ledger row, kind `title`), unless the user renamed it meanwhile."""
+
+from __future__ import annotations
+
+import logging
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+
+from .. import llm
+from ..models import Conversation, TokenUsage
+from .events import user_group
+from .ledger import record_call
+
+log = logging.getLogger(__name__)
+
+TITLE_CHARS = 60
+TITLE_INSTRUCTION = (
+    "Write a short title (at most six words) for the conversation below. "
+    "Reply with the title only: no quotes, no final period."
+)
+QUOTES = "\"'\u201c\u201d\u2018\u2019"
+
+
+def title_from(content: str) -> str:
+    """The provisional title of a new conversation: its first question."""
+    line = " ".join(content.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+def clean_title(text: str) -> str:
+    title = " ".join(text.split()).strip().strip(QUOTES).rstrip(".").strip()
+    return title[:TITLE_CHARS].strip()
+
+
+def model_for(conversation: Conversation) -> str:
+    """The model that answers in this conversation: its prompt's, else the site's."""
+    if llm.is_demo():
+        return llm.DEMO_MODEL
+    prompt = conversation.prompt
+    return (prompt.model if prompt and prompt.model else "") or settings.OPENAI_MODEL
+
+
+def _save_title(conversation: Conversation, title: str, completion: llm.Completion) -> bool:
+    usage = completion.usage or llm.Usage(0, llm.estimate_tokens(title))
+    with transaction.atomic():
+        record_call(
+            user_id=conversation.owner_id,
+            kind=TokenUsage.Kind.TITLE,
+            model=completion.model,
+            usage=usage,
+            estimated=completion.usage is None,
+            reservation=None,
+            conversation_id=conversation.pk,
+        )
+        # Only over the provisional title: a rename by the user wins.
+        return bool(
+            Conversation.objects.filter(pk=conversation.pk, title=conversation.title).update(title=title)
+        )
+
+
+async def make_title(conversation: Conversation, question: str, answer: str) -> None:
+    """Ask the model for a title, account for the call, tell the user's tabs."""
+    try:
+        completion = await llm.complete_chat(
+            [
+                {"role": "system", "content": TITLE_INSTRUCTION},
+                {"role": "user", "content": question[:2000]},
+                {"role": "assistant", "content": answer[:2000]},
+            ],
+            model=model_for(conversation) if not llm.is_demo() else None,
+            max_tokens=24,
+        )
+    except llm.LLMError as exc:
+        log.warning("title for %s failed: %s", conversation.pk, exc)
+        return
+    title = clean_title(completion.text)
+    if not title:
+        return
+    if await database_sync_to_async(_save_title)(conversation, title, completion):
+        await get_channel_layer().group_send(
+            user_group(conversation.owner_id),
+            {"type": "conversation.updated", "conversation": {"id": str(conversation.pk), "title": title}},
+        )

@@ -1,0 +1,301 @@
+"""Accepting a turn: every rule an answer must pass, for every interface
+(socket, terminal client, API) alike: ownership, idempotency on the
+client's id, the per-user rate limit, one streaming answer per
+conversation, and the budget.
+
+Each `accept_*` is one call on the database thread and one transaction: it
+stores the question and an empty `streaming` answer, reserves the budget and
+reads the history to send (newest first, up to the context budget), so that
+an answer costs one round trip from the event loop before it streams."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts import quotas
+from accounts.limits import record_send, send_retry_after
+
+from .. import llm, prompts
+from ..history import build_messages, fit_history, messages_tokens
+from ..models import Conversation, Message, SystemPrompt
+from ..selectors import NotFound, conversation_for_user
+from .recovery import WORKER_ID
+from .titles import model_for, title_from
+
+CONTINUE_INSTRUCTION = "Continue exactly where your last answer stopped, without repeating anything."
+
+__all__ = ["NotFound"]
+
+
+class Busy(Exception):
+    """An answer is already streaming in this conversation."""
+
+
+class Refused(Exception):
+    """A well-formed request that cannot be done (nothing to regenerate...)."""
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"Too many messages. Try again in {retry_after} s.")
+        self.retry_after = retry_after
+
+
+class OverQuota(Exception):
+    """The user's budget does not cover another answer now."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Resent(Exception):
+    """The same `client_id` again (a frame resent after a reconnect): nothing
+    new is stored; `message` is the question stored the first time."""
+
+    def __init__(self, message: Message) -> None:
+        super().__init__("Already sent.")
+        self.message = message
+
+
+@dataclass
+class Accepted:
+    """A turn ready to be answered: the question, the empty answer and the
+    messages to send upstream."""
+
+    conversation: Conversation
+    question: Message
+    answer: Message
+    conversation_created: bool = False
+    question_created: bool = True  # False when an answer is regenerated or continued
+    replaces_question: Message | None = None  # an edit: the question it replaced
+    replaces_answer: Message | None = None  # a regenerate or edit: the answer it replaced
+    continues: Message | None = None  # a continue: the truncated answer
+    reservation: quotas.Reservation | None = None  # budget held until the answer settles
+    messages: list[llm.ChatMessage] = field(default_factory=list)  # what is sent upstream
+
+
+def find_sent(*, user: Any, client_id: uuid.UUID) -> Message | None:
+    """The user message already stored for this `client_id`, if any."""
+    return (
+        Message.objects.filter(conversation__owner=user, client_id=client_id)
+        .select_related("conversation")
+        .first()
+    )
+
+
+def _prompt_for_new_conversation(prompt_id: uuid.UUID | None) -> SystemPrompt | None:
+    if prompt_id is not None:
+        prompt = SystemPrompt.objects.filter(pk=prompt_id).first()
+        if prompt is None:
+            raise NotFound("No such system prompt.")
+        return prompt
+    return SystemPrompt.objects.filter(is_default=True).first()
+
+
+def _own_conversation(user: Any, conversation_id: Any) -> Conversation:
+    return conversation_for_user(user=user, conversation_id=conversation_id, with_prompt=True)
+
+
+def _last_active(conversation: Conversation, role: str) -> Message | None:
+    return (
+        Message.objects.filter(conversation=conversation, role=role, is_active=True)
+        .order_by("-created_at")
+        .first()
+    )
+
+
+def _new_answer(conversation: Conversation, **fields: Any) -> Message:
+    return Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model=model_for(conversation),
+        worker=WORKER_ID,
+        **fields,
+    )
+
+
+def _history(accepted: Accepted) -> list[llm.ChatMessage]:
+    if accepted.conversation_created:  # nothing to read: the prompt and the question
+        return fit_history(
+            accepted.conversation.prompt_text,
+            [{"role": "user", "content": accepted.question.content}],
+            settings.CHAT_CONTEXT_TOKENS,
+        )
+    if accepted.continues is None:
+        return build_messages(accepted.conversation, upto=accepted.question)
+    # The truncated answer is the last turn; ask the model to go on.
+    messages = build_messages(accepted.conversation, upto=accepted.continues)
+    return [*messages, {"role": "user", "content": CONTINUE_INSTRUCTION}]
+
+
+def _most_tokens(accepted: Accepted) -> int:
+    """What the answer may cost at most, reserved before it starts: the
+    history it sends and its longest reply. Settling gives back what it did
+    not use."""
+    prompt = accepted.conversation.prompt
+    longest = (prompt.max_tokens if prompt and prompt.max_tokens else None) or settings.OPENAI_MAX_TOKENS
+    return messages_tokens(accepted.messages) + longest
+
+
+def _check_rate(user: Any) -> None:
+    retry_after = send_retry_after(user)
+    if retry_after is not None:
+        raise RateLimited(retry_after)
+
+
+def _atomic_turn(user: Any, build: Any) -> Accepted:
+    """Rate limit, then `build` in one transaction with the history and the
+    budget check: everything it stores and reserves, or nothing."""
+    _check_rate(user)
+    try:
+        with transaction.atomic():
+            accepted = build()
+            accepted.messages = _history(accepted)
+            accepted.reservation = quotas.reserve_answer(
+                user, estimated_tokens=_most_tokens(accepted), model=accepted.answer.model
+            )
+            if not accepted.conversation_created:  # a new one has just been stamped
+                Conversation.objects.filter(pk=accepted.conversation.pk).update(updated_at=timezone.now())
+    except IntegrityError as exc:
+        # The partial unique index on streaming answers, or the same client_id
+        # racing in on a second socket: either way, nothing was stored.
+        raise Busy(str(exc)) from exc
+    except quotas.QuotaExceeded as exc:
+        raise OverQuota(exc.message, retry_after=exc.retry_after) from exc
+    record_send(user)  # only accepted turns count
+    return accepted
+
+
+def accept_message(
+    *,
+    user: Any,
+    conversation_id: uuid.UUID | None,
+    content: str,
+    client_id: uuid.UUID,
+    prompt_id: uuid.UUID | None = None,
+) -> Accepted:
+    """Store the question and an empty `streaming` answer, in one transaction.
+
+    Raises Resent for a `client_id` already stored, NotFound for a
+    conversation that is not the user's, Busy when an answer already streams
+    there (the question is then not stored either), RateLimited, OverQuota.
+    """
+    sent = find_sent(user=user, client_id=client_id)
+    if sent is not None:
+        raise Resent(sent)
+
+    def build() -> Accepted:
+        if conversation_id is None:
+            prompt = _prompt_for_new_conversation(prompt_id)
+            version = prompts.version_for_new_conversation(prompt) if prompt else None
+            conversation = Conversation.objects.create(
+                owner=user,
+                title=title_from(content),
+                prompt=prompt,
+                prompt_version=version,
+                prompt_text=version.text if version else "",
+            )
+        else:
+            conversation = _own_conversation(user, conversation_id)
+        question = Message.objects.create(
+            conversation=conversation, role=Message.Role.USER, content=content, client_id=client_id
+        )
+        answer = _new_answer(conversation)
+        return Accepted(conversation, question, answer, conversation_created=conversation_id is None)
+
+    return _atomic_turn(user, build)
+
+
+def accept_regenerate(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
+    """A new version of the last answer (also "retry" of a failed one); the
+    old one stays as a replaced version."""
+
+    def build() -> Accepted:
+        conversation = _own_conversation(user, conversation_id)
+        old = _last_active(conversation, Message.Role.ASSISTANT)
+        question = _last_active(conversation, Message.Role.USER)
+        if old is None or question is None or old.created_at < question.created_at:
+            raise Refused("There is no answer to regenerate.")
+        if old.status == Message.Status.STREAMING:
+            raise Busy("The answer is still being written.")
+        Message.objects.filter(pk=old.pk).update(is_active=False)
+        answer = _new_answer(conversation, version_group=old.version_group)
+        return Accepted(conversation, question, answer, question_created=False, replaces_answer=old)
+
+    return _atomic_turn(user, build)
+
+
+def accept_edit(
+    *, user: Any, conversation_id: uuid.UUID, message_id: uuid.UUID, content: str, client_id: uuid.UUID
+) -> Accepted:
+    """Replace the last question with new text and answer it anew; the old
+    question and its answers stay as replaced versions."""
+    sent = find_sent(user=user, client_id=client_id)
+    if sent is not None:
+        raise Resent(sent)
+
+    def build() -> Accepted:
+        conversation = _own_conversation(user, conversation_id)
+        old_question = _last_active(conversation, Message.Role.USER)
+        if old_question is None or old_question.pk != message_id:
+            raise Refused("Only the last question can be edited.")
+        old_answer = _last_active(conversation, Message.Role.ASSISTANT)
+        if old_answer is not None and old_answer.created_at < old_question.created_at:
+            old_answer = None
+        if old_answer is not None and old_answer.status == Message.Status.STREAMING:
+            raise Busy("The answer is still being written.")
+        Message.objects.filter(
+            conversation=conversation, is_active=True, created_at__gte=old_question.created_at
+        ).update(is_active=False)
+        question = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.USER,
+            content=content,
+            client_id=client_id,
+            version_group=old_question.version_group,
+        )
+        answer = _new_answer(
+            conversation, **({"version_group": old_answer.version_group} if old_answer else {})
+        )
+        return Accepted(
+            conversation, question, answer, replaces_question=old_question, replaces_answer=old_answer
+        )
+
+    return _atomic_turn(user, build)
+
+
+def accept_continue(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
+    """Go on with a truncated last answer, as a new answer after it."""
+
+    def build() -> Accepted:
+        conversation = _own_conversation(user, conversation_id)
+        truncated = _last_active(conversation, Message.Role.ASSISTANT)
+        question = _last_active(conversation, Message.Role.USER)
+        if truncated is None or truncated.status != Message.Status.TRUNCATED or question is None:
+            raise Refused("The last answer was not cut short: there is nothing to continue.")
+        answer = _new_answer(conversation)
+        return Accepted(conversation, question, answer, question_created=False, continues=truncated)
+
+    return _atomic_turn(user, build)
+
+
+def check_owner(*, user: Any, conversation_id: Any) -> None:
+    """NotFound unless the conversation is the user's (stop, join)."""
+    conversation_for_user(user=user, conversation_id=conversation_id)
+
+
+def streaming_answer_id(conversation_id: Any) -> str | None:
+    answer = (
+        Message.objects.filter(conversation_id=conversation_id, status=Message.Status.STREAMING)
+        .values_list("pk", flat=True)
+        .first()
+    )
+    return str(answer) if answer else None
