@@ -70,6 +70,7 @@ class _Following:
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
+    channel_layer_alias = "no channel layer"  # every frame comes through the hub
     """One browser tab. Frames from the answers it follows arrive through
     `deliver` (called by the hub, synchronously) and leave through one
     ordered, bounded outbox."""
@@ -93,13 +94,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self._tasks: set[asyncio.Future[Any]] = set()  # catch-ups under way
         self._announced: set[str] = set()  # conversations whose creation this tab was shown
         self._sender = asyncio.create_task(self._send_loop())
-        await self.channel_layer.group_add(generation.user_group(user.pk), self.channel_name)
+        self.user_topic = generation.user_topic(user.pk)
+        await self.hub.follow(self.user_topic, self)
 
     async def disconnect(self, code: int) -> None:
         if not hasattr(self, "user"):
             return
         self._sender.cancel()
-        await self.channel_layer.group_discard(generation.user_group(self.user.pk), self.channel_name)
+        await self.hub.unfollow(self.user_topic, self)
         following, self.following = self.following, {}
         for conversation_id in following:
             await self.hub.unfollow(conversation_id, self)
@@ -287,12 +289,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     def deliver(self, frame: Frame) -> None:
         data = frame.data
+        if frame.conversation == self.user_topic:
+            self._user_event(frame)
+            return
         state = self.following.get(frame.conversation)
         if state is None:
             return
         kind = data["type"]
         if kind == "conversation.created":
-            self._announced.add(frame.conversation)
+            self._announced.add(frame.conversation)  # the user topic repeats it
         if kind == "generation.delta":
             if state.holding:
                 state.held.append(frame)
@@ -385,16 +390,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 _kind, _conversation, text = self._outbox.popleft()
                 await outbox_send({"type": "websocket.send", "text": text})
 
-    # --- Channel layer (user group: small, rare events) -> client ------------------------
-
-    async def conversation_created(self, event: dict[str, Any]) -> None:
-        if event["conversation"]["id"] not in self._announced:  # this tab had it from the hub
-            self._emit(event)
-
-    async def conversation_updated(self, event: dict[str, Any]) -> None:
-        self._emit(event)
-
-    async def conversation_deleted(self, event: dict[str, Any]) -> None:
-        if self.following.pop(event["conversation"], None) is not None:
-            await self.hub.unfollow(event["conversation"], self)
-        self._emit(event)
+    def _user_event(self, frame: Frame) -> None:
+        """conversation.created / updated / deleted, for all of a user's tabs."""
+        kind = frame.data["type"]
+        if kind == "conversation.created" and frame.data["conversation"]["id"] in self._announced:
+            return  # this tab had it already, before its answer's first frame
+        if kind == "conversation.deleted":
+            conversation_id = frame.data["conversation"]
+            if self.following.pop(conversation_id, None) is not None:
+                self._spawn(self.hub.unfollow(conversation_id, self))
+        self._queue(kind, None, frame.text)

@@ -1,12 +1,11 @@
 """Writes on conversations that are not an answer's: rename and delete. Each
-tells the user's open tabs through the channel layer."""
+tells the user's open tabs (in every worker) through the hub."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import transaction
 
 from . import generation
@@ -20,7 +19,7 @@ class InvalidTitle(ValueError):
 
 
 def _tell_user(user_id: Any, event: dict[str, Any]) -> None:
-    async_to_sync(get_channel_layer().group_send)(generation.user_group(user_id), event)
+    async_to_sync(generation.tell)(generation.user_topic(user_id), event)
 
 
 def conversation_rename(*, conversation: Conversation, title: str) -> Conversation:

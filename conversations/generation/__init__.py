@@ -15,8 +15,8 @@ Knows nothing of websockets or HTTP: interfaces call the names below.
 
 from __future__ import annotations
 
-from .events import Frame, conversation_payload, finished_event, message_payload, user_group
-from .fanout import Snapshot, get_hub
+from .events import Frame, conversation_payload, finished_event, message_payload, user_topic
+from .fanout import Snapshot, get_hub, tell
 from .ledger import price_of
 from .recovery import WORKER_ID, sweep_interrupted
 from .runner import Generation, last_answer_finished, launch, request_stop, wait_all
@@ -70,6 +70,7 @@ __all__ = [
     "request_stop",
     "streaming_answer_id",
     "sweep_interrupted",
-    "user_group",
+    "tell",
+    "user_topic",
     "wait_all",
 ]

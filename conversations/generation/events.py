@@ -14,10 +14,11 @@ from ..models import Conversation, Message
 NO_COST = Decimal("0.000000")  # a model without a ModelPrice row
 
 
-def user_group(user_id: Any) -> str:
-    """Channel-layer group of all of a user's sockets: small, rare events
-    (conversation created, renamed, deleted)."""
-    return f"chat.user.{user_id}"
+def user_topic(user_id: Any) -> str:
+    """The hub topic of all of a user's sockets: small, rare events
+    (conversation created, renamed, deleted). A conversation's own topic is
+    its id."""
+    return f"user.{user_id}"
 
 
 class Frame:

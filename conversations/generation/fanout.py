@@ -7,6 +7,10 @@ local follower at once, synchronously: a frame for a socket of the same
 process never leaves the process, never waits on a queue that can fill, and
 is encoded to JSON once however many sockets get it.
 
+Topics are conversation ids (an answer's frames) and `user.<id>` (a user's
+rare events: conversation created, renamed, deleted), so that a socket needs
+no channel-layer channel of its own.
+
 The running answers of this process are registered here too, so that a stop,
 a snapshot or a catch-up from a socket of this process reaches its answer
 directly.
@@ -18,10 +22,10 @@ With REDIS_URL set (several workers), the hub also keeps:
   and `chat:running:<conversation>` names the streaming answer. A follower in
   another worker takes its snapshot there, and catches up after its last
   `seq` when it missed something: nothing depends on a capacity;
-- the live tail: each conversation frame is PUBLISHed on `chat:conv:<id>`.
-  One pub/sub connection per process subscribes to the conversations its
-  sockets follow (and to `chat:ctl`, on which stops travel) and hands what
-  other workers publish to its local followers;
+- the live tail: each frame is PUBLISHed on `chat:topic:<topic>`. One
+  pub/sub connection per process subscribes to the topics its sockets
+  follow (and to `chat:ctl`, on which stops travel) and hands what other
+  workers publish to its local followers;
 - batched writes: frames published while the previous pipeline was in flight
   go together in the next one, so a busy worker makes a few Redis round
   trips per tick, not a few per frame.
@@ -77,8 +81,11 @@ class Snapshot:
     content: str
 
 
-def _conv_channel(conversation_id: str) -> str:
-    return f"chat:conv:{conversation_id}"
+TOPIC_PREFIX = "chat:topic:"
+
+
+def _conv_channel(topic: str) -> str:
+    return TOPIC_PREFIX + topic
 
 
 def _log_key(answer_id: str) -> str:
@@ -352,11 +359,19 @@ class RedisLink:
             return
         if message.get("o") == WORKER_ID:
             return  # our own frame: local followers had it already
-        conversation_id = name.removeprefix("chat:conv:")
+        conversation_id = name.removeprefix(TOPIC_PREFIX)
         self.hub.deliver_local(conversation_id, Frame(message["f"], conversation_id))
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+async def tell(topic: str, event: dict[str, Any]) -> None:
+    """Publish one event and wait until other workers can see it (for callers
+    outside the server's loop: a view, a command)."""
+    hub = get_hub()
+    hub.publish(topic, event)
+    await hub.flush()
 
 
 def get_hub() -> Hub:

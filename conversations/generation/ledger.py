@@ -34,9 +34,12 @@ def record_call(
     reservation: quotas.Reservation | None,
     conversation_id: Any = None,
     message_id: Any = None,
+    limited: bool = True,
 ) -> Decimal:
     """One ledger row and the quota settlement of one model call. Call it in
-    the transaction that stores what the call produced."""
+    the transaction that stores what the call produced. `limited=False`: the
+    user had no limits when the answer was accepted, so there are no counters
+    to keep (counters made later start from the ledger)."""
     cost = price_of(model, usage)
     TokenUsage.objects.create(
         user_id=user_id,
@@ -50,9 +53,9 @@ def record_call(
         cost=cost,
         estimated=estimated,
     )
-    quotas.settle(
-        reservation, user=_UserRef(user_id), tokens=usage.prompt_tokens + usage.completion_tokens, cost=cost
-    )
+    if limited or reservation is not None:
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        quotas.settle(reservation, user=_UserRef(user_id), tokens=tokens, cost=cost)
     return cost
 
 
@@ -110,8 +113,9 @@ def save_answer(
                 reservation=reservation,
                 conversation_id=answer.conversation_id if alive else None,
                 message_id=answer.pk if alive else None,
+                limited=reservation is not None,
             )
-        else:
+        elif reservation is not None:
             quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)
         first_answer = (
             alive

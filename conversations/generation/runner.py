@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Case, Value, When
@@ -33,7 +32,7 @@ from django.utils import timezone
 from .. import llm
 from ..models import Message, TokenUsage
 from ..rendering import render_markdown_cached
-from .events import NO_COST, conversation_payload, finished_event, message_payload, usage_payload, user_group
+from .events import NO_COST, conversation_payload, finished_event, message_payload, usage_payload, user_topic
 from .fanout import get_hub
 from .ledger import save_answer
 from .titles import make_title
@@ -54,9 +53,9 @@ async def launch(accepted: Accepted) -> asyncio.Task[None]:
             "conversation": conversation_payload(accepted.conversation),
         }
         # To the socket that asked, in order with what follows; to the user's
-        # other tabs through the channel layer.
+        # other tabs on the user's topic (the asking tab skips the repeat).
         hub.publish(conversation_id, created)
-        await get_channel_layer().group_send(user_group(accepted.conversation.owner_id), created)
+        hub.publish(user_topic(accepted.conversation.owner_id), created)
     if accepted.question_created:
         question: dict[str, Any] = {
             "type": "message.created",
@@ -131,7 +130,12 @@ class Generation:
         # The title comes after the answer has left the registry, so that a
         # next answer's stop never reaches this one.
         if first_answer and settings.CHAT_AUTO_TITLE:
-            await make_title(self.conversation, self.accepted.question.content, "".join(self.sent))
+            await make_title(
+                self.conversation,
+                self.accepted.question.content,
+                "".join(self.sent),
+                limited=self.accepted.reservation is not None,
+            )
 
     async def _answer(self) -> tuple[str, bool]:
         try:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
 
 from .. import llm
 from ..models import Conversation, TokenUsage
-from .events import user_group
+from .events import user_topic
+from .fanout import get_hub
 from .ledger import record_call
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def model_for(conversation: Conversation) -> str:
     return (prompt.model if prompt and prompt.model else "") or settings.OPENAI_MODEL
 
 
-def _save_title(conversation: Conversation, title: str, completion: llm.Completion) -> bool:
+def _save_title(conversation: Conversation, title: str, completion: llm.Completion, limited: bool) -> bool:
     usage = completion.usage or llm.Usage(0, llm.estimate_tokens(title))
     with transaction.atomic():
         record_call(
@@ -55,6 +55,7 @@ def _save_title(conversation: Conversation, title: str, completion: llm.Completi
             estimated=completion.usage is None,
             reservation=None,
             conversation_id=conversation.pk,
+            limited=limited,
         )
         # Only over the provisional title: a rename by the user wins.
         return bool(
@@ -62,7 +63,7 @@ def _save_title(conversation: Conversation, title: str, completion: llm.Completi
         )
 
 
-async def make_title(conversation: Conversation, question: str, answer: str) -> None:
+async def make_title(conversation: Conversation, question: str, answer: str, *, limited: bool = True) -> None:
     """Ask the model for a title, account for the call, tell the user's tabs."""
     try:
         completion = await llm.complete_chat(
@@ -80,8 +81,8 @@ async def make_title(conversation: Conversation, question: str, answer: str) -> 
     title = clean_title(completion.text)
     if not title:
         return
-    if await database_sync_to_async(_save_title)(conversation, title, completion):
-        await get_channel_layer().group_send(
-            user_group(conversation.owner_id),
+    if await database_sync_to_async(_save_title)(conversation, title, completion, limited):
+        get_hub().publish(
+            user_topic(conversation.owner_id),
             {"type": "conversation.updated", "conversation": {"id": str(conversation.pk), "title": title}},
         )

@@ -82,12 +82,10 @@ class Accepted:
 
 
 def find_sent(*, user: Any, client_id: uuid.UUID) -> Message | None:
-    """The user message already stored for this `client_id`, if any."""
-    return (
-        Message.objects.filter(conversation__owner=user, client_id=client_id)
-        .select_related("conversation")
-        .first()
-    )
+    """The user message already stored for this `client_id`, if any (checked
+    before every turn: one indexed lookup, the owner compared in Python)."""
+    sent = Message.objects.filter(client_id=client_id).select_related("conversation").first()
+    return sent if sent is not None and sent.conversation.owner_id == user.pk else None
 
 
 def _prompt_for_new_conversation(prompt_id: uuid.UUID | None) -> SystemPrompt | None:
