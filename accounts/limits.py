@@ -4,6 +4,8 @@ REDIS_URL is set."""
 
 from __future__ import annotations
 
+import math
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,14 +27,29 @@ def _usage(user: Any, *, increment: bool) -> dict[str, Any] | None:
     )
 
 
-def send_retry_after(user: Any) -> int | None:
-    """Seconds until `user` may send again, or None if a send is allowed now.
-    Looking does not count: only `record_send` does."""
-    usage = _usage(user, increment=False)
-    if usage is None or usage["count"] < usage["limit"]:
+# Users this process has seen over their limit, until their window ends: a
+# flood of frames from one of them costs no cache round trip.
+_blocked_until: dict[Any, float] = {}
+MAX_BLOCKED = 10_000
+
+
+def take_send(user: Any) -> int | None:
+    """Count one turn against the user's rate limit. Returns None if it is
+    allowed, else the seconds until it would be. Call it last, once every
+    other rule has passed (inside the turn's transaction), so that refused
+    turns never count: a turn refused here is over the limit already, and in
+    a fixed window that changes nothing."""
+    now = time.time()
+    until = _blocked_until.get(user.pk)
+    if until is not None:
+        if until > now:
+            return max(1, math.ceil(until - now))
+        del _blocked_until[user.pk]
+    usage = _usage(user, increment=True)
+    if usage is None or not usage["should_limit"]:
         return None
-    return max(1, int(usage["time_left"]))
-
-
-def record_send(user: Any) -> None:
-    _usage(user, increment=True)
+    time_left = max(1, int(usage["time_left"]))
+    if len(_blocked_until) >= MAX_BLOCKED:
+        _blocked_until.clear()
+    _blocked_until[user.pk] = now + time_left
+    return time_left

@@ -175,7 +175,7 @@ def _counter_id(user_id: int, window: str, start: datetime) -> int:
 
 
 def _estimated_cost(model: str | None, tokens: int) -> Decimal:
-    price = ModelPrice.objects.filter(model=model).first() if model else None
+    price = ModelPrice.current(model) if model else None
     if price is None:
         return Decimal(0)
     # Every token at the dearer of the two prices: an upper bound.

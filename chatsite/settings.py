@@ -125,7 +125,7 @@ if REDIS_URL:
     }
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "chatsite.cache.SharedPoolRedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="chatsite"),
         }
@@ -135,8 +135,12 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # django-ratelimit refuses a cache it cannot share between processes; the
-# local-memory cache is right for the embedded single-process default.
-SILENCED_SYSTEM_CHECKS = [] if REDIS_URL else ["django_ratelimit.E003", "django_ratelimit.W001"]
+# local-memory cache is right for the embedded single-process default; with
+# Redis the backend is Django's RedisCache sharing one pool per process
+# (chatsite/cache.py), which django-ratelimit does not know by name.
+SILENCED_SYSTEM_CHECKS = (
+    ["django_ratelimit.W001"] if REDIS_URL else ["django_ratelimit.E003", "django_ratelimit.W001"]
+)
 
 # --- Model endpoint ---------------------------------------------------------
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")

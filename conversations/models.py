@@ -3,6 +3,7 @@ staff write, and the ledger of what each model call cost."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from decimal import Decimal
 
@@ -160,6 +161,14 @@ class Message(models.Model):
         return f"{self.role}: {self.content[:50]}"
 
 
+PRICE_TTL = 10.0  # seconds
+_price_cache: dict[str, tuple[float, ModelPrice | None]] = {}
+
+
+def forget_prices(**_kwargs: object) -> None:
+    _price_cache.clear()
+
+
 class ModelPrice(models.Model):
     model = models.CharField(max_length=100, unique=True)
     input_per_million = models.DecimalField(
@@ -175,6 +184,19 @@ class ModelPrice(models.Model):
 
     def __str__(self) -> str:
         return self.model
+
+    @classmethod
+    def current(cls, model: str) -> ModelPrice | None:
+        """The model's price, read at most every PRICE_TTL seconds per process
+        (twice per answer otherwise); a save or delete here forgets it at once,
+        other workers see it within PRICE_TTL."""
+        now = time.monotonic()
+        cached = _price_cache.get(model)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        price = cls.objects.filter(model=model).first()
+        _price_cache[model] = (now + PRICE_TTL, price)
+        return price
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
         total = (

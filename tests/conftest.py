@@ -23,6 +23,7 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import Client
 
+from conversations.models import forget_prices
 from tests.fake_llm import FakeLLM
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -88,6 +89,10 @@ def _fresh_channel_layer_and_cache() -> Iterator[None]:
     from django.core.cache import cache
 
     cache.clear()
+    from accounts import limits
+
+    limits._blocked_until.clear()  # the process's memo of users over their limit
+    forget_prices()  # a price cached by an earlier test's rolled-back rows
     yield
     channel_layers.backends.clear()
 

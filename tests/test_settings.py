@@ -91,7 +91,7 @@ def test_redis_url_gives_redis_channel_layer_and_redis_cache() -> None:
     assert loaded["CHANNEL_LAYER"] == "channels_redis.core.RedisChannelLayer"
     hosts = loaded["CHANNEL_HOSTS"]
     assert [h["address"] if isinstance(h, dict) else h for h in hosts] == [url]
-    assert loaded["CACHE"] == "django.core.cache.backends.redis.RedisCache"
+    assert loaded["CACHE"] == "chatsite.cache.SharedPoolRedisCache"
     assert loaded["CACHE_LOCATION"] == url
 
 

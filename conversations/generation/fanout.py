@@ -190,7 +190,7 @@ class RedisLink:
 
         self.hub = hub
         self.client = redis.Redis.from_url(url, socket_timeout=15, socket_connect_timeout=5)
-        self.origin = json.dumps(WORKER_ID)
+        self.origin = WORKER_ID.encode()
         self._queue: list[tuple[Any, ...]] = []
         self._wake = asyncio.Event()
         self._flushed: list[asyncio.Future[None]] = []
@@ -213,7 +213,9 @@ class RedisLink:
     def publish(self, conversation_id: str, frame: Frame) -> None:
         data = frame.data
         kind = data["type"]
-        payload = f'{{"o":{self.origin},"f":{frame.text}}}'
+        # The publishing worker first: a worker skips its own frames (its
+        # sockets had them already) without decoding them.
+        payload = WORKER_ID + "\n" + frame.text
         commands: list[tuple[Any, ...]] = []
         if kind == "generation.delta":
             key = _log_key(data["message"])
@@ -347,20 +349,25 @@ class RedisLink:
                     follower.resync(conversation_id)
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
-        try:
-            message = json.loads(data)
-        except ValueError:
-            return
         name = channel.decode()
         if name == CONTROL_CHANNEL:
-            answer = self.hub.running.get(message.get("stop", ""))
+            try:
+                conversation_id = json.loads(data).get("stop", "")
+            except (ValueError, AttributeError):
+                return
+            answer = self.hub.running.get(conversation_id)
             if answer is not None:
                 answer.stop()
             return
-        if message.get("o") == WORKER_ID:
+        origin, _, body = data.partition(b"\n")
+        if origin == self.origin:
             return  # our own frame: local followers had it already
-        conversation_id = name.removeprefix(TOPIC_PREFIX)
-        self.hub.deliver_local(conversation_id, Frame(message["f"], conversation_id))
+        try:
+            event = json.loads(body)
+        except ValueError:
+            return
+        topic = name.removeprefix(TOPIC_PREFIX)
+        self.hub.deliver_local(topic, Frame(event, topic, body.decode()))
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()

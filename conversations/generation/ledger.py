@@ -20,7 +20,7 @@ from .events import NO_COST, usage_payload
 
 def price_of(model: str, usage: llm.Usage) -> Decimal:
     """What a call cost at today's price (stored: later price changes don't rewrite it)."""
-    price = ModelPrice.objects.filter(model=model).first()
+    price = ModelPrice.current(model)
     return price.cost(usage.prompt_tokens, usage.completion_tokens) if price else NO_COST
 
 

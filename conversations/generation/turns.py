@@ -19,7 +19,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts import quotas
-from accounts.limits import record_send, send_retry_after
+from accounts.limits import take_send
 
 from .. import llm, prompts
 from ..history import build_messages, fit_history, messages_tokens
@@ -143,16 +143,9 @@ def _most_tokens(accepted: Accepted) -> int:
     return messages_tokens(accepted.messages) + longest
 
 
-def _check_rate(user: Any) -> None:
-    retry_after = send_retry_after(user)
-    if retry_after is not None:
-        raise RateLimited(retry_after)
-
-
 def _atomic_turn(user: Any, build: Any) -> Accepted:
-    """Rate limit, then `build` in one transaction with the history and the
-    budget check: everything it stores and reserves, or nothing."""
-    _check_rate(user)
+    """`build` in one transaction with the history, the budget and, last,
+    the rate limit: everything it stores and reserves, or nothing."""
     try:
         with transaction.atomic():
             accepted = build()
@@ -162,13 +155,15 @@ def _atomic_turn(user: Any, build: Any) -> Accepted:
             )
             if not accepted.conversation_created:  # a new one has just been stamped
                 Conversation.objects.filter(pk=accepted.conversation.pk).update(updated_at=timezone.now())
+            retry_after = take_send(user)
+            if retry_after is not None:
+                raise RateLimited(retry_after)
     except IntegrityError as exc:
         # The partial unique index on streaming answers, or the same client_id
         # racing in on a second socket: either way, nothing was stored.
         raise Busy(str(exc)) from exc
     except quotas.QuotaExceeded as exc:
         raise OverQuota(exc.message, retry_after=exc.retry_after) from exc
-    record_send(user)  # only accepted turns count
     return accepted
 
 
