@@ -16,11 +16,13 @@ set in the middle of a month counts what was already spent.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
@@ -87,10 +89,33 @@ def _limits_of(quota: Quota, source: str) -> Limits:
     return Limits(**{name: getattr(quota, name) for name in LIMIT_FIELDS}, source=source)
 
 
+# Limits are read before every answer: each process keeps them for
+# CHAT_LIMITS_CACHE_SECONDS. A quota saved or deleted, or a group membership
+# changed, in this process forgets them at once; other workers within that time.
+_limits_cache: dict[Any, tuple[float, Limits]] = {}
+
+
+def forget_limits(**_kwargs: Any) -> None:
+    _limits_cache.clear()
+
+
 def limits_for(user: Any) -> Limits:
     """The user's own quota; else, field by field, the lowest limit among their
-    groups' quotas (blank = unlimited); else the site default; else none.
-    One query: it runs before every answer."""
+    groups' quotas (blank = unlimited); else the site default; else none."""
+    ttl = settings.CHAT_LIMITS_CACHE_SECONDS
+    now = time.monotonic()
+    cached = _limits_cache.get(user.pk)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    limits = _read_limits(user)
+    if ttl > 0:
+        if len(_limits_cache) > 10_000:
+            _limits_cache.clear()
+        _limits_cache[user.pk] = (now + ttl, limits)
+    return limits
+
+
+def _read_limits(user: Any) -> Limits:
     rows = list(Quota.objects.filter(Q(user_id=user.pk) | Q(group__user=user.pk) | Q(is_default=True)))
     own = next((q for q in rows if q.user_id == user.pk), None)
     if own is not None:

@@ -159,6 +159,7 @@ CHAT_RATE_LIMIT = env.str("CHAT_RATE_LIMIT", default="20/m")  # message.send per
 CHAT_DELTA_INTERVAL = env.float("CHAT_DELTA_INTERVAL", default=0.04)  # s between frames
 CHAT_CHECKPOINT_INTERVAL = env.float("CHAT_CHECKPOINT_INTERVAL", default=1.0)  # s
 CHAT_STALE_AFTER = env.float("CHAT_STALE_AFTER", default=120.0)  # s without checkpoint
+CHAT_LIMITS_CACHE_SECONDS = env.float("CHAT_LIMITS_CACHE_SECONDS", default=5.0)  # quota changes reach workers
 CHAT_AUTO_TITLE = env.bool("CHAT_AUTO_TITLE", default=True)  # a model-made title after the first answer
 
 # --- Auth, sessions, security -----------------------------------------------

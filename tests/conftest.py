@@ -89,10 +89,11 @@ def _fresh_channel_layer_and_cache() -> Iterator[None]:
     from django.core.cache import cache
 
     cache.clear()
-    from accounts import limits
+    from accounts import limits, quotas
 
     limits._blocked_until.clear()  # the process's memo of users over their limit
     forget_prices()  # a price cached by an earlier test's rolled-back rows
+    quotas.forget_limits()  # likewise limits
     yield
     channel_layers.backends.clear()
 
@@ -200,6 +201,8 @@ def daphne_server(
         "OPENAI_MODEL": "fake-model",
         "OPENAI_MAX_RETRIES": "0",
         "OPENAI_TIMEOUT": "5",
+        # Tests change quotas from this process: the server must not keep them.
+        "CHAT_LIMITS_CACHE_SECONDS": "0",
         "PYTHONUNBUFFERED": "1",
     }
     log_path = tmp_path_factory.mktemp("daphne") / "daphne.log"

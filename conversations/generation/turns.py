@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from accounts import quotas
@@ -82,10 +82,23 @@ class Accepted:
 
 
 def find_sent(*, user: Any, client_id: uuid.UUID) -> Message | None:
-    """The user message already stored for this `client_id`, if any (checked
-    before every turn: one indexed lookup, the owner compared in Python)."""
+    """The user message already stored for this `client_id`, if any."""
+    if not _client_id_seen(client_id):
+        return None
     sent = Message.objects.filter(client_id=client_id).select_related("conversation").first()
     return sent if sent is not None and sent.conversation.owner_id == user.pk else None
+
+
+def _client_id_seen(client_id: uuid.UUID) -> bool:
+    """Asked before every turn, almost always answered no: one indexed
+    lookup in plain SQL (the ORM spent 0.5 ms building this query, 20 times
+    what running it costs)."""
+    field = Message._meta.get_field("client_id")
+    quote = connection.ops.quote_name
+    sql = f"SELECT 1 FROM {quote(Message._meta.db_table)} WHERE {quote(field.column)} = %s LIMIT 1"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [field.get_db_prep_value(client_id, connection)])
+        return cursor.fetchone() is not None
 
 
 def _prompt_for_new_conversation(prompt_id: uuid.UUID | None) -> SystemPrompt | None:
