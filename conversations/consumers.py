@@ -186,7 +186,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         """Let `generation` accept the turn (every rule lives there), then
         follow the conversation and start the answer."""
         try:
-            accepted = await database_sync_to_async(accept)(user=self.user, **arguments)
+            accepted = await generation.in_database(accept)(user=self.user, **arguments)
         except generation.Resent as exc:
             # A frame sent again (after a reconnect): show what exists, create nothing.
             await self._follow(str(exc.message.conversation_id))

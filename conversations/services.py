@@ -43,7 +43,12 @@ def conversation_delete(*, conversation: Conversation) -> None:
     conversation_id, owner_id = conversation.pk, conversation.owner_id
     if Message.objects.filter(conversation=conversation, status=Message.Status.STREAMING).exists():
         async_to_sync(generation.request_stop)(conversation_id)
-    conversation.delete()
+    with transaction.atomic():
+        # Lock the messages first: an answer finishing at this moment (in
+        # another thread or worker) either saves its ledger row before the
+        # delete collects it, or sees its message gone and keeps the row alone.
+        list(Message.objects.select_for_update().filter(conversation=conversation).values_list("pk"))
+        conversation.delete()
     transaction.on_commit(
         lambda: _tell_user(owner_id, {"type": "conversation.deleted", "conversation": str(conversation_id)})
     )

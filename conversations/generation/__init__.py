@@ -15,6 +15,7 @@ Knows nothing of websockets or HTTP: interfaces call the names below.
 
 from __future__ import annotations
 
+from .database import in_database
 from .events import Frame, conversation_payload, finished_event, message_payload, user_topic
 from .fanout import Snapshot, get_hub, tell
 from .ledger import price_of
@@ -62,6 +63,7 @@ __all__ = [
     "find_sent",
     "finished_event",
     "get_hub",
+    "in_database",
     "last_answer_finished",
     "launch",
     "make_title",

@@ -23,7 +23,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Case, Value, When
@@ -32,6 +31,7 @@ from django.utils import timezone
 from .. import llm
 from ..models import Message, TokenUsage
 from ..rendering import render_markdown_cached
+from .database import in_database
 from .events import NO_COST, conversation_payload, finished_event, message_payload, usage_payload, user_topic
 from .fanout import get_hub
 from .ledger import save_answer
@@ -229,7 +229,7 @@ class Generation:
         content = "".join(self.sent)
         status, finish_reason = outcome.status()
         model = outcome.end.model if outcome.end else self.answer.model
-        usage, html, first_answer = await database_sync_to_async(save_answer)(
+        usage, html, first_answer = await in_database(save_answer)(
             answer=self.answer,
             owner_id=self.conversation.owner_id,
             content=content,
@@ -333,7 +333,7 @@ class Checkpointer:
         alive = [g.answer.pk for g in self.answers]
         if not alive:
             return
-        await database_sync_to_async(_write_checkpoints)(grew, alive)
+        await in_database(_write_checkpoints)(grew, alive)
         self.writes += 1
         for generation, seq in seqs.items():
             generation.checkpointed = seq

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 
 from .. import llm
 from ..models import Conversation, TokenUsage
+from .database import in_database
 from .events import user_topic
 from .fanout import get_hub
 from .ledger import record_call
@@ -81,7 +81,7 @@ async def make_title(conversation: Conversation, question: str, answer: str, *, 
     title = clean_title(completion.text)
     if not title:
         return
-    if await database_sync_to_async(_save_title)(conversation, title, completion, limited):
+    if await in_database(_save_title)(conversation, title, completion, limited):
         get_hub().publish(
             user_topic(conversation.owner_id),
             {"type": "conversation.updated", "conversation": {"id": str(conversation.pk), "title": title}},
