@@ -78,10 +78,12 @@ def save_answer(
     messages: list[llm.ChatMessage],
     called: bool,
     reservation: quotas.Reservation | None,
+    first_of_chat: bool = False,
 ) -> tuple[dict[str, Any], str, bool]:
     """The answer's final state and its ledger row, together, in one
     transaction. Returns the usage payload, the answer's sanitised HTML and
-    whether the conversation still wants a title (its first answer)."""
+    whether the conversation wants a title (`first_of_chat`: the answer of
+    the question that started it, which can only be its first answer)."""
     estimated = usage is None
     if usage is None:
         usage = llm.Usage(
@@ -90,10 +92,10 @@ def save_answer(
         )
     with transaction.atomic():
         now = timezone.now()
-        # Locked, so that a conversation deleted meanwhile is seen as gone and
-        # cannot vanish between this check and the ledger row.
-        alive = Message.objects.select_for_update().filter(pk=answer.pk).exists()
-        if alive:
+        # The UPDATE locks the row until commit: a conversation deleted
+        # meanwhile is seen as gone (0 rows) and cannot vanish between this
+        # and the ledger row.
+        alive = bool(
             Message.objects.filter(pk=answer.pk).update(
                 content=content,
                 status=status,
@@ -102,6 +104,8 @@ def save_answer(
                 worker="",
                 updated_at=now,
             )
+        )
+        if alive:
             Conversation.objects.filter(pk=answer.conversation_id).update(updated_at=now)
         if called:
             cost = record_call(
@@ -117,15 +121,8 @@ def save_answer(
             )
         elif reservation is not None:
             quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)
-        first_answer = (
-            alive
-            and status in (Message.Status.COMPLETE, Message.Status.TRUNCATED)
-            and Message.objects.filter(conversation_id=answer.conversation_id, role=Message.Role.ASSISTANT)[
-                :2
-            ].count()
-            == 1
-        )
+    wants_title = alive and first_of_chat and status in (Message.Status.COMPLETE, Message.Status.TRUNCATED)
     html = render_markdown_cached(content)  # and so cached for the page
     if not called:
         return usage_payload(0, 0, NO_COST), html, False
-    return usage_payload(usage.prompt_tokens, usage.completion_tokens, cost), html, first_answer
+    return usage_payload(usage.prompt_tokens, usage.completion_tokens, cost), html, wants_title

@@ -240,6 +240,7 @@ class Generation:
             messages=self.accepted.messages,
             called=outcome.called(content),
             reservation=self.accepted.reservation,
+            first_of_chat=self.accepted.conversation_created,
         )
         if outcome.error is not None:
             self._publish(
