@@ -19,15 +19,13 @@ from asgiref.sync import sync_to_async
 from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
-from django.contrib.auth import get_user_model
 from django.db import connection
-from django.test import Client
 
 from conversations.models import forget_prices
+from tests.factories import make_user, session_cookie
 from tests.fake_llm import FakeLLM
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-PASSWORD = "correct-horse-battery-staple"
 ARTIFACTS = BASE_DIR / "artifacts"
 
 # In CI a test that needs PostgreSQL, Redis or the browser must fail when it is
@@ -101,10 +99,6 @@ def _fresh_channel_layer_and_cache() -> Iterator[None]:
 # --- Personas ---------------------------------------------------------------------
 
 
-def make_user(username: str, **extra: Any) -> Any:
-    return get_user_model().objects.create_user(username=username, password=PASSWORD, **extra)
-
-
 @pytest.fixture
 def alice(db: None) -> Any:
     return make_user("alice")
@@ -120,12 +114,6 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
-
-
-def session_cookie(user: Any) -> str:
-    client = Client()
-    client.force_login(user)
-    return client.cookies[django_settings.SESSION_COOKIE_NAME].value
 
 
 # --- Websocket clients over the real ASGI application -------------------------

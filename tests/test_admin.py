@@ -16,7 +16,7 @@ from django.utils import timezone
 from accounts.models import Quota
 from conversations import prompts
 from conversations.models import Conversation, Message, SystemPrompt, TokenUsage
-from tests.conftest import make_user
+from tests.factories import make_user
 
 pytestmark = pytest.mark.django_db
 

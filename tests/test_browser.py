@@ -20,7 +20,8 @@ from django.db import connections
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from conversations.models import Conversation, Message
-from tests.conftest import ARTIFACTS, PASSWORD, LiveServer, session_cookie
+from tests.conftest import ARTIFACTS, LiveServer
+from tests.factories import PASSWORD, session_cookie
 from tests.fake_llm import Reply
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]

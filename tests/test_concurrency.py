@@ -15,7 +15,8 @@ from asgiref.sync import sync_to_async
 from websockets.asyncio.client import ClientConnection, connect
 
 from conversations.models import Message
-from tests.conftest import LiveServer, make_user, session_cookie
+from tests.conftest import LiveServer
+from tests.factories import make_user, session_cookie
 from tests.fake_llm import Reply
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

@@ -16,14 +16,12 @@ from django.utils import timezone
 
 from conversations.models import Conversation, Message, TokenUsage
 from tests.conftest import connect
+from tests.factories import logged_in_client, make_conversation, make_message
 
 pytestmark = pytest.mark.django_db
 
 
-def client_for(user: Any) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
+client_for = logged_in_client
 
 
 def many_conversations(owner: Any, count: int) -> list[Conversation]:
@@ -75,14 +73,14 @@ def test_bad_cursor_is_400(alice: Any) -> None:
 
 
 def test_search_matches_titles_and_message_text_of_own_conversations_only(alice: Any, bob: Any) -> None:
-    by_title = Conversation.objects.create(owner=alice, title="Owl facts")
-    by_text = Conversation.objects.create(owner=alice, title="Birds")
+    by_title = make_conversation(alice, title="Owl facts")
+    by_text = make_conversation(alice, title="Birds")
     Message.objects.create(
         conversation=by_text, role="user", content="Tell me how an OWL sees at night, in some detail please."
     )
-    Conversation.objects.create(owner=alice, title="Cats")
-    theirs = Conversation.objects.create(owner=bob, title="Bob's owls")
-    Message.objects.create(conversation=theirs, role="user", content="owl")
+    make_conversation(alice, title="Cats")
+    theirs = make_conversation(bob, title="Bob's owls")
+    make_message(theirs, role="user", content="owl")
 
     found = client_for(alice).get("/conversations/", {"q": "owl"}).json()["conversations"]
 
@@ -92,7 +90,7 @@ def test_search_matches_titles_and_message_text_of_own_conversations_only(alice:
 
 
 def test_rename(alice: Any, bob: Any) -> None:
-    conversation = Conversation.objects.create(owner=alice, title="Old")
+    conversation = make_conversation(alice, title="Old")
     url = f"/c/{conversation.pk}/rename"
     client = client_for(alice)
 
@@ -112,7 +110,7 @@ def test_rename(alice: Any, bob: Any) -> None:
 
 
 def test_rename_and_delete_need_the_csrf_token(alice: Any) -> None:
-    conversation = Conversation.objects.create(owner=alice, title="Kept")
+    conversation = make_conversation(alice, title="Kept")
     client = Client(enforce_csrf_checks=True)
     client.force_login(alice)
     assert client.post(f"/c/{conversation.pk}/rename", {"title": "x"}).status_code == 403
@@ -121,8 +119,8 @@ def test_rename_and_delete_need_the_csrf_token(alice: Any) -> None:
 
 
 def test_delete_removes_messages_and_keeps_the_ledger(alice: Any, bob: Any) -> None:
-    conversation = Conversation.objects.create(owner=alice, title="Gone soon")
-    answer = Message.objects.create(conversation=conversation, role="assistant", content="hi")
+    conversation = make_conversation(alice, title="Gone soon")
+    answer = make_message(conversation, role="assistant", content="hi")
     TokenUsage.objects.create(
         user=alice,
         conversation=conversation,
@@ -144,7 +142,7 @@ def test_delete_removes_messages_and_keeps_the_ledger(alice: Any, bob: Any) -> N
 
 
 def test_delete_by_form_redirects_to_a_new_chat(alice: Any) -> None:
-    conversation = Conversation.objects.create(owner=alice)
+    conversation = make_conversation(alice)
     response = client_for(alice).post(f"/c/{conversation.pk}/delete")
     assert (response.status_code, response["Location"]) == (302, "/")
 
@@ -172,8 +170,8 @@ async def test_rename_and_delete_reach_every_tab_of_the_user(alice: Any, bob: An
 
 
 def test_export_markdown_and_json(alice: Any, bob: Any) -> None:
-    conversation = Conversation.objects.create(owner=alice, title="Adding", prompt_text="Be brief.")
-    Message.objects.create(conversation=conversation, role="user", content="2+2?")
+    conversation = make_conversation(alice, title="Adding", prompt_text="Be brief.")
+    make_message(conversation, role="user", content="2+2?")
     old = Message.objects.create(
         conversation=conversation, role="assistant", content="5", model="m", is_active=False
     )
@@ -204,9 +202,9 @@ def test_export_markdown_and_json(alice: Any, bob: Any) -> None:
 
 
 def test_page_gives_each_message_its_place_among_versions(alice: Any) -> None:
-    conversation = Conversation.objects.create(owner=alice)
-    Message.objects.create(conversation=conversation, role="user", content="q")
-    first = Message.objects.create(conversation=conversation, role="assistant", content="a1", is_active=False)
+    conversation = make_conversation(alice)
+    make_message(conversation, role="user", content="q")
+    first = make_message(conversation, role="assistant", content="a1", is_active=False)
     Message.objects.create(
         conversation=conversation, role="assistant", content="a2", version_group=first.version_group
     )

@@ -17,7 +17,8 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from conversations.models import Message, TokenUsage
-from tests.conftest import LiveServer, session_cookie
+from tests.conftest import LiveServer
+from tests.factories import session_cookie
 from tests.fake_llm import Reply
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

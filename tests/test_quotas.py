@@ -20,7 +20,7 @@ from django.utils import timezone
 from accounts import quotas
 from accounts.models import Quota, QuotaCounter
 from conversations.models import ModelPrice, TokenUsage
-from tests.conftest import make_user
+from tests.factories import make_user
 
 pytestmark = pytest.mark.django_db
 

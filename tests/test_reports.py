@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from conversations import reports
 from conversations.models import TokenUsage
-from tests.conftest import make_user
+from tests.factories import make_user
 
 pytestmark = pytest.mark.django_db
 
