@@ -408,7 +408,8 @@ async def test_join_mid_answer_gives_snapshot_then_only_newer_deltas(alice: Any,
     await tab1.send_json_to(send_frame("stream please"))
     started = await frames_until(tab1, "generation.delta")
     conversation = started[0]["conversation"]["id"]
-    await asyncio.sleep(0.2)
+    while started[-1].get("seq", 0) < 4:  # some text has streamed: the join comes mid-answer
+        started.append(await tab1.receive_json_from(timeout=10))
 
     tab2 = await connect(alice)
     await tab2.send_json_to({"type": "conversation.join", "conversation": conversation, "after": 0})

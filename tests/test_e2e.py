@@ -48,6 +48,14 @@ def until(ws: ClientConnection, frame_type: str, timeout: float = 15) -> list[di
             return frames
 
 
+def until_seq(ws: ClientConnection, seq: int) -> list[dict[str, Any]]:
+    """Frames up to the delta with `seq`: some text has streamed."""
+    frames = []
+    while not frames or frames[-1].get("seq", 0) < seq:
+        frames.append(receive(ws))
+    return frames
+
+
 def send_message(ws: ClientConnection, content: str, conversation: str | None = None) -> None:
     ws.send(
         json.dumps(
@@ -127,7 +135,7 @@ def test_join_mid_answer_rebuilds_the_exact_text(
         send_message(tab1, "Stream a lot")
         frames = until(tab1, "generation.delta")
         conversation = frames[0]["conversation"]["id"]
-        time.sleep(0.4)
+        frames += until_seq(tab1, 5)  # well into the answer
         with open_socket(daphne_server, alice) as tab2:
             tab2.send(json.dumps({"type": "conversation.join", "conversation": conversation}))
             joined = until(tab2, "generation.finished")
@@ -149,7 +157,7 @@ def test_stop_mid_answer_from_another_socket(daphne_server: LiveServer, alice: A
     with open_socket(daphne_server, alice) as tab1, open_socket(daphne_server, alice) as tab2:
         send_message(tab1, "Never stop")
         frames = until(tab1, "generation.delta")
-        time.sleep(0.3)
+        frames += until_seq(tab1, 5)
         tab2.send(json.dumps({"type": "generation.stop", "conversation": frames[0]["conversation"]["id"]}))
         frames += until(tab1, "generation.finished")
 
