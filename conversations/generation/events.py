@@ -32,10 +32,6 @@ class Frame:
         self._text = text
 
     @property
-    def type(self) -> str:
-        return self.data["type"]
-
-    @property
     def text(self) -> str:
         if self._text is None:
             self._text = json.dumps(self.data, ensure_ascii=False)

@@ -204,6 +204,9 @@ class RedisLink:
 
     def _enqueue(self, *commands: tuple[Any, ...]) -> None:
         self._queue.extend(commands)
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
         self._wake.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(
@@ -241,9 +244,7 @@ class RedisLink:
             return
         done = asyncio.get_running_loop().create_future()
         self._flushed.append(done)
-        self._wake.set()
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self._wake_writer()
         await done
 
     async def _write_loop(self) -> None:
