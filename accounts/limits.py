@@ -4,6 +4,7 @@ REDIS_URL is set."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from types import SimpleNamespace
@@ -13,6 +14,8 @@ from django.conf import settings
 from django_ratelimit.core import get_usage
 
 SEND_GROUP = "chat.message_send"
+
+log = logging.getLogger(__name__)
 
 
 def _usage(user: Any, *, increment: bool) -> dict[str, Any] | None:
@@ -45,7 +48,14 @@ def take_send(user: Any) -> int | None:
         if until > now:
             return max(1, math.ceil(until - now))
         del _blocked_until[user.pk]
-    usage = _usage(user, increment=True)
+    try:
+        usage = _usage(user, increment=True)
+    except Exception as exc:
+        # The shared cache (Redis) is away: chatting goes on. Budgets still
+        # hold (they are counted in the database); only the per-minute rate
+        # is not counted until it is back.
+        log.warning("rate limit not counted, cache unavailable: %s", exc)
+        return None
     if usage is None or not usage["should_limit"]:
         return None
     time_left = max(1, int(usage["time_left"]))

@@ -72,9 +72,11 @@ from typing import Any
 from load_common import CLK_TCK, log, machine_jiffies, ms, percentile, proc_cpu, proc_hwm_mib
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from deploy.nginx import find_nginx, render, start_nginx, write_config  # noqa: E402
+
 BENCH = ROOT / "bench"
 PY = sys.executable
-NGINX = "/usr/sbin/nginx"
 SECRET_KEY = "bench-load-fixed-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
 ERROR_MARKERS = ("Traceback", "ERROR", "Exception")
 
@@ -503,47 +505,21 @@ class Bench:
             self.port = ports[0]
             return
         self.port = free_port()
-        conf = self.tmp / "nginx.conf"
-        servers = "\n".join(f"        server 127.0.0.1:{p};" for p in ports)
-        temp = "\n".join(
-            f"    {kind}_temp_path {self.tmp / ('nginx-' + kind)};"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        # The config that ships (deploy/nginx.conf.template), sized for a burst.
+        text = render(
+            self.port,
+            ports,
+            ROOT / "static",
+            self.tmp,
+            worker_processes=1,
+            worker_connections=16384,
+            access_log=False,
         )
-        conf.write_text(
-            f"""daemon off;
-worker_processes 1;
-worker_rlimit_nofile 20000;
-pid {self.tmp / "nginx.pid"};
-error_log {self.tmp / "nginx-error.log"} warn;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-{temp}
-    upstream daphne {{
-{servers}
-    }}
-    map $http_upgrade $connection_upgrade {{
-        default upgrade;
-        '' close;
-    }}
-    server {{
-        listen 127.0.0.1:{self.port} backlog=4096;
-        location / {{
-            proxy_pass http://daphne;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_read_timeout 300s;
-            proxy_buffering off;
-        }}
-    }}
-}}
-"""
-        )
-        self.nginx = self.spawn(
-            "nginx", [NGINX, "-p", str(self.tmp), "-c", str(conf), "-e", str(self.tmp / "nginx-error.log")]
-        )
+        log_path = self.tmp / "nginx.log"
+        with log_path.open("wb") as log_file:
+            proc = start_nginx(write_config(text, self.tmp), self.tmp, nginx=find_nginx(), output=log_file)
+        self.nginx = Child("nginx", proc, log_path)
+        self.children.append(self.nginx)
         wait_http(f"http://127.0.0.1:{self.port}/healthz", 30, self.nginx)
         log(f"nginx on port {self.port} in front of them")
 
@@ -1125,9 +1101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if args.workers > 1 and not os.access(NGINX, os.X_OK):
+    if args.workers > 1 and find_nginx() is None:
         log(
-            f"nginx is not installed ({NGINX} missing): --workers {args.workers} "
+            f"nginx is not installed (not on PATH, no /usr/sbin/nginx): --workers {args.workers} "
             "needs it as the load balancer"
         )
         return 2

@@ -86,6 +86,10 @@ _db = DATABASES["default"]
 # one connection per thread open.
 if _db["ENGINE"] == "django.db.backends.postgresql":
     _db["CONN_MAX_AGE"] = 0
+    # A connection is checked as it leaves the pool (Django hands psycopg's
+    # pool its `check`): after PostgreSQL restarted, the dead ones are
+    # replaced instead of failing one request each.
+    _db["CONN_HEALTH_CHECKS"] = True
     _db.setdefault("OPTIONS", {})["pool"] = {
         "min_size": env.int("DATABASE_POOL_MIN", default=1),
         "max_size": env.int("DATABASE_POOL_MAX", default=10),
@@ -162,7 +166,16 @@ CHAT_CONTEXT_TOKENS = env.int("CHAT_CONTEXT_TOKENS", default=8000)  # history bu
 CHAT_RATE_LIMIT = env.str("CHAT_RATE_LIMIT", default="20/m")  # message.send per user
 CHAT_DELTA_INTERVAL = env.float("CHAT_DELTA_INTERVAL", default=0.04)  # s between frames
 CHAT_CHECKPOINT_INTERVAL = env.float("CHAT_CHECKPOINT_INTERVAL", default=1.0)  # s
-CHAT_STALE_AFTER = env.float("CHAT_STALE_AFTER", default=120.0)  # s without checkpoint
+# Liveness: a running answer's heartbeat (its `updated_at`) is refreshed every
+# checkpoint; one not refreshed for CHAT_STALE_AFTER seconds belongs to a dead
+# worker, and any worker settles it (looking every CHAT_SWEEP_INTERVAL).
+CHAT_STALE_AFTER = env.float("CHAT_STALE_AFTER", default=15.0)
+CHAT_SWEEP_INTERVAL = env.float("CHAT_SWEEP_INTERVAL", default=2.0)
+# How long an answer's end is retried while the database is away.
+CHAT_SAVE_RETRY_SECONDS = env.float("CHAT_SAVE_RETRY_SECONDS", default=300.0)
+# SIGTERM (a deploy): sockets are closed with 4012 at once (pages reconnect to
+# another worker); running answers get this long to finish, then are saved.
+CHAT_DRAIN_SECONDS = env.float("CHAT_DRAIN_SECONDS", default=25.0)
 CHAT_LIMITS_CACHE_SECONDS = env.float("CHAT_LIMITS_CACHE_SECONDS", default=5.0)  # quota changes reach workers
 CHAT_AUTO_TITLE = env.bool("CHAT_AUTO_TITLE", default=True)  # a model-made title after the first answer
 

@@ -1,6 +1,8 @@
-"""Work to do once per process before it serves anyone.
+"""Work to do once per process before it serves anyone, and what runs for
+the life of the process.
 
-Daphne has no lifespan events, so the first connection of any kind runs it.
+Daphne has no lifespan events, so the first connection of any kind (a load
+balancer's `/healthz` probe, usually) runs it.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
-from conversations.generation import sweep_interrupted
+from conversations.generation import sweep_interrupted, this_worker
 
 log = logging.getLogger(__name__)
 
 
 class SweepOnStartup:
-    """ASGI middleware: before the first request, mark the answers that a dead
-    process left `streaming` as `interrupted`."""
+    """ASGI middleware: before the first request, settle the answers that a
+    dead process left `streaming`, then start this worker's caretaker (which
+    does so every few seconds for every worker) and its drain on SIGTERM."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -40,4 +43,5 @@ class SweepOnStartup:
                 await database_sync_to_async(sweep_interrupted)(at_startup=True)
             except Exception:  # a missing table must not take the site down
                 log.exception("start-up sweep of streaming answers failed")
+            this_worker().start()
             self._done = True

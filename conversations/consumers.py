@@ -17,6 +17,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from . import generation
 from .generation import Frame
@@ -24,8 +25,19 @@ from .generation import Frame
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
+# A worker shutting down (a deploy) closes its sockets with this; the page
+# reconnects at once, to another worker. It is 1012 (service restart) in the
+# 4000s: daphne (autobahn) sends no close code but 1000 and 3000-4999.
+CLOSE_SERVICE_RESTART = 4012
 MAX_FRAME_BYTES = 256 * 1024
 MAX_OUTBOX = 2000  # frames queued for one socket before its deltas are cut back to a snapshot
+# Daphne refuses to send a websocket message over 1 MiB (and many clients to
+# receive one): a longer frame (the `generation.finished` of a very long
+# answer, a snapshot) goes as consecutive `frame.part` messages whose `data`
+# joined is the frame's JSON. 100k characters stay under 1 MiB escaped.
+MAX_MESSAGE_CHARS = 100_000
+SNAPSHOT_RETRY = (0.05, 0.1, 0.2, 0.4, 0.8)  # s: an answer just started elsewhere shows up in its log
+CATCH_UP_RETRY = (0.2, 0.5, 1.0, 2.0, 4.0)  # s: while Redis restarts
 
 
 class FrameError(Exception):
@@ -58,6 +70,19 @@ def _content(frame: dict[str, Any], extra: dict[str, Any]) -> str:
             "invalid_request", f"The message is too long ({len(content)} > {limit} characters).", **extra
         )
     return content
+
+
+def frame_parts(text: str) -> list[str]:
+    """One long frame as `frame.part` messages, in order."""
+    size = MAX_MESSAGE_CHARS
+    count = -(-len(text) // size)
+    return [
+        json.dumps(
+            {"type": "frame.part", "part": i, "parts": count, "data": text[i * size : (i + 1) * size]},
+            ensure_ascii=False,
+        )
+        for i in range(count)
+    ]
 
 
 @dataclass
@@ -96,11 +121,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self._sender = asyncio.create_task(self._send_loop())
         self.user_topic = generation.user_topic(user.pk)
         await self.hub.follow(self.user_topic, self)
+        worker = generation.this_worker()
+        if worker.draining:  # this worker is shutting down: try another
+            await self.close_for_restart()
+            return
+        worker.sockets.add(self)
+
+    async def close_for_restart(self) -> None:
+        """Close with 4012 (service restart): the page reconnects, through the
+        proxy, to another worker and re-joins its conversation."""
+        await self.close(code=CLOSE_SERVICE_RESTART)
 
     async def disconnect(self, code: int) -> None:
         if not hasattr(self, "user"):
             return
         self._sender.cancel()
+        generation.this_worker().sockets.discard(self)
         await self.hub.unfollow(self.user_topic, self)
         following, self.following = self.following, {}
         for conversation_id in following:
@@ -112,6 +148,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if not hasattr(self, "user"):
             return
+        frame: dict[str, Any] = {}
         try:
             frame = self._parse(text_data, bytes_data)
             handler = {
@@ -127,6 +164,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await handler(frame)
         except FrameError as exc:
             self._emit({"type": "error", "code": exc.code, "message": exc.message, **exc.extra})
+        except (OperationalError, InterfaceError) as exc:
+            # The database is away (restarting): nothing was stored; say so.
+            log.warning("frame refused, database unavailable: %s", exc)
+            about = {k: frame[k] for k in ("client_id", "conversation") if isinstance(frame.get(k), str)}
+            self._emit(
+                {
+                    "type": "error",
+                    "code": "unavailable",
+                    "message": "The service is briefly unavailable; try again in a moment.",
+                    "retry_after": 2,
+                    **about,
+                }
+            )
 
     def _parse(self, text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
         raw = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", "replace")
@@ -251,6 +301,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         state = await self._follow(conversation_id)
         state.holding = True
         snapshot = await self.hub.snapshot(conversation_id)
+        streaming = None
+        if snapshot is None:
+            streaming = await database_sync_to_async(generation.streaming_answer_id)(conversation_id)
+            if streaming is not None:
+                snapshot = await self._snapshot_soon(conversation_id)
         if self.following.get(conversation_id) is not state:
             return  # unfollowed meanwhile (the conversation was deleted)
         if snapshot is not None and state.holding:
@@ -266,14 +321,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
         self._release(state, lenient=True)
         if snapshot is None:
-            await self._settle_missed(conversation_id, missed_end=missed_end)
+            await self._settle_missed(conversation_id, missed_end=missed_end, streaming=streaming)
 
-    async def _settle_missed(self, conversation_id: str, *, missed_end: bool) -> None:
-        streaming = await database_sync_to_async(generation.streaming_answer_id)(conversation_id)
-        if streaming is not None and await self.hub.snapshot(conversation_id) is None:
-            # The database says streaming but no worker runs it: its process
-            # died. Sweep, and if that settled the answer, say how it ended.
-            await database_sync_to_async(generation.sweep_interrupted)()
+    async def _snapshot_soon(self, conversation_id: str) -> generation.Snapshot | None:
+        """The database says an answer streams but no worker shows it yet: its
+        log in Redis may be a moment behind its start. Ask again, briefly."""
+        for delay in SNAPSHOT_RETRY:
+            await asyncio.sleep(delay)
+            snapshot = await self.hub.snapshot(conversation_id)
+            if snapshot is not None:
+                return snapshot
+        return None
+
+    async def _settle_missed(self, conversation_id: str, *, missed_end: bool, streaming: str | None) -> None:
+        if streaming is not None:
+            # The database says streaming but no worker shows it: its process
+            # may have died. Sweep (a live answer is never touched), and if
+            # that settled it, say how it ended.
+            await generation.sweep_dead()
             missed_end = True
         if missed_end:
             finished = await database_sync_to_async(generation.last_answer_finished)(conversation_id)
@@ -283,7 +348,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     def resync(self, conversation_id: str) -> None:
         """The hub's live tail was cut: frames may be missing; catch up."""
         if conversation_id in self.following:
-            self._spawn(self._rejoin(conversation_id, missed_end=True))
+            self._spawn(self._patiently(self._rejoin, conversation_id, missed_end=True))
 
     # --- Answer frames (from the hub) -> client --------------------------------------
 
@@ -325,7 +390,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             # it from the answer's log, holding what comes meanwhile.
             state.holding = True
             state.held.append(frame)
-            self._spawn(self._catch_up(data["conversation"], answer, last))
+            self._spawn(self._patiently(self._catch_up, data["conversation"], answer, last))
             return
         state.last_seq[answer] = seq
         self._queue("generation.delta", frame.conversation, frame.text)
@@ -345,6 +410,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         state.holding = False
         for frame in held:
             self._delta(state, frame, lenient=lenient)
+
+    async def _patiently(self, work: Any, conversation_id: str, *args: Any, **kwargs: Any) -> None:
+        """A catch-up from the answer's log, tried again while Redis is away
+        (restarting): the socket stays open and is shown everything once it
+        is back."""
+        for delay in (*CATCH_UP_RETRY, None):
+            try:
+                await work(conversation_id, *args, **kwargs)
+                return
+            except Exception as exc:
+                if delay is None or conversation_id not in self.following:
+                    log.warning("catch-up of %s failed for good: %s", conversation_id, exc)
+                    return
+                log.warning("catch-up of %s failed (%s); again in %.1f s", conversation_id, exc, delay)
+                await asyncio.sleep(delay)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -388,7 +468,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self._wake.clear()
             while self._outbox:
                 _kind, _conversation, text = self._outbox.popleft()
-                await outbox_send({"type": "websocket.send", "text": text})
+                if len(text) <= MAX_MESSAGE_CHARS:
+                    await outbox_send({"type": "websocket.send", "text": text})
+                    continue
+                for part in frame_parts(text):
+                    await outbox_send({"type": "websocket.send", "text": part})
 
     def _user_event(self, frame: Frame) -> None:
         """conversation.created / updated / deleted, for all of a user's tabs."""

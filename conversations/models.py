@@ -123,6 +123,10 @@ class Message(models.Model):
     # For streaming answers: which process runs it, so that a restarted
     # process can tell its own dead answers from another worker's live ones.
     worker = models.CharField(max_length=100, blank=True)
+    # For streaming answers: what settling needs if the worker dies (the
+    # prompt's estimated tokens and the quota holds), so that any worker can
+    # account a dead answer and release its reservation. Cleared on the end.
+    accounting = models.JSONField(null=True, blank=True, editable=False)
     # Versions: a regenerated answer or an edited question is a new message in
     # the same `version_group`; the replaced one stays, inactive (shown as 1/2).
     version_group = models.UUIDField(default=uuid.uuid4, editable=False)

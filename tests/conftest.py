@@ -191,6 +191,10 @@ def daphne_server(
         "OPENAI_TIMEOUT": "5",
         # Tests change quotas from this process: the server must not keep them.
         "CHAT_LIMITS_CACHE_SECONDS": "0",
+        # This server lives through the whole session: its caretaker must not
+        # settle the dead answers other tests make on purpose (tests/test_sweep.py).
+        # The caretaker's own tests run their own workers (tests/test_faults.py).
+        "CHAT_SWEEP_INTERVAL": "86400",
         "PYTHONUNBUFFERED": "1",
     }
     log_path = tmp_path_factory.mktemp("daphne") / "daphne.log"

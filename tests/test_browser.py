@@ -358,3 +358,25 @@ def test_a_dropped_socket_reconnects_and_a_lost_frame_is_recovered(
     for i in range(30):
         assert text.count(f"More{i}.") == 1, f"More{i}. shown {text.count(f'More{i}.')} times"
     assert text.count("def add") == 1
+
+
+def test_an_answer_too_long_for_one_websocket_message_reaches_the_page(
+    daphne_server: LiveServer, alice: Any, fake_llm: Any, tabs: Tabs
+) -> None:
+    """Its `generation.finished` (content and html, over 1 MiB together)
+    comes as `frame.part` messages; the page joins them and shows the answer,
+    and the same after a reload (the page's join)."""
+    lines = [f"Line {i:05d} of a very long answer." for i in range(16_000)]
+    chunks = ["\n\n".join(lines[i : i + 500]) + "\n\n" for i in range(0, len(lines), 500)]
+    fake_llm.script(Reply(chunks=chunks, usage=(10, 100_000)))
+    page = tabs.new(alice)
+    open_chat(page, daphne_server)
+    ask(page, "Write a book")
+    done = finished(page)
+    expect(done).to_be_visible(timeout=30_000)
+    expect(done).to_contain_text("Line 15999 of a very long answer.")
+    expect(done.locator("p")).to_have_count(16_000)
+    answer = in_thread(lambda: Message.objects.get(role="assistant"))
+    assert answer.content == "".join(chunks)
+    page.reload()
+    expect(finished(page)).to_contain_text("Line 15999 of a very long answer.", timeout=15_000)

@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
@@ -37,7 +40,14 @@ def open_socket(server: LiveServer, user: Any | None, origin: str | None = None)
 
 
 def receive(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
-    return json.loads(ws.recv(timeout=timeout))
+    frame = json.loads(ws.recv(timeout=timeout))
+    if frame["type"] != "frame.part":
+        return frame
+    parts = [frame["data"]]  # a long frame, in parts
+    while frame["part"] < frame["parts"] - 1:
+        frame = json.loads(ws.recv(timeout=timeout))
+        parts.append(frame["data"])
+    return json.loads("".join(parts))
 
 
 def until(ws: ClientConnection, frame_type: str, timeout: float = 15) -> list[dict[str, Any]]:
@@ -83,10 +93,13 @@ def deltas_text(frames: list[dict[str, Any]]) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "generation.delta")
 
 
-def test_healthz_checks_database_and_channel_layer(daphne_server: LiveServer) -> None:
+def test_healthz_checks_database_and_redis(daphne_server: LiveServer) -> None:
     with urllib.request.urlopen(daphne_server.url + "/healthz", timeout=5) as response:
         assert response.status == 200
-        assert json.load(response) == {"ok": True, "checks": {"database": "ok", "channel_layer": "ok"}}
+        checks = {"database": "ok", "worker": "ok"}
+        if os.environ.get("REDIS_URL"):
+            checks["redis"] = "ok"
+        assert json.load(response) == {"ok": True, "checks": checks}
 
 
 def test_static_files_are_served_with_debug_off(daphne_server: LiveServer) -> None:
@@ -184,3 +197,61 @@ def test_chat_page_needs_login(daphne_server: LiveServer) -> None:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+
+def test_an_answer_over_a_megabyte_reaches_the_page_and_a_later_join(
+    daphne_server: LiveServer, alice: Any, fake_llm: Any
+) -> None:
+    """Daphne sends no websocket message over 1 MiB: a longer frame comes as
+    `frame.part` messages (each under the cap of a default client too), and
+    joining the conversation afterwards gets it again, socket still open."""
+    chunks = [f"{i:04d}" + "x" * 65_532 for i in range(20)]  # 20 chunks of 64 KiB
+    fake_llm.script(Reply(chunks=chunks))
+    headers = {"Cookie": f"sessionid={session_cookie(alice)}"}
+    url = daphne_server.ws_url + "/ws/chat/"
+    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+        send_message(ws, "Write a lot")
+        frames = until(ws, "generation.finished", timeout=30)
+        finished = frames[-1]
+        assert finished["status"] == "complete"
+        assert deltas_text(frames) == "".join(chunks) == finished["content"]
+        assert len(json.dumps(finished)) > 2**20
+        conversation = frames[0]["conversation"]["id"]
+
+    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+        for _ in range(2):  # twice: a join never kills the socket
+            ws.send(json.dumps({"type": "conversation.join", "conversation": conversation, "after": 0}))
+            again = until(ws, "generation.finished")
+            assert again[-1]["content"] == "".join(chunks)
+        assert Message.objects.get(pk=finished["message"]).content == "".join(chunks)
+
+
+def test_an_upstream_that_hangs_fails_clearly_and_no_sweep_calls_it_dead(
+    daphne_server: LiveServer, alice: Any, fake_llm: Any
+) -> None:
+    """The model stops sending mid-answer and keeps the connection open. The
+    answer's heartbeat goes on meanwhile, so no sweep, however eager, takes
+    it for dead; the read timeout (OPENAI_TIMEOUT, 5 s here) ends it with a
+    clear error, the text so far kept."""
+    from conversations import generation
+
+    fake_llm.script(Reply(chunks=["Part", " one", " and"], hang_after=2))
+    with open_socket(daphne_server, alice) as ws:
+        send_message(ws, "Say something")
+        frames = until_seq(ws, 2)
+        answer = next(f["message"] for f in frames if f["type"] == "generation.started")
+        hung_at = timezone.now()
+        # Two heartbeats into the hang (a checkpoint a second), a sweep that
+        # calls anything silent for 1 s dead finds nothing to do.
+        wait_until(lambda: Message.objects.get(pk=answer).updated_at > hung_at + timedelta(seconds=2))
+        assert generation.sweep_interrupted(stale_after=1) == 0
+        assert Message.objects.get(pk=answer).status == "streaming"
+        frames += until(ws, "generation.finished", timeout=15)
+    fake_llm.release_hangs()
+
+    error = next(f for f in frames if f["type"] == "error")
+    assert error["code"] == "upstream_unavailable" and error["message"]
+    finished = frames[-1]
+    assert (finished["status"], finished["content"]) == ("failed", "Part one")
+    row = Message.objects.get(pk=answer)
+    assert (row.status, row.content) == ("failed", "Part one")

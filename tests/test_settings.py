@@ -29,6 +29,7 @@ print(json.dumps({
     "ENGINE": db["ENGINE"],
     "NAME": str(db["NAME"]),
     "CONN_MAX_AGE": db["CONN_MAX_AGE"],
+    "CONN_HEALTH_CHECKS": db.get("CONN_HEALTH_CHECKS"),
     "OPTIONS": db.get("OPTIONS", {}),
     "CHANNEL_LAYER": settings.CHANNEL_LAYERS["default"]["BACKEND"],
     "CHANNEL_HOSTS": settings.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("hosts"),
@@ -102,6 +103,9 @@ def test_postgres_database_url_gives_psycopg_pool_and_no_persistent_connections(
     assert loaded["NAME"] == "test"
     assert isinstance(loaded["OPTIONS"]["pool"], dict)
     assert loaded["OPTIONS"]["pool"]["max_size"] >= 1
+    # Connections are checked as they leave the pool: after PostgreSQL restarts
+    # the dead ones are replaced instead of failing one request each.
+    assert loaded["CONN_HEALTH_CHECKS"] is True
     assert loaded["CONN_MAX_AGE"] == 0
 
 

@@ -86,3 +86,101 @@ def test_an_interrupted_conversation_accepts_new_messages(alice: Any) -> None:
         user=alice, conversation_id=answer.conversation_id, content="hi", client_id=uuid.uuid4()
     )
     assert accepted.answer.status == "streaming"
+
+
+# --- A dead worker's answer is settled: text, ledger, reservation, followers ------------
+
+
+def _accepted_then_orphaned(user: Any) -> generation.Accepted:
+    """An answer accepted (its quota reserved) whose worker then died with
+    part of it checkpointed."""
+    accepted = generation.accept_message(
+        user=user, conversation_id=None, content="tell me a story", client_id=uuid.uuid4()
+    )
+    Message.objects.filter(pk=accepted.answer.pk).update(
+        content="Once upon", worker=f"{socket.gethostname()}:{dead_pid()}"
+    )
+    return accepted
+
+
+def test_a_dead_answer_gets_an_estimated_ledger_row_and_its_reservation_back(alice: Any) -> None:
+    from accounts.models import Quota, QuotaCounter
+    from conversations.models import TokenUsage
+
+    Quota.objects.create(user=alice, tokens_per_day=100_000)
+    accepted = _accepted_then_orphaned(alice)
+    day = QuotaCounter.objects.get(user=alice, window="day")
+    assert day.tokens_reserved > 0  # held while the answer ran
+
+    # The answer's log (Redis, when configured) had more than the checkpoint.
+    event = generation.recovery.settle_dead(accepted.answer.pk, shown="Once upon a time")
+
+    answer = Message.objects.get(pk=accepted.answer.pk)
+    assert (answer.status, answer.content, answer.worker, answer.accounting) == (
+        "interrupted", "Once upon a time", "", None
+    )
+    row = TokenUsage.objects.get(message=answer)
+    assert row.estimated and row.kind == "answer"
+    assert row.prompt_tokens == accepted.answer.accounting["prompt_tokens"] > 0
+    assert row.completion_tokens > 0
+    day.refresh_from_db()
+    assert day.tokens_reserved == 0
+    assert day.tokens_used == row.prompt_tokens + row.completion_tokens
+    assert event is not None and event["type"] == "generation.finished"
+    assert (event["status"], event["content"]) == ("interrupted", "Once upon a time")
+    assert event["usage"]["completion_tokens"] == row.completion_tokens
+    # Settled once: a second worker finding it too does nothing.
+    assert generation.recovery.settle_dead(accepted.answer.pk, shown="Once upon a time") is None
+    assert TokenUsage.objects.filter(message=answer).count() == 1
+
+
+def test_a_log_that_does_not_extend_the_checkpoint_is_not_taken(alice: Any) -> None:
+    accepted = _accepted_then_orphaned(alice)
+    generation.recovery.settle_dead(accepted.answer.pk, shown="Something else entirely")
+    assert Message.objects.get(pk=accepted.answer.pk).content == "Once upon"
+
+
+def test_a_dead_answer_with_no_text_costs_nothing_and_gives_the_hold_back(alice: Any) -> None:
+    from accounts.models import Quota, QuotaCounter
+    from conversations.models import TokenUsage
+
+    Quota.objects.create(user=alice, tokens_per_day=100_000)
+    accepted = _accepted_then_orphaned(alice)
+    Message.objects.filter(pk=accepted.answer.pk).update(content="")
+    generation.recovery.settle_dead(accepted.answer.pk)
+    assert not TokenUsage.objects.filter(message_id=accepted.answer.pk).exists()
+    day = QuotaCounter.objects.get(user=alice, window="day")
+    assert (day.tokens_used, day.tokens_reserved) == (0, 0)
+
+
+def test_an_answer_taken_for_dead_that_ends_after_all_keeps_its_real_end(alice: Any) -> None:
+    """Its worker was cut off from the database long enough to be swept; when
+    it gets through, its real end replaces the sweep's estimate, once."""
+    from accounts.models import Quota, QuotaCounter
+    from conversations import llm
+    from conversations.generation.ledger import save_answer
+    from conversations.models import TokenUsage
+
+    Quota.objects.create(user=alice, tokens_per_day=100_000)
+    accepted = _accepted_then_orphaned(alice)
+    generation.recovery.settle_dead(accepted.answer.pk, shown="Once upon a time")
+
+    save_answer(
+        answer=accepted.answer,
+        owner_id=alice.pk,
+        content="Once upon a time, the end.",
+        status="complete",
+        finish_reason="stop",
+        model="fake-model",
+        usage=llm.Usage(prompt_tokens=30, completion_tokens=7),
+        messages=accepted.messages,
+        called=True,
+        reservation=accepted.reservation,
+    )
+
+    answer = Message.objects.get(pk=accepted.answer.pk)
+    assert (answer.status, answer.content) == ("complete", "Once upon a time, the end.")
+    row = TokenUsage.objects.get(message=answer)
+    assert (row.prompt_tokens, row.completion_tokens, row.estimated) == (30, 7, False)
+    day = QuotaCounter.objects.get(user=alice, window="day")
+    assert (day.tokens_used, day.tokens_reserved) == (37, 0)

@@ -189,31 +189,24 @@ def test_logout_by_post_logs_out(alice: Any) -> None:
 # database_sync_to_async closes the connection around its call, as under a real
 # server: that needs a transactional test database, not one test-wide transaction.
 @pytest.mark.django_db(transaction=True)
-def test_healthz_reports_database_and_channel_layer_ok() -> None:
+def test_healthz_reports_database_and_worker_ok(settings: Any) -> None:
+    settings.REDIS_URL = ""
     response = Client().get("/healthz")
 
     assert response.status_code == 200
     assert response["Content-Type"] == "application/json"
-    assert response.json() == {"ok": True, "checks": {"database": "ok", "channel_layer": "ok"}}
+    assert response.json() == {"ok": True, "checks": {"database": "ok", "worker": "ok"}}
     assert API_KEY not in page(response)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_healthz_is_503_when_the_channel_layer_is_down(settings: Any) -> None:
-    from channels.layers import channel_layers
-
-    settings.CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]},  # nothing listens there
-        }
-    }
-    channel_layers.backends.clear()
+def test_healthz_is_503_when_redis_is_down(settings: Any) -> None:
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
 
     response = Client().get("/healthz")
 
     assert response.status_code == 503
-    assert response.json() == {"ok": False, "checks": {"database": "ok", "channel_layer": "error"}}
+    assert response.json() == {"ok": False, "checks": {"database": "ok", "redis": "error", "worker": "ok"}}
 
 
 # --- Headers and what a page may show --------------------------------------------------------------

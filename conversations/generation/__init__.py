@@ -8,7 +8,9 @@
   process and in other workers;
 - `ledger`: usage rows, prices and quota settlement;
 - `titles`: model-made titles;
-- `recovery`: answers whose process died.
+- `recovery`: answers whose process died;
+- `process`: this worker: its caretaker (settles dead workers' answers) and
+  its drain on SIGTERM.
 
 Knows nothing of websockets or HTTP: interfaces call the names below.
 """
@@ -19,6 +21,7 @@ from .database import in_database
 from .events import Frame, conversation_payload, finished_event, message_payload, user_topic
 from .fanout import Snapshot, get_hub, tell
 from .ledger import price_of
+from .process import draining, sweep_dead, this_worker
 from .recovery import WORKER_ID, sweep_interrupted
 from .runner import Generation, last_answer_finished, launch, request_stop, wait_all
 from .titles import clean_title, make_title
@@ -60,6 +63,7 @@ __all__ = [
     "check_owner",
     "clean_title",
     "conversation_payload",
+    "draining",
     "find_sent",
     "finished_event",
     "get_hub",
@@ -71,8 +75,10 @@ __all__ = [
     "price_of",
     "request_stop",
     "streaming_answer_id",
+    "sweep_dead",
     "sweep_interrupted",
     "tell",
+    "this_worker",
     "user_topic",
     "wait_all",
 ]

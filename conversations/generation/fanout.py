@@ -18,7 +18,9 @@ directly.
 With REDIS_URL set (several workers), the hub also keeps:
 
 - the answer's log: every delta is XADDed to a Redis Stream per answer
-  (`chat:answer:<id>`, fields `s` = seq and `t` = text, capped with MAXLEN),
+  (`chat:answer:<id>`, entry id `<seq>-0`, fields `s` = seq and `t` = text,
+  capped with MAXLEN): the id makes a write sent twice (a retry after a
+  broken connection) a refused no-op, never a duplicate;
   and `chat:running:<conversation>` names the streaming answer. A follower in
   another worker takes its snapshot there, and catches up after its last
   `seq` when it missed something: nothing depends on a capacity;
@@ -96,6 +98,17 @@ def _running_key(conversation_id: str) -> str:
     return f"chat:running:{conversation_id}"
 
 
+def log_text(entries: list[tuple[Any, dict[bytes, bytes]]]) -> str | None:
+    """The text of an answer's log (XRANGE entries), or None unless it holds
+    every delta from seq 1 on, once each and in order."""
+    parts = []
+    for expected, (_id, fields) in enumerate(entries, start=1):
+        if int(fields[b"s"]) != expected:
+            return None
+        parts.append(fields[b"t"].decode())
+    return "".join(parts) if parts else None
+
+
 class Hub:
     def __init__(self) -> None:
         self.followers: dict[str, set[Follower]] = defaultdict(set)
@@ -168,6 +181,17 @@ class Hub:
             return await self.remote.deltas_after(answer_id, seq)
         return []
 
+    async def shown_text(self, answer_id: str) -> str | None:
+        """What followers were sent of an answer, from its log (for settling
+        an answer whose worker died)."""
+        if self.remote is None:
+            return None
+        try:
+            return log_text(await self.remote.client.xrange(_log_key(answer_id)))
+        except Exception as exc:
+            log.warning("answer log of %s unreadable: %s", answer_id, exc)
+            return None
+
     async def stop(self, conversation_id: str) -> None:
         """Ask the running answer of a conversation, in whatever worker, to stop."""
         local = self.running.get(conversation_id)
@@ -199,6 +223,9 @@ class RedisLink:
         self._reader: asyncio.Task[None] | None = None
         self._subscribed: set[str] = set()
         self._ready: asyncio.Future[None] | None = None
+        # Writes were lost (Redis was away or restarted empty): the logs of
+        # this worker's running answers are rewritten from memory first.
+        self._lost = False
 
     # --- writes: batched ---------------------------------------------------------
 
@@ -221,10 +248,8 @@ class RedisLink:
         payload = WORKER_ID + "\n" + frame.text
         commands: list[tuple[Any, ...]] = []
         if kind == "generation.delta":
-            key = _log_key(data["message"])
-            commands.append(
-                ("XADD", key, "MAXLEN", "~", LOG_MAXLEN, "*", "s", data["seq"], "t", data["text"])
-            )
+            key, seq = _log_key(data["message"]), data["seq"]
+            commands.append(("XADD", key, "MAXLEN", "~", LOG_MAXLEN, f"{seq}-0", "s", seq, "t", data["text"]))
             if data["seq"] == 1:
                 commands.append(("EXPIRE", key, LOG_TTL))
         elif kind == "generation.started":
@@ -253,7 +278,7 @@ class RedisLink:
             self._wake.clear()
             batch, self._queue = self._queue, []
             waiting, self._flushed = self._flushed, []
-            if batch:
+            if batch or self._lost:
                 await self._write(batch)
             for done in waiting:
                 if not done.done():
@@ -262,16 +287,44 @@ class RedisLink:
     async def _write(self, batch: list[tuple[Any, ...]]) -> None:
         for attempt, delay in enumerate((*RECONNECT_DELAY, None)):
             try:
+                commands = self._rebuilt(batch) if self._lost else batch
                 pipe = self.client.pipeline(transaction=False)
-                for command in batch:
+                for command in commands:
                     pipe.execute_command(*command)
                 await pipe.execute(raise_on_error=False)
+                if self._lost:
+                    running = len(self.hub.running)
+                    log.warning("answer log: Redis is back; logs of %d running answer(s) rewritten", running)
+                self._lost = False
                 return
             except Exception as exc:  # Redis down: local followers still have every frame
+                self._lost = True  # it may come back empty
+                with contextlib.suppress(Exception):
+                    await self.client.connection_pool.disconnect()  # dead connections out
                 if delay is None:
+                    # The running answers' logs are rewritten whole on the
+                    # next write that gets through; followers elsewhere
+                    # resync when their live tail reconnects.
                     log.error("answer log: %d Redis writes lost after %d tries: %s", len(batch), attempt, exc)
                     return
                 await asyncio.sleep(delay)
+
+    def _rebuilt(self, batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The logs of this worker's running answers as they are in memory
+        (Redis may have restarted empty), then the batch without the deltas
+        those logs already hold."""
+        commands: list[tuple[Any, ...]] = []
+        rewritten = set()
+        for conversation_id, answer in list(self.hub.running.items()):
+            key = _log_key(answer.answer_id)
+            rewritten.add(key)
+            commands.append(("DEL", key))
+            for seq, text in answer.deltas_after(0):
+                commands.append(("XADD", key, "MAXLEN", "~", LOG_MAXLEN, f"{seq}-0", "s", seq, "t", text))
+            commands.append(("EXPIRE", key, LOG_TTL))
+            commands.append(("SET", _running_key(conversation_id), answer.answer_id, "EX", LOG_TTL))
+        commands.extend(c for c in batch if not (c[0] == "XADD" and c[1] in rewritten))
+        return commands
 
     # --- reads -------------------------------------------------------------------
 
@@ -325,6 +378,12 @@ class RedisLink:
                     self._ready.set_result(None)
                 if failures:
                     log.warning("answer log: live tail reconnected; followers catch up")
+                    # Redis restarted: the pooled connections are dead ones.
+                    with contextlib.suppress(Exception):
+                        await self.client.connection_pool.disconnect()
+                    # Redis may have restarted empty: rewrite our answers' logs.
+                    self._lost = True
+                    self._wake_writer()
                     self._resync_all()
                 failures = 0
                 while True:

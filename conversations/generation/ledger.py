@@ -59,6 +59,27 @@ def record_call(
     return cost
 
 
+def _end_after_sweep(answer: Message, owner_id: int, final: dict[str, Any], *, limited: bool) -> bool:
+    """The answer is not `streaming` any more although it ran here to its
+    end: this worker was cut off from the database long enough for another
+    worker to settle it as `interrupted` (with an estimate). The real end
+    wins: its text and status replace the sweep's, and the estimate leaves
+    the ledger and the counters (the real call is recorded by the caller).
+    False if the answer is gone (its conversation was deleted)."""
+    replaced = Message.objects.filter(pk=answer.pk, status=Message.Status.INTERRUPTED).update(**final)
+    if not replaced:
+        return False
+    estimate = TokenUsage.objects.filter(
+        message_id=answer.pk, kind=TokenUsage.Kind.ANSWER, estimated=True
+    ).first()
+    if estimate is not None:
+        if limited:
+            tokens = estimate.prompt_tokens + estimate.completion_tokens
+            quotas.settle(None, user=_UserRef(owner_id), tokens=-tokens, cost=-estimate.cost)
+        estimate.delete()
+    return True
+
+
 class _UserRef:
     """`quotas.settle` needs only the user's pk."""
 
@@ -92,19 +113,24 @@ def save_answer(
         )
     with transaction.atomic():
         now = timezone.now()
+        final = {
+            "content": content,
+            "status": status,
+            "finish_reason": finish_reason,
+            "model": model,
+            "worker": "",
+            "accounting": None,
+            "updated_at": now,
+        }
         # The UPDATE locks the row until commit: a conversation deleted
         # meanwhile is seen as gone (0 rows) and cannot vanish between this
         # and the ledger row.
-        alive = bool(
-            Message.objects.filter(pk=answer.pk).update(
-                content=content,
-                status=status,
-                finish_reason=finish_reason,
-                model=model,
-                worker="",
-                updated_at=now,
-            )
-        )
+        limited = reservation is not None
+        alive = bool(Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING).update(**final))
+        swept = not alive and _end_after_sweep(answer, owner_id, final, limited=limited)
+        alive = alive or swept
+        if swept:
+            reservation = None  # the sweep released it
         if alive:
             Conversation.objects.filter(pk=answer.conversation_id).update(updated_at=now)
         if called:
@@ -117,7 +143,7 @@ def save_answer(
                 reservation=reservation,
                 conversation_id=answer.conversation_id if alive else None,
                 message_id=answer.pk if alive else None,
-                limited=reservation is not None,
+                limited=limited,
             )
         elif reservation is not None:
             quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)

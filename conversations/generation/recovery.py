@@ -1,17 +1,31 @@
-"""Answers whose process died: found by their worker id (a process of this
-machine that no longer exists) or by staleness, and marked `interrupted`."""
+"""Answers whose worker died: found by their heartbeat (a live answer's
+`updated_at` is refreshed every CHAT_CHECKPOINT_INTERVAL by its worker, see
+runner.Checkpointer) or by their worker id (a process of this machine that no
+longer exists), and settled as `interrupted` by whichever worker finds them
+first: the text as far as it was shown (the answer's log in Redis has every
+delta the sockets got; the database has the last checkpoint), the usage
+estimated into the ledger, the quota reservation released, every follower
+told. A live answer is never touched: its heartbeat is fresh."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
-from ..models import Message
+from accounts import quotas
+
+from .. import llm
+from ..models import Message, TokenUsage
+from ..rendering import render_markdown_cached
+from .events import NO_COST, finished_event, usage_payload
 
 log = logging.getLogger(__name__)
 
@@ -33,30 +47,148 @@ def _pid_alive(pid: int) -> bool:
 def _worker_dead(worker: str, *, include_self: bool) -> bool:
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
-        return False  # another machine's worker: only staleness can tell
+        return False  # another machine's worker: only its heartbeat can tell
     if worker == WORKER_ID:
         return include_self
     return not _pid_alive(int(pid))
 
 
-def sweep_interrupted(*, stale_after: float | None = None, at_startup: bool = False) -> int:
-    """Mark answers left `streaming` by a dead process as `interrupted`.
+@dataclass(frozen=True)
+class DeadAnswer:
+    pk: Any
+    conversation_id: Any
 
-    Dead means: run by a process of this machine that no longer exists (at
-    start-up this process's own id counts too, as it has run nothing yet), or
-    not checkpointed for `stale_after` seconds, whoever ran it.
-    """
-    stale_after = settings.CHAT_STALE_AFTER if stale_after is None else stale_after
+
+def dead_answers(*, stale_after: float | None, include_self: bool = False) -> list[DeadAnswer]:
+    """Streaming answers whose worker is gone: run by a process of this
+    machine that no longer exists (with `include_self`, this process too: at
+    start-up it has run nothing yet), or, when `stale_after` is given, whose
+    heartbeat is older than that, whoever ran them."""
     streaming = Message.objects.filter(status=Message.Status.STREAMING)
-    cutoff = timezone.now() - timedelta(seconds=stale_after)
-    ids = set(streaming.filter(updated_at__lt=cutoff).values_list("pk", flat=True))
-    for pk, worker in streaming.exclude(pk__in=ids).values_list("pk", "worker"):
-        if _worker_dead(worker, include_self=at_startup):
-            ids.add(pk)
-    if not ids:
-        return 0
-    count = Message.objects.filter(pk__in=ids, status=Message.Status.STREAMING).update(
-        status=Message.Status.INTERRUPTED, worker="", updated_at=timezone.now()
+    found: dict[Any, DeadAnswer] = {}
+    if stale_after is not None:
+        cutoff = timezone.now() - timedelta(seconds=stale_after)
+        stale = streaming.filter(updated_at__lt=cutoff)
+        for pk, conversation_id in stale.values_list("pk", "conversation_id"):
+            found[pk] = DeadAnswer(pk, conversation_id)
+    for pk, conversation_id, worker in streaming.values_list("pk", "conversation_id", "worker"):
+        if pk not in found and _worker_dead(worker, include_self=include_self):
+            found[pk] = DeadAnswer(pk, conversation_id)
+    return list(found.values())
+
+
+def settle_dead(pk: Any, shown: str | None = None) -> dict[str, Any] | None:
+    """Settle one dead answer in one transaction; returns its
+    `generation.finished` event for the followers, or None if it was not
+    streaming any more (another worker settled it, or it ended).
+
+    `shown`: the text its followers were shown (from the answer's log), used
+    when it is longer than the last checkpoint."""
+    from .turns import reservation_of  # turns imports this module
+
+    with transaction.atomic():
+        answer = (
+            Message.objects.select_related("conversation")
+            .filter(pk=pk, status=Message.Status.STREAMING)
+            .first()
+        )
+        if answer is None:
+            return None
+        content = answer.content
+        if shown is not None and len(shown) > len(content) and shown.startswith(content):
+            content = shown
+        accounting = answer.accounting or {}
+        claimed = Message.objects.filter(pk=pk, status=Message.Status.STREAMING).update(
+            status=Message.Status.INTERRUPTED,
+            content=content,
+            worker="",
+            accounting=None,
+            updated_at=timezone.now(),
+        )
+        if not claimed:  # another worker settled it between the two statements
+            return None
+        owner_id = answer.conversation.owner_id
+        reservation = reservation_of(accounting, owner_id)
+        from .ledger import record_call
+
+        if content:
+            # The model was working: its prompt and what it wrote, estimated
+            # (the usage chunk comes only at the end of a stream).
+            usage = llm.Usage(
+                prompt_tokens=int(accounting.get("prompt_tokens") or 0),
+                completion_tokens=llm.estimate_tokens(content),
+            )
+            cost = record_call(
+                user_id=owner_id,
+                kind=TokenUsage.Kind.ANSWER,
+                model=answer.model,
+                usage=usage,
+                estimated=True,
+                reservation=reservation,
+                conversation_id=answer.conversation_id,
+                message_id=answer.pk,
+                limited=reservation is not None,
+            )
+            payload = usage_payload(usage.prompt_tokens, usage.completion_tokens, cost)
+        else:
+            # Nothing came back: no sign the model ever ran; the hold goes back.
+            if reservation is not None:
+                quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)
+            payload = usage_payload(0, 0, NO_COST)
+    log.warning("answer %s: its worker is gone; settled as interrupted (%d chars kept)", pk, len(content))
+    return finished_event(
+        answer,
+        status=Message.Status.INTERRUPTED,
+        finish_reason="",
+        content=content,
+        html=render_markdown_cached(content),
+        model=answer.model,
+        usage=payload,
     )
-    log.warning("marked %d answer(s) left streaming by a dead process as interrupted", count)
+
+
+class _UserRef:
+    def __init__(self, pk: int) -> None:
+        self.pk = pk
+
+
+def shown_text(answer_id: Any) -> str | None:
+    """The text of an answer's log in Redis (every delta its followers were
+    sent), if there is one and it is whole."""
+    if not settings.REDIS_URL:
+        return None
+    import redis
+
+    from .fanout import log_text
+
+    try:
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
+        try:
+            return log_text(client.xrange(f"chat:answer:{answer_id}"))
+        finally:
+            client.close()
+    except Exception as exc:  # Redis away: the checkpoint is what we have
+        log.warning("answer log of %s unreadable: %s", answer_id, exc)
+        return None
+
+
+def sweep_interrupted(*, stale_after: float | None = None, at_startup: bool = False) -> int:
+    """Settle every dead answer (see `dead_answers`); for cron
+    (`manage.py sweep_streaming`), start-up and tests. Running workers do the
+    same by themselves every few seconds (process.Caretaker)."""
+    from asgiref.sync import async_to_sync
+
+    from .fanout import tell
+
+    stale_after = settings.CHAT_STALE_AFTER if stale_after is None else stale_after
+    count = 0
+    for dead in dead_answers(stale_after=stale_after, include_self=at_startup):
+        event = settle_dead(dead.pk, shown_text(dead.pk))
+        if event is None:
+            continue
+        count += 1
+        try:
+            async_to_sync(tell)(str(dead.conversation_id), event)
+        except Exception as exc:  # the database has it; pages see it on their next join
+            log.warning("could not tell the followers of %s: %s", dead.conversation_id, exc)
     return count

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import Case, Value, When
 from django.utils import timezone
 
@@ -72,6 +72,11 @@ async def launch(accepted: Accepted) -> asyncio.Task[None]:
     _running.add(task)
     task.add_done_callback(_running.discard)
     return task
+
+
+def running_tasks() -> set[asyncio.Task[None]]:
+    """The answers this process is writing now."""
+    return set(_running)
 
 
 async def wait_all(timeout: float = 30.0) -> None:
@@ -144,8 +149,11 @@ class Generation:
             outcome = await self._read_until_done()
             return await self._finish(outcome)
         except asyncio.CancelledError:
-            # The process is going down: say so in the database if we still can.
-            await asyncio.shield(self._mark_interrupted())
+            # The process is going down (a deploy's grace period ran out):
+            # settle the answer as `interrupted` with what was shown.
+            self._flush()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._finish(_Outcome(interrupted=True)))
             raise
         except Exception:
             log.exception("answer %s crashed", self.answer_id)
@@ -229,7 +237,7 @@ class Generation:
         content = "".join(self.sent)
         status, finish_reason = outcome.status()
         model = outcome.end.model if outcome.end else self.answer.model
-        usage, html, first_answer = await in_database(save_answer)(
+        usage, html, first_answer = await self._save(
             answer=self.answer,
             owner_id=self.conversation.owner_id,
             content=content,
@@ -268,14 +276,22 @@ class Generation:
         log.info("answer %s %s: %d chars, %d frames", self.answer_id, status, len(content), self.seq)
         return status, first_answer
 
-    async def _mark_interrupted(self) -> None:
-        with contextlib.suppress(Exception):
-            await Message.objects.filter(pk=self.answer.pk, status=Message.Status.STREAMING).aupdate(
-                content="".join(self.sent),
-                status=Message.Status.INTERRUPTED,
-                worker="",
-                updated_at=timezone.now(),
-            )
+    async def _save(self, **end: Any) -> tuple[dict[str, Any], str, bool]:
+        """`save_answer`, tried again while the database is away (restarted,
+        failed over): the answer's end is one transaction, so a retry
+        stores it once. Its followers have every delta meanwhile; the
+        `generation.finished` waits for the database."""
+        deadline = time.monotonic() + settings.CHAT_SAVE_RETRY_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                return await in_database(save_answer)(**end)
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("answer %s: database away (%s); retry in %.1f s", self.answer_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 @dataclass
@@ -283,8 +299,11 @@ class _Outcome:
     end: llm.StreamEnd | None = None
     error: llm.LLMError | None = None
     stopped: bool = False
+    interrupted: bool = False  # this process is going down
 
     def status(self) -> tuple[str, str]:
+        if self.interrupted:
+            return Message.Status.INTERRUPTED, ""
         if self.stopped:
             return Message.Status.STOPPED, ""
         if self.error is not None or self.end is None:
@@ -296,6 +315,8 @@ class _Outcome:
     def called(self, content: str) -> bool:
         """Did the model do billable work? A refused request (401, 429,
         connection refused) produced nothing and costs nothing."""
+        if self.interrupted:
+            return bool(content)
         return self.end is not None or bool(content) or self.stopped
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -129,7 +130,10 @@ def _last_active(conversation: Conversation, role: str) -> Message | None:
 
 
 def _new_answer(conversation: Conversation, **fields: Any) -> Message:
-    return Message.objects.create(
+    """The answer, not yet stored: `_atomic_turn` inserts it once its
+    history and budget are known, with what a dead worker's answer needs
+    to be settled."""
+    return Message(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
         status=Message.Status.STREAMING,
@@ -162,6 +166,23 @@ def _most_tokens(accepted: Accepted) -> int:
     return messages_tokens(accepted.messages) + longest
 
 
+def accounting_of(accepted: Accepted) -> dict[str, Any]:
+    reservation = accepted.reservation
+    return {
+        "prompt_tokens": messages_tokens(accepted.messages),
+        "limited": reservation is not None,
+        "holds": [[h.counter_id, h.tokens, str(h.cost)] for h in reservation.holds] if reservation else [],
+    }
+
+
+def reservation_of(accounting: dict[str, Any] | None, user_id: int) -> quotas.Reservation | None:
+    """The quota reservation an answer holds, from its `accounting`."""
+    if not accounting or not accounting.get("limited"):
+        return None
+    holds = [quotas.Hold(int(c), int(t), Decimal(cost)) for c, t, cost in accounting.get("holds", [])]
+    return quotas.Reservation(user_id=user_id, holds=holds)
+
+
 def _atomic_turn(user: Any, build: Any) -> Accepted:
     """`build` in one transaction with the history, the budget and, last,
     the rate limit: everything it stores and reserves, or nothing."""
@@ -172,6 +193,10 @@ def _atomic_turn(user: Any, build: Any) -> Accepted:
             accepted.reservation = quotas.reserve_answer(
                 user, estimated_tokens=_most_tokens(accepted), model=accepted.answer.model
             )
+            accepted.answer.accounting = accounting_of(accepted)
+            # Inserted last: the partial unique index refuses a second
+            # streaming answer here (Busy), and everything rolls back with it.
+            accepted.answer.save(force_insert=True)
             if not accepted.conversation_created:  # a new one has just been stamped
                 Conversation.objects.filter(pk=accepted.conversation.pk).update(updated_at=timezone.now())
             retry_after = take_send(user)

@@ -632,10 +632,18 @@ function connect() {
     updateComposer();
   });
 
+  let parts = []; // a long frame arrives as consecutive `frame.part` messages
   socket.addEventListener("message", (event) => {
     let frame;
     try {
       frame = JSON.parse(event.data);
+      if (frame.type === "frame.part") {
+        if (frame.part === 0) parts = [];
+        parts.push(frame.data);
+        if (frame.part < frame.parts - 1) return;
+        frame = JSON.parse(parts.join(""));
+        parts = [];
+      }
     } catch {
       return;
     }
@@ -651,8 +659,10 @@ function connect() {
       return;
     }
     setConnectionStatus("Reconnecting…");
-    const delay = state.backoff;
-    state.backoff = Math.min(state.backoff * 2, BACKOFF_MAX);
+    // 4012 (or 1012): the worker is restarting (a deploy); another one takes us at once.
+    const restart = event.code === 4012 || event.code === 1012;
+    const delay = restart ? 100 + Math.random() * 400 : state.backoff;
+    if (!restart) state.backoff = Math.min(state.backoff * 2, BACKOFF_MAX);
     state.reconnectTimer = setTimeout(connect, delay);
   });
 }

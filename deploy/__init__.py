@@ -1,0 +1,1 @@
+"""Deployment: nginx in front of N daphne workers (see deploy/README.md)."""
