@@ -104,6 +104,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     following: dict[str, _Following]
 
     async def connect(self) -> None:
+        if generation.draining():
+            # This worker is shutting down: refuse the handshake (403), which
+            # the proxy retries on another worker (proxy_next_upstream).
+            await self.close()
+            return
         # Accept first, then close: a refused handshake reaches the browser as
         # a bare 403 and the page could not tell "log in again" from a fault.
         await self.accept()
@@ -122,10 +127,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user_topic = generation.user_topic(user.pk)
         await self.hub.follow(self.user_topic, self)
         worker = generation.this_worker()
-        if worker.draining:  # this worker is shutting down: try another
-            await self.close_for_restart()
-            return
         worker.sockets.add(self)
+        if worker.draining:  # the drain began during this handshake
+            await self.close_for_restart()
 
     async def close_for_restart(self) -> None:
         """Close with 4012 (service restart): the page reconnects, through the
@@ -285,7 +289,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
             raise FrameError("invalid_request", "`after` must be a non-negative integer.")
         await self._own(conversation_id)
-        await self._rejoin(str(conversation_id), missed_end=after is not None)
+        try:
+            await self._rejoin(str(conversation_id), missed_end=after is not None)
+        except Exception as exc:  # Redis or the database away: the socket stays; try again
+            log.warning("join of %s failed (%s); trying again", conversation_id, exc)
+            self._spawn(self._patiently(self._rejoin, str(conversation_id), missed_end=True))
 
     async def _follow(self, conversation_id: str) -> _Following:
         state = self.following.get(conversation_id)
@@ -302,10 +310,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         state.holding = True
         snapshot = await self.hub.snapshot(conversation_id)
         streaming = None
-        if snapshot is None:
+        if snapshot is None or not snapshot.local:
+            # Redis's word is checked against the database: a log it kept of
+            # an answer whose end's writes were lost (Redis away) is no snapshot.
             streaming = await database_sync_to_async(generation.streaming_answer_id)(conversation_id)
-            if streaming is not None:
-                snapshot = await self._snapshot_soon(conversation_id)
+            if snapshot is not None and snapshot.answer_id != streaming:
+                snapshot = None
+            if snapshot is None and streaming is not None:
+                snapshot = await self._snapshot_soon(conversation_id, streaming)
         if self.following.get(conversation_id) is not state:
             return  # unfollowed meanwhile (the conversation was deleted)
         if snapshot is not None and state.holding:
@@ -323,13 +335,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if snapshot is None:
             await self._settle_missed(conversation_id, missed_end=missed_end, streaming=streaming)
 
-    async def _snapshot_soon(self, conversation_id: str) -> generation.Snapshot | None:
+    async def _snapshot_soon(self, conversation_id: str, answer_id: str) -> generation.Snapshot | None:
         """The database says an answer streams but no worker shows it yet: its
         log in Redis may be a moment behind its start. Ask again, briefly."""
         for delay in SNAPSHOT_RETRY:
             await asyncio.sleep(delay)
             snapshot = await self.hub.snapshot(conversation_id)
-            if snapshot is not None:
+            if snapshot is not None and snapshot.answer_id == answer_id:
                 return snapshot
         return None
 
@@ -398,8 +410,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _catch_up(self, conversation_id: str, answer: str, after: int) -> None:
         deltas = await self.hub.deltas_after(conversation_id, answer, after)
         state = self.following.get(conversation_id)
-        if state is None or not state.holding:
-            return
+        if state is None or not state.holding or answer not in state.last_seq:
+            return  # ended meanwhile: its `generation.finished` has the whole text
         for seq, text in deltas:
             delta = {"type": "generation.delta", "conversation": conversation_id, "message": answer}
             self._delta(state, Frame({**delta, "seq": seq, "text": text}, conversation_id), lenient=True)
@@ -416,12 +428,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         (restarting): the socket stays open and is shown everything once it
         is back."""
         for delay in (*CATCH_UP_RETRY, None):
+            if conversation_id not in self.following:
+                return  # unfollowed meanwhile (deleted)
             try:
                 await work(conversation_id, *args, **kwargs)
                 return
             except Exception as exc:
-                if delay is None or conversation_id not in self.following:
+                if delay is None:
                     log.warning("catch-up of %s failed for good: %s", conversation_id, exc)
+                    state = self.following.get(conversation_id)
+                    if state is not None and state.holding:
+                        self._release(state, lenient=True)  # show what came, at least
                     return
                 log.warning("catch-up of %s failed (%s); again in %.1f s", conversation_id, exc, delay)
                 await asyncio.sleep(delay)

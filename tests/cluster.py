@@ -247,7 +247,8 @@ class Cluster:
         """The worker a websocket reached, from the X-Chat-Upstream header
         nginx adds to the handshake's response (host:port of the worker)."""
         assert ws.response is not None
-        upstream = ws.response.headers.get("X-Chat-Upstream", "")
+        # "a, b" when nginx tried a first (a draining worker refuses): b took it.
+        upstream = ws.response.headers.get("X-Chat-Upstream", "").split(",")[-1].strip()
         for worker in self.workers:
             if upstream == f"127.0.0.1:{worker.port}":
                 return worker

@@ -203,6 +203,13 @@ async def test_sigterm_drains_the_worker_and_its_answer_finishes(
     # Its sockets are closed at once with 4012 (service restart): pages reconnect elsewhere.
     assert await _close_code(a, timeout=5) == 4012
     assert _health(leaving.url)[0] == 503  # out of the balancer's rotation while it drains
+    # New sockets through nginx reach the other worker (the leaving one
+    # refuses handshakes; nginx tries the next).
+    cookie = await _login("lee2")
+    for _ in range(3):
+        ws = await workers.connect(cookie)
+        assert workers.worker_of(ws) is not leaving
+        await ws.close()
     # The answer goes on to its end on the leaving worker; the other tab sees it all.
     finished = await recv_until(b, _is("generation.finished", answer), frames_b, timeout=20)
     assert finished["status"] == "complete"
@@ -241,7 +248,7 @@ async def test_redis_restarted_mid_answer_loses_nothing(
     redis = start_redis(tmp_path / "own-redis")
     try:
         workers = make_cluster(redis=redis)
-        a, b, _conversation, answer, tokens, frames_a, frames_b = await _start_long_answer(
+        a, b, conversation, answer, tokens, frames_a, frames_b = await _start_long_answer(
             workers, fake_llm, "ned", chunks=200, delay=0.03
         )
         here = workers.worker_of(a)
@@ -253,6 +260,8 @@ async def test_redis_restarted_mid_answer_loses_nothing(
         )
         status, report = _health(here.url)
         assert status == 503 and report["checks"]["redis"] == "error", report
+        # A join while Redis is away does not kill the socket: it is answered once Redis is back.
+        await b.send(json.dumps({"type": "conversation.join", "conversation": conversation}))
         redis.start()  # same port, empty
         finished_a = await recv_until(a, _is("generation.finished", answer), frames_a, timeout=30)
         finished_b = await recv_until(b, _is("generation.finished", answer), frames_b, timeout=30)

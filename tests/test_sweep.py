@@ -184,3 +184,36 @@ def test_an_answer_taken_for_dead_that_ends_after_all_keeps_its_real_end(alice: 
     assert (row.prompt_tokens, row.completion_tokens, row.estimated) == (30, 7, False)
     day = QuotaCounter.objects.get(user=alice, window="day")
     assert (day.tokens_used, day.tokens_reserved) == (37, 0)
+
+
+def test_an_end_saved_twice_is_accounted_once(alice: Any) -> None:
+    """A retried save whose first try committed (the reply was lost with the
+    connection) stores nothing more: one ledger row, the hold released once."""
+    from accounts.models import Quota, QuotaCounter
+    from conversations import llm
+    from conversations.generation.ledger import save_answer
+    from conversations.models import TokenUsage
+
+    Quota.objects.create(user=alice, tokens_per_day=100_000)
+    accepted = generation.accept_message(
+        user=alice, conversation_id=None, content="hello", client_id=uuid.uuid4()
+    )
+    end = {
+        "answer": accepted.answer,
+        "owner_id": alice.pk,
+        "content": "Hi there.",
+        "status": "complete",
+        "finish_reason": "stop",
+        "model": "fake-model",
+        "usage": llm.Usage(prompt_tokens=12, completion_tokens=3),
+        "messages": accepted.messages,
+        "called": True,
+        "reservation": accepted.reservation,
+    }
+    first = save_answer(**end)
+    again = save_answer(**end)
+
+    assert first[0] == again[0]
+    assert TokenUsage.objects.filter(message_id=accepted.answer.pk).count() == 1
+    day = QuotaCounter.objects.get(user=alice, window="day")
+    assert (day.tokens_used, day.tokens_reserved) == (15, 0)

@@ -81,6 +81,7 @@ class Snapshot:
     answer_id: str
     seq: int
     content: str
+    local: bool = True  # from this process's running answer; else from Redis
 
 
 TOPIC_PREFIX = "chat:topic:"
@@ -211,9 +212,15 @@ class RedisLink:
 
     def __init__(self, hub: Hub, url: str) -> None:
         import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.hub = hub
-        self.client = redis.Redis.from_url(url, socket_timeout=15, socket_connect_timeout=5)
+        # No silent retries inside redis-py: a Redis that restarted (empty)
+        # must be seen here, so that the logs are rewritten (below).
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=15, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
         self.origin = WORKER_ID.encode()
         self._queue: list[tuple[Any, ...]] = []
         self._wake = asyncio.Event()
@@ -287,15 +294,15 @@ class RedisLink:
     async def _write(self, batch: list[tuple[Any, ...]]) -> None:
         for attempt, delay in enumerate((*RECONNECT_DELAY, None)):
             try:
-                commands = self._rebuilt(batch) if self._lost else batch
+                rewrite, self._lost = self._lost, False  # set again by a failure meanwhile
+                commands = self._rebuilt(batch) if rewrite else batch
                 pipe = self.client.pipeline(transaction=False)
                 for command in commands:
                     pipe.execute_command(*command)
                 await pipe.execute(raise_on_error=False)
-                if self._lost:
+                if rewrite:
                     running = len(self.hub.running)
                     log.warning("answer log: Redis is back; logs of %d running answer(s) rewritten", running)
-                self._lost = False
                 return
             except Exception as exc:  # Redis down: local followers still have every frame
                 self._lost = True  # it may come back empty
@@ -338,7 +345,7 @@ class RedisLink:
         for _id, fields in entries:
             seq = int(fields[b"s"])
             parts.append(fields[b"t"].decode())
-        return Snapshot(answer_id, seq, "".join(parts))
+        return Snapshot(answer_id, seq, "".join(parts), local=False)
 
     async def deltas_after(self, answer_id: str, seq: int) -> list[tuple[int, str]]:
         entries = await self.client.xrange(_log_key(answer_id))

@@ -59,6 +59,13 @@ def record_call(
     return cost
 
 
+def _stored_usage(answer: Message) -> dict[str, Any]:
+    row = TokenUsage.objects.filter(message_id=answer.pk, kind=TokenUsage.Kind.ANSWER).first()
+    if row is None:
+        return usage_payload(0, 0, NO_COST)
+    return usage_payload(row.prompt_tokens, row.completion_tokens, row.cost)
+
+
 def _end_after_sweep(answer: Message, owner_id: int, final: dict[str, Any], *, limited: bool) -> bool:
     """The answer is not `streaming` any more although it ran here to its
     end: this worker was cut off from the database long enough for another
@@ -127,8 +134,15 @@ def save_answer(
         # and the ledger row.
         limited = reservation is not None
         alive = bool(Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING).update(**final))
-        swept = not alive and _end_after_sweep(answer, owner_id, final, limited=limited)
-        alive = alive or swept
+        swept = False
+        if not alive:  # rare: see what ended it
+            stored = Message.objects.filter(pk=answer.pk).values_list("status", flat=True).first()
+            if stored is not None and (stored != Message.Status.INTERRUPTED or status == stored):
+                # This very end is stored already (a retry whose first try
+                # committed): never a second ledger row or settlement.
+                return _stored_usage(answer), render_markdown_cached(content), False
+            swept = stored is not None and _end_after_sweep(answer, owner_id, final, limited=limited)
+            alive = swept
         if swept:
             reservation = None  # the sweep released it
         if alive:

@@ -85,8 +85,12 @@ class Worker:
         for dead in found:
             if str(dead.pk) in ours:
                 continue  # running here, so alive (a busy loop may have delayed its heartbeat)
-            shown = await hub.shown_text(str(dead.pk))
-            event = await in_database(settle_dead)(dead.pk, shown)
+            try:
+                shown = await hub.shown_text(str(dead.pk))
+                event = await in_database(settle_dead)(dead.pk, shown)
+            except Exception:  # one answer that cannot be settled must not stop the others
+                log.exception("could not settle answer %s", dead.pk)
+                continue
             if event is not None:
                 hub.publish(str(dead.conversation_id), event)
                 settled += 1
@@ -116,13 +120,15 @@ class Worker:
         for socket in sockets:
             with contextlib.suppress(Exception):
                 await socket.close_for_restart()
+        deadline = time.monotonic() + settings.CHAT_DRAIN_SECONDS
+        while tasks and time.monotonic() < deadline:  # also answers that began meanwhile
+            await asyncio.wait(tasks, timeout=deadline - time.monotonic())
+            tasks = running_tasks()
         if tasks:
-            _done, late = await asyncio.wait(tasks, timeout=settings.CHAT_DRAIN_SECONDS)
-            for task in late:
+            for task in tasks:
                 task.cancel()  # each saves itself as `interrupted`, with what was shown
-            if late:
-                log.warning("drain: %d answer(s) did not finish in time; saved as interrupted", len(late))
-                await asyncio.wait(late, timeout=10)
+            log.warning("drain: %d answer(s) did not finish in time; saved as interrupted", len(tasks))
+            await asyncio.wait(tasks, timeout=10)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(get_hub().flush(), 5)
         log.warning("drain done; stopping")

@@ -175,12 +175,19 @@ def shown_text(answer_id: Any) -> str | None:
 def sweep_interrupted(*, stale_after: float | None = None, at_startup: bool = False) -> int:
     """Settle every dead answer (see `dead_answers`); for cron
     (`manage.py sweep_streaming`), start-up and tests. Running workers do the
-    same by themselves every few seconds (process.Caretaker)."""
+    same by themselves every few seconds (process.Worker.sweep).
+
+    At start-up only dead processes of this machine count: heartbeats are not
+    judged by a process that has just come up (the database may have just
+    come back too, before any worker could beat again)."""
     from asgiref.sync import async_to_sync
 
     from .fanout import tell
 
-    stale_after = settings.CHAT_STALE_AFTER if stale_after is None else stale_after
+    if at_startup:
+        stale_after = None
+    elif stale_after is None:
+        stale_after = settings.CHAT_STALE_AFTER
     count = 0
     for dead in dead_answers(stale_after=stale_after, include_self=at_startup):
         event = settle_dead(dead.pk, shown_text(dead.pk))

@@ -108,6 +108,7 @@ class Generation:
         self.stopping = False
         self._timer: asyncio.TimerHandle | None = None
         self._reader: asyncio.Task[_Outcome] | None = None
+        self._ending: asyncio.Future[tuple[str, bool]] | None = None
 
     # --- what followers and other workers ask of it ----------------------------------
 
@@ -150,10 +151,13 @@ class Generation:
             return await self._finish(outcome)
         except asyncio.CancelledError:
             # The process is going down (a deploy's grace period ran out):
-            # settle the answer as `interrupted` with what was shown.
-            self._flush()
+            # settle the answer as `interrupted` with what was shown, unless
+            # its end is being saved already (then that end stands).
+            if self._ending is None:
+                self._flush()
+                self._ending = asyncio.ensure_future(self._end(_Outcome(interrupted=True)))
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._finish(_Outcome(interrupted=True)))
+                await asyncio.shield(self._ending)
             raise
         except Exception:
             log.exception("answer %s crashed", self.answer_id)
@@ -234,6 +238,14 @@ class Generation:
         self._publish({"type": "generation.delta", "seq": self.seq, "text": text})
 
     async def _finish(self, outcome: _Outcome) -> tuple[str, bool]:
+        """Save and announce the end, once: a task of its own, so that a
+        cancellation meanwhile (the drain) waits for it instead of saving a
+        second end."""
+        if self._ending is None:
+            self._ending = asyncio.ensure_future(self._end(outcome))
+        return await asyncio.shield(self._ending)
+
+    async def _end(self, outcome: _Outcome) -> tuple[str, bool]:
         content = "".join(self.sent)
         status, finish_reason = outcome.status()
         model = outcome.end.model if outcome.end else self.answer.model

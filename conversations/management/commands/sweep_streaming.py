@@ -10,18 +10,21 @@ from conversations.generation import sweep_interrupted
 
 class Command(BaseCommand):
     help = (
-        "Mark answers left 'streaming' by a dead process as 'interrupted': those of a "
-        "process of this machine that no longer runs, and any not checkpointed for "
-        "--stale-after seconds. Safe to run from cron while the site serves."
+        "Settle answers left 'streaming' by a dead process as 'interrupted' (text, "
+        "ledger, quota): those of a process of this machine that no longer runs, and "
+        "any without a heartbeat for --stale-after seconds. Running workers do this "
+        "themselves; this is the backstop for cron, safe while the site serves."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--stale-after",
             type=float,
-            default=settings.CHAT_STALE_AFTER,
-            help="Seconds without a checkpoint after which an answer counts as dead "
-            "(default: CHAT_STALE_AFTER, %(default)s).",
+            default=max(120.0, settings.CHAT_STALE_AFTER),
+            help="Seconds without a heartbeat after which an answer counts as dead "
+            "(default %(default)s: the workers settle dead answers themselves after "
+            "CHAT_STALE_AFTER; this is the backstop, patient enough not to take a "
+            "worker that was briefly cut off from the database for dead).",
         )
 
     def handle(self, *args: Any, stale_after: float, **options: Any) -> None:
