@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -58,9 +59,13 @@ class LLMError(Exception):
     code = "upstream_error"
     user_message = "The model service returned an error."
 
-    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
-        super().__init__(detail or self.user_message)
+    def __init__(
+        self, detail: str = "", *, retry_after: float | None = None, user_message: str | None = None
+    ) -> None:
+        super().__init__(detail or user_message or self.user_message)
         self.retry_after = retry_after
+        if user_message:
+            self.user_message = user_message  # this error's own words, e.g. with the upstream's reason
 
 
 class UpstreamAuthError(LLMError):
@@ -163,7 +168,7 @@ async def stream_chat(
                 )
             )
         except openai.OpenAIError as exc:
-            raise _map_error(exc) from exc
+            raise _map_error(exc, model) from exc
         reading = _read_sse(response.iter_lines(), model)
         try:
             async for event in reading:
@@ -213,11 +218,32 @@ async def _read_sse(lines: AsyncIterator[str], model: str) -> AsyncIterator[Text
 
 def _stream_error(error: Any) -> LLMError:
     """An error event inside an otherwise good stream."""
-    message = error.get("message", "") if isinstance(error, dict) else str(error)
-    log.warning("model stream sent an error: %s", message[:200])
+    message = _redact(error.get("message", "") if isinstance(error, dict) else str(error))
+    log.warning("model stream sent an error: %s", message)
     if "context" in message.lower() and "length" in message.lower():
         return ContextTooLong()
-    return LLMError(message[:500])
+    return LLMError(message, user_message=f"The model service reported an error: {message}")
+
+
+_SECRET = re.compile(r"\b(sk|key|api[_-]?key)[-_A-Za-z0-9*.]{6,}", re.IGNORECASE)
+
+
+def _redact(text: str, limit: int = 300) -> str:
+    """One line of an upstream's message, safe for a page and a log: no key
+    (servers quote the bad one back, partly masked), bounded."""
+    line = " ".join(str(text).split())
+    line = _SECRET.sub("[key]", line)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _reason(exc: openai.OpenAIError) -> str:
+    """The upstream's own words for a rejected request, if it gave any."""
+    body = getattr(exc, "body", None)  # the SDK keeps the `error` object
+    if isinstance(body, dict):
+        inner = body["error"] if isinstance(body.get("error"), dict) else body
+        if inner.get("message"):
+            return _redact(inner["message"])
+    return ""
 
 
 @dataclass(frozen=True)
@@ -227,22 +253,48 @@ class Completion:
     model: str
 
 
+# Models whose server refused `response_format` once: asked in plain text since.
+_no_json_output: set[tuple[str, str]] = set()
+
+
 async def complete_chat(
-    messages: Sequence[ChatMessage], *, model: str | None = None, max_tokens: int = 64
+    messages: Sequence[ChatMessage],
+    *,
+    model: str | None = None,
+    max_tokens: int = 64,
+    json_object: bool = False,
 ) -> Completion:
-    """One short, non-streamed completion (titles, summaries)."""
+    """One short, non-streamed completion (titles, summaries). `json_object`:
+    ask for JSON output (`response_format`) where the server supports it; a
+    server that refuses it (HTTP 400) is asked again in plain text, and
+    remembered. A refused request costs nothing."""
     if is_demo():
         question = next((m["content"] for m in messages if m["role"] == "user"), "")
         text = demo_title(question)
+        if json_object:
+            text = json.dumps({"title": text}, ensure_ascii=False)
         prompt_tokens = sum(estimate_tokens(m["content"]) + 4 for m in messages)
         return Completion(text, Usage(prompt_tokens, estimate_tokens(text)), DEMO_MODEL)
     model = model or settings.OPENAI_MODEL
+    key = (settings.OPENAI_BASE_URL, model)
+    extra: dict[str, Any] = {}
+    if json_object and key not in _no_json_output:
+        extra["response_format"] = {"type": "json_object"}
     try:
-        response = await _get_client().chat.completions.create(
-            model=model, messages=list(messages), max_tokens=max_tokens, temperature=0.2
-        )
+        try:
+            response = await _get_client().chat.completions.create(
+                model=model, messages=list(messages), max_tokens=max_tokens, temperature=0.2, **extra
+            )
+        except openai.BadRequestError:
+            if not extra:
+                raise
+            log.info("%s refused JSON output; asking in plain text from now on", model)
+            _no_json_output.add(key)
+            response = await _get_client().chat.completions.create(
+                model=model, messages=list(messages), max_tokens=max_tokens, temperature=0.2
+            )
     except openai.OpenAIError as exc:
-        raise _map_error(exc) from exc
+        raise _map_error(exc, model) from exc
     choice = response.choices[0] if response.choices else None
     text = (choice.message.content if choice and choice.message else None) or ""
     usage = _usage(response.usage) if response.usage is not None else None
@@ -267,8 +319,17 @@ def _usage(raw: Any) -> Usage:
     )
 
 
-def _map_error(exc: openai.OpenAIError) -> LLMError:
-    log.warning("model call failed: %s", type(exc).__name__)
+def _map_error(exc: openai.OpenAIError, model: str = "") -> LLMError:
+    """The error to show for a failed call; the upstream's reason goes to
+    the log for staff and, where the person can act on it, to the page."""
+    status = getattr(exc, "status_code", None)
+    reason = _reason(exc)
+    log.warning(
+        "model call failed: %s%s%s",
+        type(exc).__name__,
+        f" (HTTP {status})" if status else "",
+        f": {reason}" if reason else "",
+    )
     if isinstance(exc, openai.APITimeoutError):
         return UpstreamUnavailable("The model service timed out.")
     if isinstance(exc, openai.APIConnectionError):
@@ -280,9 +341,14 @@ def _map_error(exc: openai.OpenAIError) -> LLMError:
     if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
         if _is_context_error(exc):
             return ContextTooLong()
+        if reason:
+            rejected = f"The model service rejected the request: {reason}"
+            return UpstreamBadRequest(reason, user_message=rejected)
         return UpstreamBadRequest()
     if isinstance(exc, openai.NotFoundError):
-        return UpstreamBadRequest("The model service does not know this model.")
+        known = f"the model “{model}”" if model else "this model"
+        unknown = f"The model service does not know {known}. An administrator must pick another model."
+        return UpstreamBadRequest(reason or "model not found", user_message=unknown)
     if isinstance(exc, openai.APIStatusError) and exc.status_code >= 500:
         return UpstreamUnavailable(
             f"The model service failed (HTTP {exc.status_code}).", retry_after=_retry_after(exc)

@@ -92,6 +92,9 @@ def _fresh_channel_layer_and_cache() -> Iterator[None]:
     limits._blocked_until.clear()  # the process's memo of users over their limit
     forget_prices()  # a price cached by an earlier test's rolled-back rows
     quotas.forget_limits()  # likewise limits
+    from conversations import llm
+
+    llm._no_json_output.clear()  # a server an earlier test scripted to refuse JSON output
     yield
     channel_layers.backends.clear()
 
@@ -270,8 +273,14 @@ def _wait_until_up(server: LiveServer, timeout: float = 30.0) -> None:
 
 @pytest.fixture(scope="session")
 def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
-    """pytest-django's, plus: close psycopg's pool before the test database is
+    """pytest-django's, plus: the tests start from no system prompt (the one
+    a fresh install gets is tested by tests/test_prompts.py on a database of
+    its own); and psycopg's pool is closed before the test database is
     dropped (an idle pooled connection would keep it open)."""
+    from conversations.models import SystemPrompt
+
+    with django_db_blocker.unblock():
+        SystemPrompt.objects.all().delete()
     yield
     from asgiref.sync import SyncToAsync
     from django.db import connections

@@ -308,3 +308,45 @@ async def test_demo_stream_labels_itself_and_echoes_the_question(
     assert end.usage.prompt_tokens > 0
     assert end.usage.completion_tokens > 0
     assert fake_llm_server.requests == []
+
+
+# --- What the person and staff are told ------------------------------------------------------
+
+
+async def test_a_rejected_request_says_the_upstreams_reason_and_logs_it(
+    fake_llm: FakeLLM, caplog: Any
+) -> None:
+    fake_llm.script(
+        Reply.error_reply(400, "Invalid value for 'temperature': must be <= 2.", code="invalid_value")
+    )
+
+    with caplog.at_level("WARNING", logger="conversations.llm"):
+        _, error = await collect_until_error()
+
+    assert error.user_message == (
+        "The model service rejected the request: Invalid value for 'temperature': must be <= 2."
+    )
+    assert "BadRequestError (HTTP 400): Invalid value for 'temperature'" in caplog.text
+
+
+async def test_an_unknown_model_is_named(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply.error_reply(404, "The model `gpt-9` does not exist", code="model_not_found"))
+
+    events = llm.stream_chat([{"role": "user", "content": "hi"}], model="gpt-9")
+    with pytest.raises(UpstreamBadRequest) as raised:
+        async for _event in events:
+            pass
+
+    assert "“gpt-9”" in raised.value.user_message
+
+
+async def test_a_key_quoted_back_by_the_upstream_reaches_neither_page_nor_log(
+    fake_llm: FakeLLM, caplog: Any
+) -> None:
+    fake_llm.script(Reply.error_reply(400, f"Key {API_KEY} may not use this model"))
+
+    with caplog.at_level("WARNING", logger="conversations.llm"):
+        _, error = await collect_until_error()
+
+    assert API_KEY not in error.user_message and API_KEY not in caplog.text
+    assert "may not use this model" in error.user_message

@@ -131,3 +131,66 @@ def test_conversations_started_through_generation_record_the_version_they_used(a
         (2, "Answer in German."),
     ]
     assert [c.prompt_text for c in traced] == ["Answer in French.", "Answer in German."]
+
+
+# --- A fresh install's default prompt (a data migration) ---------------------------
+
+
+MIGRATION_CHECK = """
+import json
+from conversations.models import SystemPrompt
+print(json.dumps([
+    [p.name, p.is_default, p.text, [v.number for v in p.versions.all()]] for p in SystemPrompt.objects.all()
+]))
+"""
+
+
+def _manage(db_path: Any, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(DATABASE_URL=f"sqlite:///{db_path}", DJANGO_SETTINGS_MODULE="chatsite.settings")
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_fresh_install_gets_one_default_prompt_with_its_first_version(tmp_path: Any) -> None:
+    import json
+
+    db = tmp_path / "fresh.sqlite3"
+    _manage(db, "migrate", "--no-input", "-v", "0")
+    [[name, is_default, text, versions]] = json.loads(
+        _manage(db, "shell", "-c", MIGRATION_CHECK).strip().splitlines()[-1]
+    )
+    assert (name, is_default, versions) == ("Assistant", True, [1])
+    for words in ("concise", "unsure", "Markdown"):
+        assert words in text
+
+
+def test_an_install_that_has_prompts_gets_none_on_upgrade(tmp_path: Any) -> None:
+    import json
+
+    db = tmp_path / "upgrade.sqlite3"
+    _manage(db, "migrate", "conversations", "0005", "--no-input", "-v", "0")
+    _manage(
+        db,
+        "shell",
+        "-c",
+        "from conversations.models import SystemPrompt; "
+        "SystemPrompt.objects.create(name='Ours', text='Be brief.', is_default=True)",
+    )
+    _manage(db, "migrate", "--no-input", "-v", "0")
+    prompts_now = json.loads(_manage(db, "shell", "-c", MIGRATION_CHECK).strip().splitlines()[-1])
+    assert [p[:3] for p in prompts_now] == [["Ours", True, "Be brief."]]

@@ -244,3 +244,39 @@ async def test_demo_model_titles_from_the_question(alice: Any, demo_mode: None, 
     conversation = await Conversation.objects.aget(pk=frames[0]["conversation"]["id"])
     assert conversation.title == "How do owls see at night…"
     assert frames[-1]["model"] == "demo"
+
+
+async def test_titles_are_asked_as_json_and_never_keep_markdown(alice: Any, fake_llm: Any) -> None:
+    fake_llm.script_completion(Reply(chunks=['{"title": "## **Owls** at [night](https://x.example)."}']))
+    ws = await connect(alice)
+    frames = await ask(ws, "Tell me about owls")
+    await ws.disconnect()
+    await generation.wait_all()
+    conversation = await Conversation.objects.aget(pk=frames[0]["conversation"]["id"])
+    assert conversation.title == "Owls at night"
+    assert fake_llm.completion_requests[0].body["response_format"] == {"type": "json_object"}
+
+
+async def test_a_server_without_json_output_is_asked_in_plain_text(alice: Any, fake_llm: Any) -> None:
+    from conversations import llm
+
+    llm._no_json_output.clear()
+    fake_llm.script_completion(
+        Reply.error_reply(400, "response_format is not supported", code="invalid_request_error"),
+        Reply(chunks=["# Plain *owl* title"], usage=(20, 4)),
+        Reply(chunks=["Second title"], usage=(20, 2)),
+    )
+    ws = await connect(alice)
+    first = await ask(ws, "Tell me about owls")
+    second = await ask(ws, "And about bats")
+    await ws.disconnect()
+    await generation.wait_all()
+    titles = [
+        (await Conversation.objects.aget(pk=frames[0]["conversation"]["id"])).title
+        for frames in (first, second)
+    ]
+    assert titles == ["Plain owl title", "Second title"]
+    asked = [r.body.get("response_format") for r in fake_llm.completion_requests]
+    assert asked == [{"type": "json_object"}, None, None]  # refused once, then remembered
+    # The refused request cost nothing: one ledger row per title that was made.
+    assert await TokenUsage.objects.filter(kind="title").acount() == 2

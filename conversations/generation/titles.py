@@ -3,7 +3,9 @@ ledger row, kind `title`), unless the user renamed it meanwhile."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 from django.conf import settings
 from django.db import transaction
@@ -20,9 +22,13 @@ log = logging.getLogger(__name__)
 TITLE_CHARS = 60
 TITLE_INSTRUCTION = (
     "Write a short title (at most six words) for the conversation below. "
-    "Reply with the title only: no quotes, no final period."
+    'Reply with a JSON object only: {"title": "..."}. Plain words: no Markdown, '
+    "no quotes, no final period."
 )
 QUOTES = "\"'\u201c\u201d\u2018\u2019"
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")  # [text](url) -> text
+_MARKS = re.compile(r"(\*\*|\*|`+|~~)")  # emphasis, code, strike-through (not `__`: __init__)
+_LEADING = re.compile(r"^\s*(#{1,6}\s+|>\s*|[-*+]\s+|\d+[.)]\s+)+")  # heading, quote, list item
 
 
 def title_from(content: str) -> str:
@@ -31,8 +37,28 @@ def title_from(content: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
+def title_of(reply: str) -> str:
+    """The title in a model's reply: the JSON object's `title` when the
+    reply is one, else the reply itself (a server without JSON output)."""
+    text = reply.strip()
+    if text.startswith("```"):  # a fenced JSON block
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return clean_title(reply)
+    if isinstance(parsed, dict) and isinstance(parsed.get("title"), str):
+        return clean_title(parsed["title"])
+    return clean_title(reply) if not isinstance(parsed, dict) else ""
+
+
 def clean_title(text: str) -> str:
-    title = " ".join(text.split()).strip().strip(QUOTES).rstrip(".").strip()
+    """One plain line: no Markdown (`## **Title**` is `Title`), no quotes, no final period."""
+    line = " ".join(text.split())
+    line = _LINK.sub(r"\1", line)
+    line = _LEADING.sub("", line)
+    line = _MARKS.sub("", line)
+    title = line.strip().strip(QUOTES).rstrip(".").strip()
     return title[:TITLE_CHARS].strip()
 
 
@@ -73,12 +99,13 @@ async def make_title(conversation: Conversation, question: str, answer: str, *, 
                 {"role": "assistant", "content": answer[:2000]},
             ],
             model=model_for(conversation) if not llm.is_demo() else None,
-            max_tokens=24,
+            max_tokens=40,
+            json_object=True,
         )
     except llm.LLMError as exc:
         log.warning("title for %s failed: %s", conversation.pk, exc)
         return
-    title = clean_title(completion.text)
+    title = title_of(completion.text)
     if not title:
         return
     if await in_database(_save_title)(conversation, title, completion, limited):
