@@ -160,6 +160,9 @@ OPENAI_CONNECT_TIMEOUT = env.float("OPENAI_CONNECT_TIMEOUT", default=10.0)
 OPENAI_MAX_RETRIES = env.int("OPENAI_MAX_RETRIES", default=2)
 OPENAI_MAX_TOKENS = env.int("OPENAI_MAX_TOKENS", default=2048)
 OPENAI_TEMPERATURE = env.float("OPENAI_TEMPERATURE", default=0.7)
+# Tried in order when the chosen model fails before its first token
+# (unreachable, 5xx, timeout, unknown model, rate limited after retries).
+OPENAI_FALLBACK_MODELS = env.list("OPENAI_FALLBACK_MODELS", default=[])
 
 # --- Chat behaviour ---------------------------------------------------------
 CHAT_MAX_MESSAGE_CHARS = env.int("CHAT_MAX_MESSAGE_CHARS", default=16000)

@@ -58,6 +58,7 @@ class LLMError(Exception):
 
     code = "upstream_error"
     user_message = "The model service returned an error."
+    fallback = False  # another model may do better (OPENAI_FALLBACK_MODELS)
 
     def __init__(
         self, detail: str = "", *, retry_after: float | None = None, user_message: str | None = None
@@ -74,11 +75,13 @@ class UpstreamAuthError(LLMError):
 
 class UpstreamRateLimited(LLMError):
     code = "upstream_unavailable"
+    fallback = True
     user_message = "The model service is rate limiting us. Try again shortly."
 
 
 class UpstreamUnavailable(LLMError):
     code = "upstream_unavailable"
+    fallback = True
     user_message = "The model service is unreachable or too slow right now. Try again shortly."
 
 
@@ -152,7 +155,30 @@ async def stream_chat(
             yield event
         return
 
-    model = model or settings.OPENAI_MODEL
+    first, *rest = [model or settings.OPENAI_MODEL, *settings.OPENAI_FALLBACK_MODELS]
+    models = [first, *(m for m in dict.fromkeys(rest) if m != first)]
+    for attempt, current in enumerate(models):
+        started = False
+        try:
+            async with contextlib.aclosing(
+                _stream_one(messages, current, temperature=temperature, max_tokens=max_tokens)
+            ) as events:  # closed at once when the caller stops: the HTTP stream ends
+                async for event in events:
+                    started = True
+                    yield event
+            return
+        except LLMError as exc:
+            # Before its first token a failing model hands over to the next
+            # one of OPENAI_FALLBACK_MODELS; once text was shown, never.
+            if started or not exc.fallback or attempt == len(models) - 1:
+                raise
+            following = models[attempt + 1]
+            log.warning("model %s failed before its first token (%s); trying %s", current, exc, following)
+
+
+async def _stream_one(
+    messages: Sequence[ChatMessage], model: str, *, temperature: float | None, max_tokens: int | None
+) -> AsyncIterator[TextDelta | StreamEnd]:
     async with contextlib.AsyncExitStack() as stack:
         try:
             # The raw response, parsed here: the SDK's pydantic object per
@@ -348,7 +374,9 @@ def _map_error(exc: openai.OpenAIError, model: str = "") -> LLMError:
     if isinstance(exc, openai.NotFoundError):
         known = f"the model “{model}”" if model else "this model"
         unknown = f"The model service does not know {known}. An administrator must pick another model."
-        return UpstreamBadRequest(reason or "model not found", user_message=unknown)
+        error = UpstreamBadRequest(reason or "model not found", user_message=unknown)
+        error.fallback = True
+        return error
     if isinstance(exc, openai.APIStatusError) and exc.status_code >= 500:
         return UpstreamUnavailable(
             f"The model service failed (HTTP {exc.status_code}).", retry_after=_retry_after(exc)

@@ -70,6 +70,8 @@ class FakeLLM:
         self.completion_replies: deque[Reply] = deque()
         self.completion_default = Reply(chunks=["A", " fake", " title"], usage=(30, 3))
         self.requests: list[Received] = []
+        # Every request for one of these models gets its reply (a model that is down).
+        self.failing_models: dict[str, Reply] = {}
         self.disconnects = 0  # streams the client closed before their end
         self.completed = 0  # streams written to their end
         self.in_flight = 0  # requests being answered now
@@ -113,6 +115,7 @@ class FakeLLM:
             self.replies.clear()
             self.completion_replies.clear()
             self.requests.clear()
+            self.failing_models.clear()
             self.disconnects = self.completed = 0
             self.default = Reply()
             self.completion_default = Reply(chunks=["A", " fake", " title"], usage=(30, 3))
@@ -171,7 +174,8 @@ class FakeLLM:
                 if not self.path.endswith("/chat/completions"):
                     self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
                     return
-                reply = fake._next(stream=bool(body.get("stream")))
+                failing = fake.failing_models.get(body.get("model", ""))
+                reply = failing or fake._next(stream=bool(body.get("stream")))
                 if reply.status != 200:
                     self._json(reply.status, {"error": reply.error or {"message": "error"}}, reply.headers)
                 elif body.get("stream"):

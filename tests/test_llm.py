@@ -350,3 +350,61 @@ async def test_a_key_quoted_back_by_the_upstream_reaches_neither_page_nor_log(
 
     assert API_KEY not in error.user_message and API_KEY not in caplog.text
     assert "may not use this model" in error.user_message
+
+
+# --- Fallback models ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "down",
+    [
+        Reply.error_reply(503, "overloaded"),
+        Reply.error_reply(404, "The model `fake-model` does not exist", code="model_not_found"),
+        Reply.error_reply(429, "Slow down", headers={"Retry-After": "0"}),
+    ],
+    ids=["503", "unknown-model", "rate-limited"],
+)
+async def test_a_model_failing_before_its_first_token_hands_over_to_the_fallback(
+    fake_llm: FakeLLM, settings: Any, down: Reply
+) -> None:
+    settings.OPENAI_FALLBACK_MODELS = ["backup-model", "third-model"]
+    fake_llm.failing_models["fake-model"] = down
+    fake_llm.script(Reply(chunks=["From", " backup."], model="backup-model"))
+
+    events = await collect()
+
+    assert "".join(texts(events)) == "From backup."
+    assert events[-1].model == "backup-model"  # the model that really answered
+    assert [r.body["model"] for r in fake_llm.streamed_requests][-1] == "backup-model"
+
+
+async def test_no_fallback_once_a_token_was_shown(fake_llm: FakeLLM, settings: Any) -> None:
+    settings.OPENAI_FALLBACK_MODELS = ["backup-model"]
+    fake_llm.script(Reply(chunks=["Half", " an", " answer"], cut_after=1))
+
+    shown, error = await collect_until_error()
+
+    assert shown and isinstance(error, llm.IncompleteStream)
+    assert [r.body["model"] for r in fake_llm.streamed_requests] == ["fake-model"]
+
+
+async def test_no_fallback_for_a_request_every_model_would_refuse(fake_llm: FakeLLM, settings: Any) -> None:
+    settings.OPENAI_FALLBACK_MODELS = ["backup-model"]
+    fake_llm.script(Reply.error_reply(400, "Invalid value for temperature"))
+
+    _, error = await collect_until_error()
+
+    assert isinstance(error, UpstreamBadRequest)
+    assert len(fake_llm.streamed_requests) == 1
+
+
+async def test_when_every_model_fails_the_last_error_is_shown(fake_llm: FakeLLM, settings: Any) -> None:
+    settings.OPENAI_FALLBACK_MODELS = ["backup-model"]
+    fake_llm.failing_models.update(
+        {"fake-model": Reply.error_reply(503, "down"), "backup-model": Reply.error_reply(503, "down too")}
+    )
+
+    _, error = await collect_until_error()
+
+    assert isinstance(error, llm.UpstreamUnavailable)
+    assert [r.body["model"] for r in fake_llm.streamed_requests] == ["fake-model", "backup-model"]

@@ -280,3 +280,26 @@ async def test_a_server_without_json_output_is_asked_in_plain_text(alice: Any, f
     assert asked == [{"type": "json_object"}, None, None]  # refused once, then remembered
     # The refused request cost nothing: one ledger row per title that was made.
     assert await TokenUsage.objects.filter(kind="title").acount() == 2
+
+
+async def test_the_answer_names_the_fallback_model_that_answered(
+    alice: Any, fake_llm: Any, settings: Any
+) -> None:
+    settings.OPENAI_FALLBACK_MODELS = ["backup-model"]
+    fake_llm.failing_models["fake-model"] = Reply.error_reply(503, "overloaded")
+    fake_llm.script(Reply(chunks=["Backup", " here."], model="backup-model", usage=(9, 2)))
+    ws = await connect(alice)
+    frames = await ask(ws, "Anyone there?")
+    await ws.disconnect()
+    await generation.wait_all()
+    finished = frames[-1]
+    assert (finished["status"], finished["content"], finished["model"]) == (
+        "complete",
+        "Backup here.",
+        "backup-model",
+    )
+    assert not any(f["type"] == "error" for f in frames)  # the first model's failure is not the user's
+    answer = await Message.objects.aget(pk=finished["message"])
+    assert answer.model == "backup-model"
+    usage = await TokenUsage.objects.aget(kind="answer")
+    assert (usage.model, usage.prompt_tokens, usage.completion_tokens) == ("backup-model", 9, 2)
