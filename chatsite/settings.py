@@ -182,6 +182,10 @@ CHAT_SAVE_RETRY_SECONDS = env.float("CHAT_SAVE_RETRY_SECONDS", default=300.0)
 CHAT_DRAIN_SECONDS = env.float("CHAT_DRAIN_SECONDS", default=25.0)
 CHAT_LIMITS_CACHE_SECONDS = env.float("CHAT_LIMITS_CACHE_SECONDS", default=5.0)  # quota changes reach workers
 CHAT_AUTO_TITLE = env.bool("CHAT_AUTO_TITLE", default=True)  # a model-made title after the first answer
+# Tools offered to the model (conversations/tools): unset = every built-in tool;
+# "" = none; else comma-separated names. Read raw: with default=None,
+# django-environ turns "" into None, which would mean every tool.
+CHAT_TOOLS: str | None = env.ENVIRON.get("CHAT_TOOLS")
 
 # --- Auth, sessions, security -----------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
