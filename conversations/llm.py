@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo"
 
-ChatMessage = dict[str, str]  # {"role": ..., "content": ...}
+# {"role": ..., "content": ...}; an assistant message that called tools has
+# "tool_calls" (and content None), a tool result "tool_call_id".
+ChatMessage = dict[str, Any]
 
 
 # --- What the rest of the project sees ---------------------------------------
@@ -51,6 +53,16 @@ class StreamEnd:
     finish_reason: str
     usage: Usage | None
     model: str
+    # The model asks for tools instead of (or after) text: finish_reason
+    # "tool_calls". Assembled from the streamed deltas; arguments untrusted.
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text exactly as the model streamed it
 
 
 class LLMError(Exception):
@@ -148,8 +160,11 @@ async def stream_chat(
     model: str | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> AsyncIterator[TextDelta | StreamEnd]:
-    """Stream one chat completion. Closing the iterator closes the HTTP stream."""
+    """Stream one chat completion. Closing the iterator closes the HTTP stream.
+    `tools`: the Chat Completions `tools` parameter; a model that calls them
+    ends with `StreamEnd.tool_calls`."""
     if is_demo():
         async for event in _demo_stream(messages):
             yield event
@@ -161,7 +176,7 @@ async def stream_chat(
         started = False
         try:
             async with contextlib.aclosing(
-                _stream_one(messages, current, temperature=temperature, max_tokens=max_tokens)
+                _stream_one(messages, current, temperature=temperature, max_tokens=max_tokens, tools=tools)
             ) as events:  # closed at once when the caller stops: the HTTP stream ends
                 async for event in events:
                     started = True
@@ -177,8 +192,14 @@ async def stream_chat(
 
 
 async def _stream_one(
-    messages: Sequence[ChatMessage], model: str, *, temperature: float | None, max_tokens: int | None
+    messages: Sequence[ChatMessage],
+    model: str,
+    *,
+    temperature: float | None,
+    max_tokens: int | None,
+    tools: Sequence[dict[str, Any]] | None,
 ) -> AsyncIterator[TextDelta | StreamEnd]:
+    extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
     async with contextlib.AsyncExitStack() as stack:
         try:
             # The raw response, parsed here: the SDK's pydantic object per
@@ -191,6 +212,7 @@ async def _stream_one(
                     stream_options={"include_usage": True},
                     max_tokens=max_tokens or settings.OPENAI_MAX_TOKENS,
                     temperature=settings.OPENAI_TEMPERATURE if temperature is None else temperature,
+                    **extra,
                 )
             )
         except openai.OpenAIError as exc:
@@ -214,6 +236,7 @@ async def _read_sse(lines: AsyncIterator[str], model: str) -> AsyncIterator[Text
     finish_reason: str | None = None
     usage: Usage | None = None
     served_model = model
+    calls: dict[int, dict[str, str]] = {}  # tool calls by index, as their deltas arrive
     async for line in lines:
         if not line.startswith("data:"):
             continue
@@ -232,14 +255,38 @@ async def _read_sse(lines: AsyncIterator[str], model: str) -> AsyncIterator[Text
         if chunk.get("usage"):
             usage = _usage(chunk["usage"])
         for choice in chunk.get("choices") or ():
-            text = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
             if text:
                 yield TextDelta(text)
+            for piece in delta.get("tool_calls") or ():
+                _add_tool_call_piece(calls, piece)
             if choice.get("finish_reason"):
                 finish_reason = choice["finish_reason"]
     if finish_reason is None:
         raise IncompleteStream("The stream ended without a finish_reason.")
-    yield StreamEnd(finish_reason=finish_reason, usage=usage, model=served_model)
+    tool_calls = tuple(
+        ToolCall(id=call["id"] or f"call_{index}", name=call["name"], arguments=call["arguments"])
+        for index, call in sorted(calls.items())
+    )
+    yield StreamEnd(finish_reason=finish_reason, usage=usage, model=served_model, tool_calls=tool_calls)
+
+
+def _add_tool_call_piece(calls: dict[int, dict[str, str]], piece: Any) -> None:
+    """One streamed delta of a tool call: its id and name come first, its
+    arguments in pieces; `index` says which call (several may interleave)."""
+    if not isinstance(piece, dict):
+        return
+    index = piece.get("index")
+    index = index if isinstance(index, int) else len(calls)
+    call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+    if isinstance(piece.get("id"), str) and not call["id"]:
+        call["id"] = piece["id"]
+    function = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+    if isinstance(function.get("name"), str):
+        call["name"] += function["name"]
+    if isinstance(function.get("arguments"), str):
+        call["arguments"] += function["arguments"]
 
 
 def _stream_error(error: Any) -> LLMError:

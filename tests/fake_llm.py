@@ -48,6 +48,10 @@ class Reply:
     cut_after: int | None = None  # drop the connection after this many chunks
     hang_after: int | None = None  # stop sending (connection open) after this many chunks
     model: str = "fake-model"
+    # Tool calls streamed after the chunks, as the OpenAI API does: each as
+    # deltas of its id and name, then its arguments in pieces; then
+    # finish_reason "tool_calls". Each: {"id", "name", "arguments"} (a string).
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def error_reply(cls, status: int, message: str = "error", code: str | None = None, **kw: Any) -> Reply:
@@ -255,6 +259,8 @@ class FakeLLM:
                         if reply.delay:
                             time.sleep(reply.delay)
                         self._event(reply, completion_id, [{"index": 0, "delta": {"content": text}}])
+                    for index, tool_call in enumerate(reply.tool_calls):
+                        self._tool_call(reply, completion_id, index, tool_call)
                     if reply.cut_after is not None:
                         self._cut()
                         return
@@ -287,6 +293,15 @@ class FakeLLM:
                     with fake._lock:
                         fake.disconnects += 1
                     self.close_connection = True
+
+            def _tool_call(self, reply: Reply, completion_id: str, index: int, call: dict[str, str]) -> None:
+                head = {"index": index, "id": call["id"], "type": "function"}
+                head["function"] = {"name": call["name"], "arguments": ""}
+                self._event(reply, completion_id, [{"index": 0, "delta": {"tool_calls": [head]}}])
+                arguments = call["arguments"]
+                for start in range(0, len(arguments), 7):  # in pieces, as models stream them
+                    piece = {"index": index, "function": {"arguments": arguments[start : start + 7]}}
+                    self._event(reply, completion_id, [{"index": 0, "delta": {"tool_calls": [piece]}}])
 
             def _cut(self) -> None:
                 # Drop the connection mid-body: no terminating chunk, no [DONE].

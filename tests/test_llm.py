@@ -408,3 +408,40 @@ async def test_when_every_model_fails_the_last_error_is_shown(fake_llm: FakeLLM,
 
     assert isinstance(error, llm.UpstreamUnavailable)
     assert [r.body["model"] for r in fake_llm.streamed_requests] == ["fake-model", "backup-model"]
+
+
+# --- Tool calls (function calling) ---------------------------------------------------------------
+
+
+async def test_streamed_tool_calls_are_assembled_at_the_end(fake_llm: FakeLLM) -> None:
+    from conversations.tools import REGISTRY, openai_tools
+
+    offered = openai_tools([REGISTRY["current_time"], REGISTRY["calculator"]])
+    fake_llm.script(
+        Reply(
+            chunks=["Let me check."],
+            finish_reason="tool_calls",
+            tool_calls=[
+                {"id": "call_a", "name": "current_time", "arguments": '{"timezone": "Asia/Tokyo"}'},
+                {"id": "call_b", "name": "calculator", "arguments": '{"expression": "2 ** 10 + 0.5"}'},
+            ],
+        )
+    )
+
+    events = await collect(tools=offered)
+
+    assert texts(events) == ["Let me check."]
+    end = events[-1]
+    assert end.finish_reason == "tool_calls"
+    assert end.tool_calls == (
+        llm.ToolCall("call_a", "current_time", '{"timezone": "Asia/Tokyo"}'),
+        llm.ToolCall("call_b", "calculator", '{"expression": "2 ** 10 + 0.5"}'),
+    )
+    assert fake_llm.streamed_requests[0].body["tools"] == offered
+
+
+async def test_no_tools_parameter_unless_tools_are_offered(fake_llm: FakeLLM) -> None:
+    events = await collect()
+
+    assert events[-1].tool_calls == ()
+    assert "tools" not in fake_llm.streamed_requests[0].body
