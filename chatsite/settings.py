@@ -186,6 +186,7 @@ CHAT_AUTO_TITLE = env.bool("CHAT_AUTO_TITLE", default=True)  # a model-made titl
 # "" = none; else comma-separated names. Read raw: with default=None,
 # django-environ turns "" into None, which would mean every tool.
 CHAT_TOOLS: str | None = env.ENVIRON.get("CHAT_TOOLS")
+CHAT_TOOL_ROUNDS = env.int("CHAT_TOOL_ROUNDS", default=5)  # tool rounds per answer, then it must answer
 
 # --- Auth, sessions, security -----------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

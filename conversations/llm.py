@@ -172,23 +172,36 @@ async def stream_chat(
 
     first, *rest = [model or settings.OPENAI_MODEL, *settings.OPENAI_FALLBACK_MODELS]
     models = [first, *(m for m in dict.fromkeys(rest) if m != first)]
-    for attempt, current in enumerate(models):
+    attempt = 0
+    while True:
+        current = models[attempt]
+        key = (settings.OPENAI_BASE_URL, current)
+        offer = tools if tools and key not in _no_tools else None
         started = False
         try:
             async with contextlib.aclosing(
-                _stream_one(messages, current, temperature=temperature, max_tokens=max_tokens, tools=tools)
+                _stream_one(messages, current, temperature=temperature, max_tokens=max_tokens, tools=offer)
             ) as events:  # closed at once when the caller stops: the HTTP stream ends
                 async for event in events:
                     started = True
                     yield event
             return
         except LLMError as exc:
+            refused_tools = type(exc) is UpstreamBadRequest and "tool" in str(exc).lower()
+            if not started and offer and refused_tools and not exc.fallback:
+                # A server without function calling refuses `tools`: ask
+                # again without them, and remember (a refusal costs nothing).
+                log.warning("%s refused a request with tools (%s); no tools from now on", current, exc)
+                _no_tools.add(key)
+                continue
             # Before its first token a failing model hands over to the next
             # one of OPENAI_FALLBACK_MODELS; once text was shown, never.
             if started or not exc.fallback or attempt == len(models) - 1:
                 raise
-            following = models[attempt + 1]
-            log.warning("model %s failed before its first token (%s); trying %s", current, exc, following)
+            attempt += 1
+            log.warning(
+                "model %s failed before its first token (%s); trying %s", current, exc, models[attempt]
+            )
 
 
 async def _stream_one(
@@ -328,6 +341,8 @@ class Completion:
 
 # Models whose server refused `response_format` once: asked in plain text since.
 _no_json_output: set[tuple[str, str]] = set()
+# Models whose server refused `tools` once: asked without tools since.
+_no_tools: set[tuple[str, str]] = set()
 
 
 async def complete_chat(
@@ -346,7 +361,7 @@ async def complete_chat(
         text = demo_title(question)
         if json_object:
             text = json.dumps({"title": text}, ensure_ascii=False)
-        prompt_tokens = sum(estimate_tokens(m["content"]) + 4 for m in messages)
+        prompt_tokens = sum(estimate_tokens(m.get("content") or "") + 4 for m in messages)
         return Completion(text, Usage(prompt_tokens, estimate_tokens(text)), DEMO_MODEL)
     model = model or settings.OPENAI_MODEL
     key = (settings.OPENAI_BASE_URL, model)
@@ -482,7 +497,7 @@ async def _demo_stream(messages: Sequence[ChatMessage]) -> AsyncIterator[TextDel
     for i, word in enumerate(words):
         await asyncio.sleep(DEMO_DELAY)
         yield TextDelta(word if i == len(words) - 1 else word + " ")
-    prompt_tokens = sum(estimate_tokens(m["content"]) + 4 for m in messages)
+    prompt_tokens = sum(estimate_tokens(m.get("content") or "") + 4 for m in messages)
     yield StreamEnd(
         finish_reason="stop",
         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=estimate_tokens(answer)),

@@ -127,6 +127,11 @@ class Message(models.Model):
     # prompt's estimated tokens and the quota holds), so that any worker can
     # account a dead answer and release its reservation. Cleared on the end.
     accounting = models.JSONField(null=True, blank=True, editable=False)
+    # For answers: the model's tool rounds before its final text, each
+    # {"calls": [{"id", "name", "arguments"}], "results": [{"call_id", "name",
+    # "summary", "ok", "content"}]}: sent upstream again on later turns as the
+    # `assistant` tool-call message and its `tool` messages, shown as chips.
+    tool_rounds = models.JSONField(null=True, blank=True, editable=False)
     # Versions: a regenerated answer or an edited question is a new message in
     # the same `version_group`; the replaced one stays, inactive (shown as 1/2).
     version_group = models.UUIDField(default=uuid.uuid4, editable=False)

@@ -380,3 +380,30 @@ def test_an_answer_too_long_for_one_websocket_message_reaches_the_page(
     assert answer.content == "".join(chunks)
     page.reload()
     expect(finished(page)).to_contain_text("Line 15999 of a very long answer.", timeout=15_000)
+
+
+def test_the_tools_the_model_used_show_as_chips(
+    daphne_server: LiveServer, alice: Any, fake_llm: Any, tabs: Tabs
+) -> None:
+    fake_llm.script(
+        Reply(
+            chunks=["Let me look that up. "],
+            finish_reason="tool_calls",
+            tool_calls=[{"id": "call_1", "name": "current_time", "arguments": '{"timezone": "Asia/Tokyo"}'}],
+        ),
+        Reply(chunks=["It is **evening** in Tokyo."], delay=0.02),
+    )
+    page = tabs.new(alice)
+    open_chat(page, daphne_server)
+    ask(page, "What time is it in Tokyo?")
+    done = finished(page)
+    expect(done).to_contain_text("It is evening in Tokyo.", timeout=15_000)
+    chip = done.locator(".tool-chip")
+    expect(chip).to_have_count(1)
+    expect(chip.locator("summary")).to_have_text("used current_time (Asia/Tokyo)")
+    chip.locator("summary").click()
+    expect(chip.locator("pre").first).to_have_text('{"timezone": "Asia/Tokyo"}')
+    expect(chip.locator("pre").nth(1)).to_contain_text("Asia/Tokyo")
+    page.screenshot(path=str(SHOTS / "tool-chip.png"))
+    page.reload()  # the chips come back from the database
+    expect(finished(page).locator(".tool-chip summary")).to_have_text("used current_time (Asia/Tokyo)")

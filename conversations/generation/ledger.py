@@ -8,11 +8,13 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from accounts import quotas
 
 from .. import llm
+from ..history import messages_tokens
 from ..models import Conversation, Message, ModelPrice, TokenUsage
 from ..rendering import render_markdown_cached
 from .events import NO_COST, usage_payload
@@ -59,11 +61,44 @@ def record_call(
     return cost
 
 
-def _stored_usage(answer: Message) -> dict[str, Any]:
-    row = TokenUsage.objects.filter(message_id=answer.pk, kind=TokenUsage.Kind.ANSWER).first()
-    if row is None:
-        return usage_payload(0, 0, NO_COST)
-    return usage_payload(row.prompt_tokens, row.completion_tokens, row.cost)
+def record_tool_round(
+    *,
+    answer: Message,
+    owner_id: int,
+    model: str,
+    usage: llm.Usage | None,
+    messages: list[Any],
+    text: str,
+    limited: bool,
+) -> None:
+    """The ledger row of one model call that ended in tool calls (the
+    answer's final call is recorded by `save_answer`, which settles the
+    reservation)."""
+    estimated = usage is None
+    if usage is None:
+        usage = llm.Usage(
+            prompt_tokens=messages_tokens(messages), completion_tokens=llm.estimate_tokens(text)
+        )
+    with transaction.atomic():
+        record_call(
+            user_id=owner_id,
+            kind=TokenUsage.Kind.ANSWER,
+            model=model,
+            usage=usage,
+            estimated=estimated,
+            reservation=None,
+            conversation_id=answer.conversation_id,
+            message_id=answer.pk,
+            limited=limited,
+        )
+
+
+def stored_usage(answer: Message) -> dict[str, Any]:
+    """What the answer's model calls used (one row per call: several with tool rounds)."""
+    totals = TokenUsage.objects.filter(message_id=answer.pk, kind=TokenUsage.Kind.ANSWER).aggregate(
+        prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"), cost=Sum("cost")
+    )
+    return usage_payload(totals["prompt"] or 0, totals["completion"] or 0, totals["cost"] or NO_COST)
 
 
 def _end_after_sweep(answer: Message, owner_id: int, final: dict[str, Any], *, limited: bool) -> bool:
@@ -107,6 +142,7 @@ def save_answer(
     called: bool,
     reservation: quotas.Reservation | None,
     first_of_chat: bool = False,
+    tool_rounds: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], str, bool]:
     """The answer's final state and its ledger row, together, in one
     transaction. Returns the usage payload, the answer's sanitised HTML and
@@ -115,7 +151,7 @@ def save_answer(
     estimated = usage is None
     if usage is None:
         usage = llm.Usage(
-            prompt_tokens=sum(llm.estimate_tokens(m["content"]) + 4 for m in messages),
+            prompt_tokens=messages_tokens(messages),
             completion_tokens=llm.estimate_tokens(content),
         )
     with transaction.atomic():
@@ -127,6 +163,7 @@ def save_answer(
             "model": model,
             "worker": "",
             "accounting": None,
+            "tool_rounds": tool_rounds or None,
             "updated_at": now,
         }
         # The UPDATE locks the row until commit: a conversation deleted
@@ -140,7 +177,7 @@ def save_answer(
             if stored is not None and (stored != Message.Status.INTERRUPTED or status == stored):
                 # This very end is stored already (a retry whose first try
                 # committed): never a second ledger row or settlement.
-                return _stored_usage(answer), render_markdown_cached(content), False
+                return stored_usage(answer), render_markdown_cached(content), False
             swept = stored is not None and _end_after_sweep(answer, owner_id, final, limited=limited)
             alive = swept
         if swept:
@@ -163,6 +200,8 @@ def save_answer(
             quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)
     wants_title = alive and first_of_chat and status in (Message.Status.COMPLETE, Message.Status.TRUNCATED)
     html = render_markdown_cached(content)  # and so cached for the page
+    if tool_rounds and alive:  # several calls: the answer's usage is all of them
+        return stored_usage(answer), html, wants_title
     if not called:
         return usage_payload(0, 0, NO_COST), html, False
     return usage_payload(usage.prompt_tokens, usage.completion_tokens, cost), html, wants_title

@@ -28,19 +28,21 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import Case, Value, When
 from django.utils import timezone
 
-from .. import llm
-from ..models import Message, TokenUsage
+from .. import llm, tools
+from ..history import with_tool_rounds
+from ..models import Message
 from ..rendering import render_markdown_cached
 from .database import in_database
-from .events import NO_COST, conversation_payload, finished_event, message_payload, usage_payload, user_topic
+from .events import conversation_payload, finished_event, message_payload, user_topic
 from .fanout import get_hub
-from .ledger import save_answer
+from .ledger import record_tool_round, save_answer, stored_usage
 from .titles import make_title
 from .turns import Accepted
 
 log = logging.getLogger(__name__)
 
 _running: set[asyncio.Task[None]] = set()  # strong references: tasks outlive sockets
+TOOL_FRAME_CHARS = 2000  # of a tool call's arguments and result in its frame
 
 
 async def launch(accepted: Accepted) -> asyncio.Task[None]:
@@ -109,6 +111,8 @@ class Generation:
         self._timer: asyncio.TimerHandle | None = None
         self._reader: asyncio.Task[_Outcome] | None = None
         self._ending: asyncio.Future[tuple[str, bool]] | None = None
+        self.messages = list(accepted.messages)  # what the next model call sends
+        self.tool_rounds: list[dict[str, Any]] = []
 
     # --- what followers and other workers ask of it ----------------------------------
 
@@ -195,15 +199,68 @@ class Generation:
         return event
 
     async def _read(self) -> _Outcome:
-        """Read the model's stream; the first token goes out at once, then a
-        frame per interval with whatever arrived meanwhile."""
+        """The model's calls for this answer: each streams into the answer;
+        one that ends in tool calls runs them (a tool round) and asks again
+        with their results, at most CHAT_TOOL_ROUNDS times."""
+        offered = [] if llm.is_demo() else tools.offered()
+        rounds = 0
+        while True:
+            offer = offered if rounds < settings.CHAT_TOOL_ROUNDS else []
+            first_seq = self.seq
+            outcome = await self._read_call(tools.openai_tools(offer) if offer else None)
+            end = outcome.end
+            if end is None or not end.tool_calls or not offer:
+                return outcome
+            rounds += 1
+            await self._tool_round(end, "".join(self.sent[first_seq:]), offer)
+
+    async def _tool_round(self, end: llm.StreamEnd, text: str, offer: list[tools.Tool]) -> None:
+        """Account the call, run the tools it asked for, show each result,
+        and add the round to what the next call sends."""
+        await in_database(record_tool_round)(
+            answer=self.answer,
+            owner_id=self.conversation.owner_id,
+            model=end.model,
+            usage=end.usage,
+            messages=self.messages,
+            text=text + "".join(c.name + c.arguments for c in end.tool_calls),
+            limited=self.accepted.reservation is not None,
+        )
+        context = tools.ToolContext(user_id=self.conversation.owner_id, conversation_id=self.conversation_id)
+        results = []
+        for call in end.tool_calls:
+            result = await tools.call(call.name, call.arguments, context, tools=offer)
+            results.append(
+                {"call_id": call.id, "name": call.name, "summary": result.summary, "ok": result.ok,
+                 "arguments": call.arguments, "content": result.content}
+            )  # fmt: skip
+            self._publish(
+                {
+                    "type": "generation.tool",
+                    "call_id": call.id,
+                    "name": call.name,
+                    "summary": result.summary,
+                    "ok": result.ok,
+                    "arguments": call.arguments[:TOOL_FRAME_CHARS],
+                    "result": result.content[:TOOL_FRAME_CHARS],
+                }
+            )
+        calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in end.tool_calls]
+        round_ = {"text": text, "calls": calls, "results": results}
+        self.tool_rounds.append(round_)
+        self.messages = [*self.messages, *with_tool_rounds("", [round_])]
+
+    async def _read_call(self, offer: list[dict[str, Any]] | None) -> _Outcome:
+        """Read one model call's stream; the first token goes out at once,
+        then a frame per interval with whatever arrived meanwhile."""
         prompt = self.conversation.prompt
         interval = settings.CHAT_DELTA_INTERVAL
         stream = llm.stream_chat(
-            self.accepted.messages,
+            self.messages,
             model=None if llm.is_demo() else self.answer.model,
             temperature=prompt.temperature if prompt else None,
             max_tokens=prompt.max_tokens if prompt else None,
+            tools=offer,
         )
         end: llm.StreamEnd | None = None
         try:
@@ -257,7 +314,8 @@ class Generation:
             finish_reason=finish_reason,
             model=model,
             usage=outcome.end.usage if outcome.end else None,
-            messages=self.accepted.messages,
+            messages=self.messages,
+            tool_rounds=self.tool_rounds,
             called=outcome.called(content),
             reservation=self.accepted.reservation,
             first_of_chat=self.accepted.conversation_created,
@@ -413,12 +471,7 @@ def last_answer_finished(conversation_id: Any) -> dict[str, Any] | None:
     )
     if answer is None or answer.status == Message.Status.STREAMING:
         return None
-    row = TokenUsage.objects.filter(message=answer).first()
-    usage = (
-        usage_payload(row.prompt_tokens, row.completion_tokens, row.cost)
-        if row
-        else usage_payload(0, 0, NO_COST)
-    )
+    usage = stored_usage(answer)
     return finished_event(
         answer,
         status=answer.status,

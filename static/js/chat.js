@@ -207,6 +207,22 @@ function addUserMessage(props) {
   return article;
 }
 
+// "used current_time (Asia/Tokyo)": a tool the model called for this answer,
+// opened to show its arguments and result.
+function addToolChip(article, { summary, ok, arguments: args, result }) {
+  let used = article.querySelector(".tools-used");
+  if (!used) {
+    used = make("div", "tools-used");
+    article.querySelector(".msg-body").before(used);
+  }
+  const chip = make("details", ok ? "tool-chip" : "tool-chip is-error");
+  const detail = make("div", "tool-detail");
+  detail.append(make("span", "", "Arguments"), make("pre", "", args), make("span", "", "Result"), make("pre", "", result));
+  chip.append(make("summary", "", `used ${summary}`), detail);
+  used.append(chip);
+  scrollToBottom();
+}
+
 function addAssistantMessage(id, version = {}) {
   const article = buildArticle({ role: "assistant", id, status: "streaming", ...version });
   el.inner.append(article);
@@ -776,6 +792,12 @@ const handlers = {
     }
     beginStreaming(frame.message, article);
     scrollToBottom();
+  },
+
+  "generation.tool"(frame) {
+    if (!isCurrent(frame)) return;
+    const article = findMessage(frame.message);
+    if (article) addToolChip(article, frame);
   },
 
   "generation.snapshot"(frame) {

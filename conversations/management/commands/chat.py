@@ -248,6 +248,8 @@ class ChatSession:
             if kind == "generation.delta" and event["seq"] > seq:
                 seq = event["seq"]
                 self.write(event["text"], ending="")
+            elif kind == "generation.tool":
+                self.write(self.style.NOTICE(f"[used {event['summary']}]"), ending=" ")
             elif kind == "error":
                 self.write(
                     "\n" + self.style.ERROR(f"[{event.get('code')}] {event.get('message')}"), ending=""
