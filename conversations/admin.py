@@ -33,7 +33,16 @@ REVIEW_PERMISSION = "conversations.review_conversation"
 class SystemPromptForm(forms.ModelForm):
     class Meta:
         model = SystemPrompt
-        fields = ["name", "text", "is_default", "model", "temperature", "max_tokens"]
+        fields = [
+            "name",
+            "text",
+            "is_default",
+            "model",
+            "temperature",
+            "max_tokens",
+            "tools",
+            "fallback_models",
+        ]
 
     def clean_is_default(self) -> bool:
         value = self.cleaned_data["is_default"]
@@ -51,6 +60,18 @@ class SystemPromptForm(forms.ModelForm):
         # `one_default_prompt` would refuse a second default; `save_prompt`
         # moves the flag instead, in one transaction.
         return super()._get_validation_exclusions() | {"is_default"}
+
+    def clean_tools(self) -> str:
+        from . import tools
+
+        value = ", ".join(name.strip() for name in self.cleaned_data["tools"].split(",") if name.strip())
+        unknown = [n for n in value.split(", ") if n and n != "none" and n not in tools.REGISTRY]
+        if unknown:
+            known = ", ".join(tools.REGISTRY)
+            raise ValidationError(
+                f"Unknown tool(s): {', '.join(unknown)}. The tools are: {known}, or “none”."
+            )
+        return value
 
     def clean_temperature(self) -> float | None:
         value = self.cleaned_data["temperature"]

@@ -161,16 +161,19 @@ async def stream_chat(
     temperature: float | None = None,
     max_tokens: int | None = None,
     tools: Sequence[dict[str, Any]] | None = None,
+    fallbacks: Sequence[str] | None = None,
 ) -> AsyncIterator[TextDelta | StreamEnd]:
     """Stream one chat completion. Closing the iterator closes the HTTP stream.
     `tools`: the Chat Completions `tools` parameter; a model that calls them
-    ends with `StreamEnd.tool_calls`."""
+    ends with `StreamEnd.tool_calls`. `fallbacks`: the models to try when this
+    one fails before its first token (None: OPENAI_FALLBACK_MODELS)."""
     if is_demo():
         async for event in _demo_stream(messages):
             yield event
         return
 
-    first, *rest = [model or settings.OPENAI_MODEL, *settings.OPENAI_FALLBACK_MODELS]
+    backups = settings.OPENAI_FALLBACK_MODELS if fallbacks is None else fallbacks
+    first, *rest = [model or settings.OPENAI_MODEL, *backups]
     models = [first, *(m for m in dict.fromkeys(rest) if m != first)]
     attempt = 0
     while True:

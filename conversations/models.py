@@ -24,6 +24,18 @@ class SystemPrompt(models.Model):
     max_tokens = models.PositiveIntegerField(
         null=True, blank=True, help_text="Longest answer in tokens; blank = OPENAI_MAX_TOKENS."
     )
+    tools = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="Tools offered to the model with this prompt: comma-separated names "
+        "(current_time, calculator, search_conversations), or “none”; blank = CHAT_TOOLS.",
+    )
+    fallback_models = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="Models tried in order when this prompt's model fails before its first token; "
+        "blank = OPENAI_FALLBACK_MODELS.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -184,13 +184,17 @@ def test_an_install_that_has_prompts_gets_none_on_upgrade(tmp_path: Any) -> None
 
     db = tmp_path / "upgrade.sqlite3"
     _manage(db, "migrate", "conversations", "0005", "--no-input", "-v", "0")
-    _manage(
-        db,
-        "shell",
-        "-c",
-        "from conversations.models import SystemPrompt; "
-        "SystemPrompt.objects.create(name='Ours', text='Be brief.', is_default=True)",
-    )
+    import sqlite3
+    import uuid as uuid_module
+
+    # The prompt as that install has it (the schema of 0005: no later columns).
+    with sqlite3.connect(db) as raw:
+        raw.execute(
+            "INSERT INTO conversations_systemprompt"
+            " (id, name, text, is_default, model, created_at, updated_at)"
+            " VALUES (?, 'Ours', 'Be brief.', 1, '', '2026-01-01 00:00:00', '2026-01-01 00:00:00')",
+            [uuid_module.uuid4().hex],
+        )
     _manage(db, "migrate", "--no-input", "-v", "0")
     prompts_now = json.loads(_manage(db, "shell", "-c", MIGRATION_CHECK).strip().splitlines()[-1])
     assert [p[:3] for p in prompts_now] == [["Ours", True, "Be brief."]]

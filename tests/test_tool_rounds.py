@@ -190,3 +190,53 @@ async def test_a_server_without_function_calling_is_asked_without_tools(alice: A
     assert second[-1]["content"] == "Another."
     assert ["tools" in r.body for r in fake_llm.streamed_requests] == [True, False, False]  # remembered
     assert not of_type(first, "error")
+
+
+# --- Per system prompt: tools and fallback models ----------------------------------------------
+
+
+async def _prompt(**fields: Any) -> Any:
+    from asgiref.sync import sync_to_async
+
+    from conversations import prompts
+    from conversations.models import SystemPrompt
+
+    def make() -> Any:
+        prompt = SystemPrompt(name=f"P{len(fields)}-{sorted(fields)}", text="Be useful.", **fields)
+        prompts.save_prompt(prompt)
+        return prompt
+
+    return await sync_to_async(make)()
+
+
+@pytest.mark.parametrize(("setting", "offered"), [("calculator", ["calculator"]), ("none", None)])
+async def test_a_prompt_chooses_its_tools(alice: Any, fake_llm: Any, setting: str, offered: Any) -> None:
+    prompt = await _prompt(tools=setting)
+    ws = await connect(alice)
+    await ask(ws, "Hi", prompt=str(prompt.pk))
+    await ws.disconnect()
+    body = fake_llm.streamed_requests[-1].body
+    assert [t["function"]["name"] for t in body["tools"]] == offered if offered else "tools" not in body
+
+
+async def test_a_prompt_has_its_own_fallback_models(alice: Any, fake_llm: Any, settings: Any) -> None:
+    settings.OPENAI_FALLBACK_MODELS = ["site-backup"]
+    prompt = await _prompt(model="primary", fallback_models="prompt-backup")
+    fake_llm.failing_models["primary"] = Reply.error_reply(503, "down")
+    fake_llm.script(Reply(chunks=["Backup answers."], model="prompt-backup"))
+    ws = await connect(alice)
+    frames = await ask(ws, "Hi", prompt=str(prompt.pk))
+    await ws.disconnect()
+    assert frames[-1]["model"] == "prompt-backup"
+    assert [r.body["model"] for r in fake_llm.streamed_requests] == ["primary", "prompt-backup"]
+
+
+def test_the_admin_refuses_unknown_tools(db: None) -> None:
+    from conversations.admin import SystemPromptForm
+
+    base = {"name": "T", "text": "x", "is_default": True, "model": "", "fallback_models": ""}
+    form = SystemPromptForm(data={**base, "tools": "calculator, teleport"})
+    assert not form.is_valid() and "teleport" in str(form.errors["tools"])
+    form = SystemPromptForm(data={**base, "tools": " calculator ,current_time"})
+    assert form.is_valid(), form.errors
+    assert form.cleaned_data["tools"] == "calculator, current_time"

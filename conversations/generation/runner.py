@@ -202,7 +202,8 @@ class Generation:
         """The model's calls for this answer: each streams into the answer;
         one that ends in tool calls runs them (a tool round) and asks again
         with their results, at most CHAT_TOOL_ROUNDS times."""
-        offered = [] if llm.is_demo() else tools.offered()
+        prompt = self.conversation.prompt
+        offered = [] if llm.is_demo() else tools.offered((prompt.tools if prompt else "") or None)
         rounds = 0
         while True:
             offer = offered if rounds < settings.CHAT_TOOL_ROUNDS else []
@@ -261,6 +262,7 @@ class Generation:
             temperature=prompt.temperature if prompt else None,
             max_tokens=prompt.max_tokens if prompt else None,
             tools=offer,
+            fallbacks=_names(prompt.fallback_models) if prompt and prompt.fallback_models else None,
         )
         end: llm.StreamEnd | None = None
         try:
@@ -362,6 +364,10 @@ class Generation:
                 log.warning("answer %s: database away (%s); retry in %.1f s", self.answer_id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 @dataclass

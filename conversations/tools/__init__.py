@@ -51,6 +51,8 @@ def offered(setting: str | None = None) -> list[Tool]:
         setting = settings.CHAT_TOOLS
         if setting is None:
             return list(REGISTRY.values())
+    if setting.strip().lower() == "none":
+        return []
     tools: list[Tool] = []
     for name in (part.strip() for part in setting.split(",")):
         if not name or any(tool.name == name for tool in tools):
