@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from django.conf import settings as django_settings
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from deploy.nginx import render, start_nginx, stop_nginx, wait_ok, write_config
+from deploy.nginx import find_nginx, render, start_nginx, stop_nginx, wait_ok, write_config
 from tests.conftest import free_port
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -324,6 +325,29 @@ class Cluster:
             if self.owns_redis:
                 with contextlib.suppress(Exception):
                     self.redis.stop()
+
+
+def need_cluster(vendor: str) -> None:
+    """Several workers need PostgreSQL (the SQLite pass of CI skips them; its
+    PostgreSQL pass runs them), nginx and redis-server: a missing binary
+    fails when CI requires the services, else skips."""
+    from tests.conftest import REQUIRE_POSTGRES, REQUIRE_REDIS
+
+    problem, required = "", REQUIRE_POSTGRES or REQUIRE_REDIS
+    if vendor != "postgresql":
+        problem = "several workers need PostgreSQL; CI runs these with DATABASE_URL=postgres://..."
+        required = REQUIRE_POSTGRES
+    else:
+        binaries = {"nginx": find_nginx(), "redis-server": shutil.which("redis-server")}
+        missing = [name for name, path in binaries.items() if not path]
+        if missing:
+            problem = (
+                f"{' and '.join(missing)} not installed: several workers need them (.ci/run installs them)"
+            )
+    if problem:
+        if required:  # CI: fail, never skip
+            pytest.fail(problem)
+        pytest.skip(problem)
 
 
 def worker_env(

@@ -23,9 +23,9 @@ from django.conf import settings
 from django.db import connection
 from websockets.asyncio.client import connect as ws_connect
 
-from deploy.nginx import find_nginx, wait_ok
-from tests.cluster import BASE_DIR, free_port, start_redis
-from tests.conftest import REQUIRE_POSTGRES, database_url
+from deploy.nginx import wait_ok
+from tests.cluster import BASE_DIR, free_port, need_cluster, start_redis
+from tests.conftest import database_url
 from tests.factories import make_user, session_cookie
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -61,12 +61,7 @@ def _upstream(url: str, cookie: str) -> str:
 
 
 def test_deploy_run_serves_two_workers_behind_nginx_and_stops_cleanly(tmp_path: Path) -> None:
-    if connection.vendor != "postgresql":
-        pytest.skip("several workers need PostgreSQL; CI runs this with DATABASE_URL=postgres://...")
-    if find_nginx() is None:
-        if REQUIRE_POSTGRES:
-            pytest.fail("nginx is not installed (.ci/run installs it)")
-        pytest.skip("nginx is not installed")
+    need_cluster(connection.vendor)
     cookie = session_cookie(make_user("pat"))
     # Where nginx's workers (nobody, when the test runs as root) can read.
     static_root = Path(tempfile.mkdtemp(prefix="chat-static-"))

@@ -27,9 +27,8 @@ from websockets.exceptions import ConnectionClosed
 
 from accounts.models import Quota, QuotaCounter
 from conversations.models import TokenUsage
-from deploy.nginx import find_nginx
-from tests.cluster import Cluster, RedisServer, cluster, recv_until, start_redis
-from tests.conftest import REQUIRE_POSTGRES, _wait_quiet, database_url
+from tests.cluster import Cluster, RedisServer, cluster, need_cluster, recv_until, start_redis
+from tests.conftest import _wait_quiet, database_url
 from tests.fake_llm import FakeLLM, Reply
 from tests.test_workers import _deltas, _is, _login, _row, _send
 
@@ -47,12 +46,7 @@ def make_cluster(
     request: pytest.FixtureRequest, fake_llm_server: FakeLLM, tmp_path: Path, django_db_blocker: Any
 ) -> Iterator[Any]:
     """Start a cluster: `make_cluster(env=..., redis=...)`; all stopped at the end."""
-    if connection.vendor != "postgresql":
-        pytest.skip("several workers need PostgreSQL; CI runs these with DATABASE_URL=postgres://...")
-    if find_nginx() is None:
-        if REQUIRE_POSTGRES:
-            pytest.fail("nginx is not installed (.ci/run installs it)")
-        pytest.skip("nginx is not installed")
+    need_cluster(connection.vendor)
     started: list[Any] = []
 
     def make(

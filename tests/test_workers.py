@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import re
-import shutil
 import time
 import urllib.parse
 import urllib.request
@@ -23,9 +22,8 @@ from django.conf import settings
 from django.db import connection
 
 from conversations.models import Message
-from deploy.nginx import find_nginx
-from tests.cluster import BASE_DIR, Cluster, cluster, recv_until
-from tests.conftest import REQUIRE_POSTGRES, REQUIRE_REDIS, _wait_quiet, database_url
+from tests.cluster import BASE_DIR, Cluster, cluster, need_cluster, recv_until
+from tests.conftest import _wait_quiet, database_url
 from tests.factories import PASSWORD, make_user, session_cookie
 from tests.fake_llm import FakeLLM, Reply
 
@@ -40,18 +38,7 @@ def workers(
 ) -> Iterator[Cluster]:
     with django_db_blocker.unblock():
         vendor, url = connection.vendor, database_url()
-    if vendor != "postgresql":
-        pytest.skip(
-            "several workers need PostgreSQL (this run's test database is SQLite, one process's); "
-            "CI runs them with DATABASE_URL=postgres://..."
-        )
-    binaries = {"nginx": find_nginx(), "redis-server": shutil.which("redis-server")}
-    missing = [name for name, path in binaries.items() if path is None]
-    if missing:
-        message = f"{' and '.join(missing)} not installed: several workers need them"
-        if REQUIRE_POSTGRES or REQUIRE_REDIS:  # CI: fail, never skip
-            pytest.fail(message)
-        pytest.skip(message)
+    need_cluster(vendor)
     with cluster(
         tmp_path_factory.mktemp("workers"),
         workers=2,

@@ -74,11 +74,7 @@ def record_tool_round(
     """The ledger row of one model call that ended in tool calls (the
     answer's final call is recorded by `save_answer`, which settles the
     reservation)."""
-    estimated = usage is None
-    if usage is None:
-        usage = llm.Usage(
-            prompt_tokens=messages_tokens(messages), completion_tokens=llm.estimate_tokens(text)
-        )
+    usage, estimated = _usage_or_estimate(usage, messages, text)
     with transaction.atomic():
         record_call(
             user_id=owner_id,
@@ -91,6 +87,22 @@ def record_tool_round(
             message_id=answer.pk,
             limited=limited,
         )
+
+
+def _usage_or_estimate(usage: llm.Usage | None, messages: list[Any], text: str) -> tuple[llm.Usage, bool]:
+    """The call's usage as the server reported it, else an estimate (the
+    usage chunk comes only at the end of a stream); and whether estimated."""
+    if usage is not None:
+        return usage, False
+    return llm.Usage(
+        prompt_tokens=messages_tokens(messages), completion_tokens=llm.estimate_tokens(text)
+    ), True
+
+
+def release(reservation: quotas.Reservation | None, owner_id: int) -> None:
+    """Give a reservation back whole: the call it held budget for cost nothing."""
+    if reservation is not None:
+        quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)
 
 
 def stored_usage(answer: Message) -> dict[str, Any]:
@@ -148,12 +160,7 @@ def save_answer(
     transaction. Returns the usage payload, the answer's sanitised HTML and
     whether the conversation wants a title (`first_of_chat`: the answer of
     the question that started it, which can only be its first answer)."""
-    estimated = usage is None
-    if usage is None:
-        usage = llm.Usage(
-            prompt_tokens=messages_tokens(messages),
-            completion_tokens=llm.estimate_tokens(content),
-        )
+    usage, estimated = _usage_or_estimate(usage, messages, content)
     with transaction.atomic():
         now = timezone.now()
         final = {
@@ -196,8 +203,8 @@ def save_answer(
                 message_id=answer.pk if alive else None,
                 limited=limited,
             )
-        elif reservation is not None:
-            quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)
+        else:
+            release(reservation, owner_id)
     wants_title = alive and first_of_chat and status in (Message.Status.COMPLETE, Message.Status.TRUNCATED)
     html = render_markdown_cached(content)  # and so cached for the page
     if tool_rounds and alive:  # several calls: the answer's usage is all of them

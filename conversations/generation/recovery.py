@@ -20,8 +20,6 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from accounts import quotas
-
 from .. import llm
 from ..models import Message, TokenUsage
 from ..rendering import render_markdown_cached
@@ -109,7 +107,7 @@ def settle_dead(pk: Any, shown: str | None = None) -> dict[str, Any] | None:
             return None
         owner_id = answer.conversation.owner_id
         reservation = reservation_of(accounting, owner_id)
-        from .ledger import record_call
+        from .ledger import record_call, release
 
         if content:
             # The model was working: its prompt and what it wrote, estimated
@@ -132,8 +130,7 @@ def settle_dead(pk: Any, shown: str | None = None) -> dict[str, Any] | None:
             payload = usage_payload(usage.prompt_tokens, usage.completion_tokens, cost)
         else:
             # Nothing came back: no sign the model ever ran; the hold goes back.
-            if reservation is not None:
-                quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)
+            release(reservation, owner_id)
             payload = usage_payload(0, 0, NO_COST)
     log.warning("answer %s: its worker is gone; settled as interrupted (%d chars kept)", pk, len(content))
     return finished_event(
@@ -145,11 +142,6 @@ def settle_dead(pk: Any, shown: str | None = None) -> dict[str, Any] | None:
         model=answer.model,
         usage=payload,
     )
-
-
-class _UserRef:
-    def __init__(self, pk: int) -> None:
-        self.pk = pk
 
 
 def shown_text(answer_id: Any) -> str | None:

@@ -204,11 +204,12 @@ class Generation:
         with their results, at most CHAT_TOOL_ROUNDS times."""
         prompt = self.conversation.prompt
         offered = [] if llm.is_demo() else tools.offered((prompt.tools if prompt else "") or None)
+        offered_json = tools.openai_tools(offered) if offered else None  # once per answer
         rounds = 0
         while True:
             offer = offered if rounds < settings.CHAT_TOOL_ROUNDS else []
             first_seq = self.seq
-            outcome = await self._read_call(tools.openai_tools(offer) if offer else None)
+            outcome = await self._read_call(offered_json if offer else None)
             end = outcome.end
             if end is None or not end.tool_calls or not offer:
                 return outcome
