@@ -167,6 +167,9 @@ OPENAI_FALLBACK_MODELS = env.list("OPENAI_FALLBACK_MODELS", default=[])
 # --- Chat behaviour ---------------------------------------------------------
 CHAT_MAX_MESSAGE_CHARS = env.int("CHAT_MAX_MESSAGE_CHARS", default=16000)
 CHAT_CONTEXT_TOKENS = env.int("CHAT_CONTEXT_TOKENS", default=8000)  # history budget
+# A long chat's older turns are summarised in at most this many tokens (and at
+# most a quarter of CHAT_CONTEXT_TOKENS); 0 = no summaries, they are dropped.
+CHAT_SUMMARY_TOKENS = env.int("CHAT_SUMMARY_TOKENS", default=500)
 CHAT_RATE_LIMIT = env.str("CHAT_RATE_LIMIT", default="20/m")  # message.send per user
 CHAT_DELTA_INTERVAL = env.float("CHAT_DELTA_INTERVAL", default=0.04)  # s between frames
 CHAT_CHECKPOINT_INTERVAL = env.float("CHAT_CHECKPOINT_INTERVAL", default=1.0)  # s

@@ -15,14 +15,24 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.http import urlencode
 
 from . import llm, prompts, reports
-from .models import Conversation, Message, ModelPrice, SystemPrompt, SystemPromptVersion, TokenUsage
+from .models import (
+    ChatModel,
+    Conversation,
+    Message,
+    ModelPrice,
+    SystemPrompt,
+    SystemPromptVersion,
+    TokenUsage,
+)
 
 REVIEW_PERMISSION = "conversations.review_conversation"
 
@@ -265,6 +275,42 @@ class ModelPriceAdmin(admin.ModelAdmin):
     search_fields = ["model"]
 
 
+# --- The models users may pick -----------------------------------------------------------
+
+
+@admin.register(ChatModel)
+class ChatModelAdmin(admin.ModelAdmin):
+    """The models users may pick for a new chat, each with a link to its
+    price (a model without one is accounted at cost 0, which the list says)."""
+
+    list_display = ["name", "label", "enabled", "position", "price"]
+    list_editable = ["enabled", "position"]
+    list_filter = ["enabled"]
+    search_fields = ["name", "label"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ChatModel]:
+        prices = ModelPrice.objects.filter(model=OuterRef("name"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                price_pk=Subquery(prices.values("pk")[:1]),
+                price_in=Subquery(prices.values("input_per_million")[:1]),
+                price_out=Subquery(prices.values("output_per_million")[:1]),
+            )
+        )
+
+    @admin.display(description="Price per 1M tokens (in / out)")
+    def price(self, obj: Any) -> str:
+        if getattr(obj, "price_pk", None) is None:
+            add = reverse("admin:conversations_modelprice_add") + "?" + urlencode({"model": obj.name})
+            return format_html('<a href="{}" class="no-price">No price set: calls cost 0. Add one</a>', add)
+        change = reverse("admin:conversations_modelprice_change", args=[obj.price_pk])
+        return format_html(
+            '<a href="{}">{} / {}</a>', change, obj.price_in.normalize(), obj.price_out.normalize()
+        )
+
+
 # --- The token ledger --------------------------------------------------------------------
 
 
@@ -467,6 +513,9 @@ class ConversationAdmin(admin.ModelAdmin):
         "prompt",
         "prompt_version",
         "prompt_text",
+        "model",
+        "summary",
+        "summary_through",
         "created_at",
         "updated_at",
     ]

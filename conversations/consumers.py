@@ -60,6 +60,16 @@ def _uuid(frame: dict[str, Any], name: str, *, optional: bool = False) -> uuid.U
         raise FrameError("invalid_request", f"`{name}` must be a UUID string.") from None
 
 
+def _model(frame: dict[str, Any]) -> str | None:
+    """A new conversation's model, by name (optional)."""
+    value = frame.get("model")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 100:
+        raise FrameError("invalid_request", "`model` must be a model's name.")
+    return value
+
+
 def _content(frame: dict[str, Any], extra: dict[str, Any]) -> str:
     content = frame.get("content")
     if not isinstance(content, str) or not content.strip():
@@ -199,6 +209,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         extra: dict[str, Any] = {"client_id": str(client_id)}
         conversation_id = _uuid(frame, "conversation", optional=True)
         prompt_id = _uuid(frame, "prompt", optional=True) if conversation_id is None else None
+        model = _model(frame) if conversation_id is None else None
         if conversation_id is not None:
             extra["conversation"] = str(conversation_id)
         content = _content(frame, extra)
@@ -209,6 +220,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             content=content,
             client_id=client_id,
             prompt_id=prompt_id,
+            model=model,
         )
 
     async def _message_edit(self, frame: dict[str, Any]) -> None:
@@ -254,8 +266,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         except generation.RateLimited as exc:
             raise FrameError("rate_limited", str(exc), retry_after=exc.retry_after, **extra) from None
-        except generation.NotFound:
-            raise FrameError("not_found", "No such conversation.", **extra) from None
+        except generation.NotFound as exc:
+            raise FrameError("not_found", str(exc) or "No such conversation.", **extra) from None
         except generation.Busy:
             raise FrameError(
                 "busy", "An answer is still being written in this conversation.", **extra

@@ -1,5 +1,6 @@
-"""What is sent upstream for one answer: the system prompt, then the most
-recent turns of THIS conversation that fit the context budget.
+"""What is sent upstream for one answer: the system prompt, the summary of
+older turns (a long chat), then the most recent turns of THIS conversation
+that fit the context budget.
 
 The conversation is read newest-first, a page at a time, and reading stops
 as soon as the budget is spent: a turn costs the same whether the chat has
@@ -8,6 +9,7 @@ ten messages or ten thousand."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -89,26 +91,47 @@ def with_tool_rounds(content: str, tool_rounds: list[dict[str, Any]] | None) -> 
     return messages
 
 
-def _newest_first(conversation: Conversation, upto: Message) -> Iterable[list[ChatMessage]]:
-    """The active, non-empty, settled messages up to `upto`, newest first, a
-    page at a time (keyset on created_at, pk): stops reading when the caller
-    stops iterating."""
-    rows = (
+Key = tuple[Any, Any]  # (created_at, pk): the order of a conversation's messages
+SUMMARY_HEADING = "Summary of the earlier part of this conversation (older messages are not shown):"
+TRANSCRIPT_CHARS = 8000  # of one message in a summary call
+PENDING_ROWS = 500  # messages folded into the summary by one call, at most
+
+
+def summary_message(summary: str) -> ChatMessage:
+    return {"role": "system", "content": f"{SUMMARY_HEADING}\n{summary}"}
+
+
+def summary_reserve(budget: int) -> int:
+    """Tokens kept free for the summary when older turns overflow (0: no summaries)."""
+    tokens = min(settings.CHAT_SUMMARY_TOKENS, budget // 4)
+    return tokens + message_tokens(SUMMARY_HEADING) if tokens > 0 else 0
+
+
+def _rows(conversation: Conversation) -> Any:
+    """The active, non-empty, settled messages of a conversation."""
+    return (
         Message.objects.filter(conversation=conversation, is_active=True)
         .exclude(status=Message.Status.STREAMING)
         .exclude(content="", tool_rounds__isnull=True)
-        .order_by("-created_at", "-pk")
         .values_list("role", "content", "tool_rounds", "created_at", "pk")
     )
+
+
+def _unit(role: str, content: str, tool_rounds: Any) -> list[ChatMessage]:
+    return with_tool_rounds(content, tool_rounds) if tool_rounds else [{"role": role, "content": content}]
+
+
+def _newest_first(conversation: Conversation, upto: Message) -> Iterable[tuple[Key, list[ChatMessage]]]:
+    """The messages up to `upto`, newest first, each with its key, a page at
+    a time (keyset on created_at, pk): stops reading when the caller stops
+    iterating."""
+    rows = _rows(conversation).order_by("-created_at", "-pk")
     page = rows.filter(created_at__lte=upto.created_at)
     size = FIRST_PAGE
     while True:
         batch = list(page[:size])
-        for role, content, tool_rounds, _created, _pk in batch:
-            if tool_rounds:
-                yield with_tool_rounds(content, tool_rounds)
-            else:
-                yield [{"role": role, "content": content}]
+        for role, content, tool_rounds, created, pk in batch:
+            yield (created, pk), _unit(role, content, tool_rounds)
         if len(batch) < size:
             return
         _, _, _, created, pk = batch[-1]
@@ -116,15 +139,120 @@ def _newest_first(conversation: Conversation, upto: Message) -> Iterable[list[Ch
         size *= 4
 
 
+def _between(
+    conversation: Conversation, after: Key | None, before: Key, budget: int
+) -> Iterable[tuple[Key, list[ChatMessage]]]:
+    """The messages after `after` (all when None) and before `before`, oldest
+    first, while they fit `budget` tokens (the first always)."""
+    rows = _rows(conversation).order_by("created_at", "pk")
+    rows = rows.filter(created_at__lte=before[0]).exclude(created_at=before[0], pk__gte=before[1])
+    if after is not None:
+        rows = rows.filter(created_at__gte=after[0]).exclude(created_at=after[0], pk__lte=after[1])
+    used = 0
+    for role, content, tool_rounds, created, pk in rows[:PENDING_ROWS]:
+        unit = _unit(role, content, tool_rounds)
+        used += messages_tokens(unit)
+        if used > budget and used != messages_tokens(unit):
+            return
+        yield (created, pk), unit
+
+
+@dataclass
+class History:
+    """What the answer sends upstream, and the summary work it needs first.
+
+    `before` + [the summary] + `after` is what is sent: `after` are the
+    newest turns that fit. `pending`: the older turns that no longer fit and
+    that the stored summary does not cover yet (oldest first); when there
+    are any, a summary call folds them into the summary (`through`: the
+    newest of them) before the answer starts."""
+
+    before: list[ChatMessage]
+    after: list[ChatMessage]
+    summary: str = ""
+    pending: list[ChatMessage] = field(default_factory=list)
+    through: Any = None
+
+    @property
+    def messages(self) -> list[ChatMessage]:
+        return [*self.before, *([summary_message(self.summary)] if self.summary else []), *self.after]
+
+    def with_summary(self, summary: str) -> list[ChatMessage]:
+        return [*self.before, summary_message(summary), *self.after]
+
+
+def plan_history(conversation: Conversation, *, upto: Message, budget: int | None = None) -> History:
+    """The history for the answer that follows `upto` (the question, or the
+    truncated answer being continued): it and every earlier message of this
+    conversation on the active path that has text; replaced versions and the
+    answer being written are left out. Read newest first until the budget
+    is spent; when older turns overflow (and CHAT_SUMMARY_TOKENS > 0), room
+    is kept for the conversation's summary, and the overflowing turns it
+    does not cover yet are read (oldest first) for the summary call."""
+    budget = settings.CHAT_CONTEXT_TOKENS if budget is None else budget
+    head: list[ChatMessage] = (
+        [{"role": "system", "content": conversation.prompt_text}] if conversation.prompt_text else []
+    )
+    room = budget - messages_tokens(head)
+    reserve = summary_reserve(budget)
+    kept: list[tuple[Key, list[ChatMessage], int]] = []
+    used = 0
+    overflow = False
+    for key, unit in _newest_first(conversation, upto):
+        cost = messages_tokens(unit)
+        if kept and used + cost > room:  # the newest turn is always kept
+            overflow = True
+            break
+        used += cost
+        kept.append((key, unit, cost))
+    if overflow and reserve:
+        while len(kept) > 1 and used > room - reserve:
+            used -= kept.pop()[2]
+    kept.reverse()
+    # An answer without the question that prompted it only confuses the model.
+    while len(kept) > 1 and kept[0][1][0]["role"] == "assistant":
+        kept.pop(0)
+        overflow = True
+    history = History(before=head, after=[m for _key, unit, _cost in kept for m in unit])
+    if not (overflow and reserve):
+        return history
+    history.summary = conversation.summary
+    covered = _through_key(conversation)
+    room_for_pending = budget - reserve - message_tokens(conversation.summary)
+    pending = list(_between(conversation, covered, kept[0][0], room_for_pending))
+    if pending:
+        history.pending = [m for _key, unit in pending for m in unit]
+        history.through = pending[-1][0][1]
+    return history
+
+
+def _through_key(conversation: Conversation) -> Key | None:
+    if conversation.summary_through_id is None or not conversation.summary:
+        return None
+    found = Message.objects.filter(pk=conversation.summary_through_id).values_list("created_at", "pk").first()
+    return tuple(found) if found else None
+
+
 def build_messages(
     conversation: Conversation, *, upto: Message, budget: int | None = None
 ) -> list[ChatMessage]:
-    """The messages for the answer that follows `upto` (the question, or the
-    truncated answer being continued): it and every earlier message of this
-    conversation on the active path that has text; replaced versions and the
-    answer being written are left out."""
-    return _fit_newest_first(
-        conversation.prompt_text,
-        _newest_first(conversation, upto),
-        settings.CHAT_CONTEXT_TOKENS if budget is None else budget,
-    )
+    """What `plan_history` sends when no summary call is made."""
+    return plan_history(conversation, upto=upto, budget=budget).messages
+
+
+def transcript(messages: Sequence[ChatMessage]) -> str:
+    """Turns as plain text for a summary call."""
+    lines = []
+    for message in messages:
+        role = message["role"]
+        text = (message.get("content") or "")[:TRANSCRIPT_CHARS]
+        if role == "tool":
+            lines.append(f"Tool result: {text}")
+        elif message.get("tool_calls"):
+            calls = ", ".join(
+                f"{c['function']['name']}({c['function']['arguments']})" for c in message["tool_calls"]
+            )
+            lines.append(f"Assistant called tools: {calls}")
+        elif text:
+            lines.append(f"{'User' if role == 'user' else 'Assistant'}: {text}")
+    return "\n\n".join(lines)

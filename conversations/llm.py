@@ -354,14 +354,16 @@ async def complete_chat(
     model: str | None = None,
     max_tokens: int = 64,
     json_object: bool = False,
+    demo_text: str | None = None,
 ) -> Completion:
     """One short, non-streamed completion (titles, summaries). `json_object`:
     ask for JSON output (`response_format`) where the server supports it; a
     server that refuses it (HTTP 400) is asked again in plain text, and
-    remembered. A refused request costs nothing."""
+    remembered. A refused request costs nothing. `demo_text`: what the demo
+    model answers (default: a title made of the question's first words)."""
     if is_demo():
         question = next((m["content"] for m in messages if m["role"] == "user"), "")
-        text = demo_title(question)
+        text = demo_text if demo_text is not None else demo_title(question)
         if json_object:
             text = json.dumps({"title": text}, ensure_ascii=False)
         prompt_tokens = sum(estimate_tokens(m.get("content") or "") + 4 for m in messages)

@@ -92,6 +92,16 @@ class Conversation(models.Model):
     prompt_version = models.ForeignKey(
         SystemPromptVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # The model chosen for this conversation (one of the enabled ChatModels);
+    # blank = the prompt's model, else OPENAI_MODEL.
+    model = models.CharField(max_length=100, blank=True)
+    # Memory of a long chat: a summary of its older turns, up to and
+    # including `summary_through`, sent upstream in their place once they no
+    # longer fit CHAT_CONTEXT_TOKENS; extended as more turns overflow.
+    summary = models.TextField(blank=True)
+    summary_through = models.ForeignKey(
+        "Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     # Pinned conversations are kept by `prune_history`.
     pinned = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -108,6 +118,13 @@ class Conversation(models.Model):
     @property
     def display_title(self) -> str:
         return self.title or "New chat"
+
+    @property
+    def chosen_model(self) -> str:
+        """The model that answers here: the one picked for the chat, else its
+        prompt's, else OPENAI_MODEL (the demo model answers in demo mode)."""
+        prompt = self.prompt
+        return self.model or (prompt.model if prompt and prompt.model else "") or settings.OPENAI_MODEL
 
 
 class Message(models.Model):
@@ -180,6 +197,37 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:50]}"
+
+
+class ChatModel(models.Model):
+    """A model users may pick for a new chat (staff keep the list in the
+    admin). With no enabled model listed, every chat uses its prompt's model
+    or OPENAI_MODEL and the page offers no choice."""
+
+    name = models.CharField(max_length=100, unique=True, help_text="The model's name at the upstream API.")
+    label = models.CharField(max_length=100, blank=True, help_text="What users see; blank = the name.")
+    enabled = models.BooleanField(default=True)
+    position = models.PositiveIntegerField(default=0, help_text="Order in the page's list (smallest first).")
+
+    class Meta:
+        ordering = ["position", "name"]
+
+    def __str__(self) -> str:
+        return self.display
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+    @classmethod
+    def choices(cls) -> list[ChatModel]:
+        """The models users may pick, in the page's order."""
+        return list(cls.objects.filter(enabled=True))
+
+    @classmethod
+    def label_of(cls, name: str) -> str:
+        found = cls.objects.filter(name=name).values_list("label", flat=True).first()
+        return found or name
 
 
 PRICE_TTL = 10.0  # seconds

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet, Sum
 
 from .models import Conversation, Message, TokenUsage
 from .rendering import render_many
@@ -111,9 +111,18 @@ def messages_for_page(conversation: Conversation) -> list[Message]:
     HTML, its usage row and its place among its versions (`version_index` of
     `version_count`)."""
     messages = list(conversation.messages.order_by("created_at"))
+    # An answer's model calls (several with tool rounds), summed; a summary
+    # call made for it is the conversation's, not the answer's.
     usage = {
-        row.message_id: row
-        for row in TokenUsage.objects.filter(conversation=conversation, message__isnull=False)
+        row["message_id"]: row
+        for row in TokenUsage.objects.filter(
+            conversation=conversation, message__isnull=False, kind=TokenUsage.Kind.ANSWER
+        )
+        .values("message_id")
+        .annotate(
+            prompt_tokens=Sum("prompt_tokens"), completion_tokens=Sum("completion_tokens"), cost=Sum("cost")
+        )
+        .order_by()
     }
     answers = [m for m in messages if m.role == Message.Role.ASSISTANT]
     for answer, html in zip(answers, render_many([a.content for a in answers]), strict=True):
@@ -143,9 +152,18 @@ def export_markdown(conversation: Conversation) -> str:
 
 
 def export_json(conversation: Conversation) -> dict[str, Any]:
+    # An answer's model calls (several with tool rounds), summed; a summary
+    # call made for it is the conversation's, not the answer's.
     usage = {
-        row.message_id: row
-        for row in TokenUsage.objects.filter(conversation=conversation, message__isnull=False)
+        row["message_id"]: row
+        for row in TokenUsage.objects.filter(
+            conversation=conversation, message__isnull=False, kind=TokenUsage.Kind.ANSWER
+        )
+        .values("message_id")
+        .annotate(
+            prompt_tokens=Sum("prompt_tokens"), completion_tokens=Sum("completion_tokens"), cost=Sum("cost")
+        )
+        .order_by()
     }
     messages = []
     for message in conversation.messages.order_by("created_at"):

@@ -15,7 +15,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from . import llm, selectors, services
 from .health import health_report
-from .models import Conversation, SystemPrompt
+from .models import ChatModel, Conversation, SystemPrompt
 
 
 @login_required
@@ -39,7 +39,15 @@ def _own_or_404(request: HttpRequest, conversation_id: uuid.UUID) -> Conversatio
 
 
 def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpResponse:
-    prompts = list(SystemPrompt.objects.only("id", "name", "is_default"))
+    prompts = list(SystemPrompt.objects.only("id", "name", "is_default", "model"))
+    default_prompt = next((p for p in prompts if p.is_default), None)
+    chat_models = ChatModel.choices()
+    labels = {m.name: m.display for m in chat_models}
+    if llm.is_demo():
+        default_model = shown_model = llm.DEMO_MODEL
+    else:
+        default_model = (default_prompt.model if default_prompt else "") or settings.OPENAI_MODEL
+        shown_model = conversation.chosen_model if conversation else ""
     sidebar, next_cursor = selectors.sidebar_page(user=request.user)
     context = {
         "conversation": conversation,
@@ -47,7 +55,10 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
         "conversations_next": next_cursor,
         "messages": selectors.messages_for_page(conversation) if conversation else [],
         "prompts": prompts,
-        "default_prompt": next((p for p in prompts if p.is_default), None),
+        "default_prompt": default_prompt,
+        "chat_models": chat_models,
+        "default_model": labels.get(default_model, default_model),
+        "conversation_model": ChatModel.label_of(shown_model) if shown_model else "",
         "demo_mode": llm.is_demo(),
         "chat_config": {
             "wsPath": "/ws/chat/",

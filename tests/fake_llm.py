@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -52,6 +53,9 @@ class Reply:
     # deltas of its id and name, then its arguments in pieces; then
     # finish_reason "tool_calls". Each: {"id", "name", "arguments"} (a string).
     tool_calls: list[dict[str, str]] = field(default_factory=list)
+    # Non-streamed replies: the text made from the request's body (a model
+    # that reads what it was sent); `chunks` otherwise.
+    respond: Callable[[dict[str, Any]], str] | None = None
 
     @classmethod
     def error_reply(cls, status: int, message: str = "error", code: str | None = None, **kw: Any) -> Reply:
@@ -185,7 +189,7 @@ class FakeLLM:
                 elif body.get("stream"):
                     self._stream(reply, body)
                 else:
-                    self._complete(reply)
+                    self._complete(reply, body)
 
             def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(payload).encode()
@@ -197,8 +201,11 @@ class FakeLLM:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _complete(self, reply: Reply) -> None:
+            def _complete(self, reply: Reply, body: dict[str, Any]) -> None:
+                if reply.hang_after is not None:  # a reply that never comes (until released)
+                    fake._release.wait(60)
                 prompt, completion = reply.usage or (0, 0)
+                text = reply.respond(body) if reply.respond else "".join(reply.chunks)
                 self._json(
                     200,
                     {
@@ -209,7 +216,7 @@ class FakeLLM:
                         "choices": [
                             {
                                 "index": 0,
-                                "message": {"role": "assistant", "content": "".join(reply.chunks)},
+                                "message": {"role": "assistant", "content": text},
                                 "finish_reason": reply.finish_reason or "stop",
                             }
                         ],

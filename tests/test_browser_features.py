@@ -721,3 +721,83 @@ def test_the_offline_demo_banner_shows_when_no_model_is_configured(
     expect(banner).to_contain_text("Demo mode")
     expect(banner).to_contain_text("OPENAI_API_KEY")
     page.screenshot(path=str(SHOTS / "demo-banner.png"))
+
+
+def test_a_long_chat_shows_where_its_summarised_part_ends(
+    daphne_server: LiveServer, alice: Any, fake_llm: Any, tabs: Tabs
+) -> None:
+    from tests.test_summaries import mechanical_summary
+
+    # Two turns that fill the context budget (8,000 tokens) between them: the
+    # next question pushes the first turn out, and it is summarised.
+    long_text = "We are planning the Lisbon offsite for the data team. " * 300  # ~4,100 tokens
+
+    def setup() -> Conversation:
+        conversation = make_conversation(alice, "Offsite planning", turns=0)
+        for text in (f"The budget code is PAPAYA-42. {long_text}", f"Venue options. {long_text}"):
+            Message.objects.create(conversation=conversation, role="user", content=text)
+            Message.objects.create(conversation=conversation, role="assistant", content="Noted.")
+        return conversation
+
+    conversation = in_thread(setup)
+    fake_llm.completion_default = Reply(respond=mechanical_summary)
+    fake_llm.script(Reply(chunks=["The budget code is ", "PAPAYA-42."]))
+    page = tabs.new(alice)
+    open_chat(page, daphne_server, f"/c/{conversation.pk}/")
+    expect(page.locator(".summary-marker")).to_have_count(0)
+    ask(page, "What was the budget code?")
+    expect(finished(page).last).to_contain_text("PAPAYA-42", timeout=15_000)
+
+    # The marker appears live, right after the last summarised message.
+    marker = page.locator("#summary-marker")
+    expect(marker).to_have_count(1)
+    first_answer = page.locator(".msg-assistant").first
+    expect(page.locator(".msg-assistant").first.locator("xpath=following-sibling::*[1]")).to_have_id(
+        "summary-marker"
+    )
+    assert first_answer.get_attribute("data-message-id")
+    expect(marker.locator("summary")).to_have_text("Older messages above are summarised for the model")
+    marker.locator("summary").click()
+    expect(marker.locator(".summary-text")).to_contain_text("PAPAYA-42")
+    sent = fake_llm.streamed_requests[-1].body["messages"]
+    assert any(m["role"] == "system" and "PAPAYA-42" in m["content"] for m in sent)
+    marker.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "summary-marker.png"))
+
+    # After a reload it comes from the database, in the same place.
+    page.reload()
+    expect(page.locator(".msg-assistant").first.locator("xpath=following-sibling::*[1]")).to_have_id(
+        "summary-marker"
+    )
+    assert tabs.unexpected_errors() == []
+
+
+def test_a_new_chat_picks_its_model_and_shows_it(
+    daphne_server: LiveServer, alice: Any, fake_llm: Any, tabs: Tabs
+) -> None:
+    from conversations.models import ChatModel
+
+    def setup() -> None:
+        SystemPrompt.objects.create(name="Assistant", text="Be helpful.", is_default=True)
+        ChatModel.objects.create(name="fake-fast", label="Fast", position=1)
+        ChatModel.objects.create(name="fake-deep", label="Deep thinker", position=2)
+
+    in_thread(setup)
+    fake_llm.script(Reply(chunks=["Deep ", "thoughts."], model="fake-deep"))
+    page = tabs.new(alice)
+    open_chat(page, daphne_server)
+    select = page.get_by_label("Model")
+    expect(select.locator("option")).to_have_text(["Default (fake-model)", "Fast", "Deep thinker"])
+    select.select_option(label="Deep thinker")
+    page.screenshot(path=str(SHOTS / "model-pick.png"))
+    ask(page, "Think hard.")
+    done = finished(page)
+    expect(done).to_contain_text("Deep thoughts.", timeout=15_000)
+    # The conversation shows its model; the answer's line names the one that answered.
+    expect(page.locator("#model-chip")).to_have_text("Model: Deep thinker")
+    expect(page.locator("#model-pick")).to_be_hidden()
+    expect(done.locator(".msg-usage")).to_contain_text("fake-deep")
+    assert fake_llm.streamed_requests[-1].body["model"] == "fake-deep"
+    page.reload()
+    expect(page.locator("#model-chip")).to_have_text("Model: Deep thinker")
+    assert tabs.unexpected_errors() == []

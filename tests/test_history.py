@@ -215,6 +215,7 @@ def test_build_messages_has_no_system_entry_for_a_conversation_without_prompt(al
 @pytest.mark.django_db
 def test_build_messages_fits_the_configured_context_budget(alice: Any, settings: Any) -> None:
     settings.CHAT_CONTEXT_TOKENS = 3 * TURN
+    settings.CHAT_SUMMARY_TOKENS = 0  # dropped, not summarised (tests/test_summaries.py)
     conversation = chat(alice)
     for role, text in zip(["user", "assistant", "user", "assistant"], [U1, A1, U2, A2], strict=True):
         conversation.add(role, text)

@@ -117,7 +117,10 @@ def test_a_dead_answer_gets_an_estimated_ledger_row_and_its_reservation_back(ali
 
     answer = Message.objects.get(pk=accepted.answer.pk)
     assert (answer.status, answer.content, answer.worker, answer.accounting) == (
-        "interrupted", "Once upon a time", "", None
+        "interrupted",
+        "Once upon a time",
+        "",
+        None,
     )
     row = TokenUsage.objects.get(message=answer)
     assert row.estimated and row.kind == "answer"

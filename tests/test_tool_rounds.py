@@ -175,6 +175,28 @@ async def test_stop_during_a_tool_round(alice: Any, fake_llm: Any, monkeypatch: 
     assert await TokenUsage.objects.filter(kind="answer", message_id=finished["message"]).acount() == 2
 
 
+async def test_a_round_is_stored_with_the_streaming_answer_at_once(alice: Any, fake_llm: Any) -> None:
+    """A reload mid-answer shows the chips, and a dead worker's answer keeps them."""
+    fake_llm.script(
+        Reply(chunks=[], finish_reason="tool_calls", tool_calls=CALLS[1:]),
+        Reply(chunks=["The answer ", "is 1024."], hang_after=1),
+    )
+    ws = await connect(alice)
+    await ws.send_json_to(send_frame("2**10?"))
+    frames = await frames_until(ws, "generation.delta")
+    answer = await Message.objects.aget(pk=frames[-1]["message"])
+    await ws.send_json_to({"type": "generation.stop", "conversation": frames[0]["conversation"]["id"]})
+    frames += await frames_until(ws, "generation.finished")
+    fake_llm.release_hangs()
+    await generation.wait_all()
+    await ws.disconnect()
+
+    assert answer.status == "streaming"
+    assert [r["content"] for r in answer.tool_rounds[0]["results"]] == ["1024"]
+    stored = await Message.objects.aget(pk=answer.pk)
+    assert stored.status == "stopped" and stored.tool_rounds == answer.tool_rounds
+
+
 async def test_a_server_without_function_calling_is_asked_without_tools(alice: Any, fake_llm: Any) -> None:
     fake_llm.script(
         Reply.error_reply(400, "tools are not supported by this server", code="invalid_request_error"),

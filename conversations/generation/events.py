@@ -43,6 +43,7 @@ def conversation_payload(conversation: Conversation) -> dict[str, Any]:
         "id": str(conversation.id),
         "title": conversation.display_title,
         "created_at": conversation.created_at.isoformat(),
+        "model": conversation.chosen_model,
     }
 
 

@@ -74,7 +74,7 @@ def record_tool_round(
     """The ledger row of one model call that ended in tool calls (the
     answer's final call is recorded by `save_answer`, which settles the
     reservation)."""
-    usage, estimated = _usage_or_estimate(usage, messages, text)
+    usage, estimated = usage_or_estimate(usage, messages, text)
     with transaction.atomic():
         record_call(
             user_id=owner_id,
@@ -89,7 +89,7 @@ def record_tool_round(
         )
 
 
-def _usage_or_estimate(usage: llm.Usage | None, messages: list[Any], text: str) -> tuple[llm.Usage, bool]:
+def usage_or_estimate(usage: llm.Usage | None, messages: list[Any], text: str) -> tuple[llm.Usage, bool]:
     """The call's usage as the server reported it, else an estimate (the
     usage chunk comes only at the end of a stream); and whether estimated."""
     if usage is not None:
@@ -160,7 +160,7 @@ def save_answer(
     transaction. Returns the usage payload, the answer's sanitised HTML and
     whether the conversation wants a title (`first_of_chat`: the answer of
     the question that started it, which can only be its first answer)."""
-    usage, estimated = _usage_or_estimate(usage, messages, content)
+    usage, estimated = usage_or_estimate(usage, messages, content)
     with transaction.atomic():
         now = timezone.now()
         final = {

@@ -32,6 +32,7 @@ from .. import llm, tools
 from ..history import with_tool_rounds
 from ..models import Message
 from ..rendering import render_markdown_cached
+from . import summaries
 from .database import in_database
 from .events import conversation_payload, finished_event, message_payload, user_topic
 from .fanout import get_hub
@@ -202,6 +203,9 @@ class Generation:
         """The model's calls for this answer: each streams into the answer;
         one that ends in tool calls runs them (a tool round) and asks again
         with their results, at most CHAT_TOOL_ROUNDS times."""
+        history = self.accepted.history
+        if history is not None and history.pending:
+            await self._summarize(history)
         prompt = self.conversation.prompt
         offered = [] if llm.is_demo() else tools.offered((prompt.tools if prompt else "") or None)
         offered_json = tools.openai_tools(offered) if offered else None  # once per answer
@@ -215,6 +219,29 @@ class Generation:
                 return outcome
             rounds += 1
             await self._tool_round(end, "".join(self.sent[first_seq:]), offer)
+
+    async def _summarize(self, history: Any) -> None:
+        """A long chat: fold the turns that overflow into the conversation's
+        summary first, and send it in their place; tell the followers where
+        the summarised part now ends."""
+        summary = await summaries.refresh(
+            self.conversation,
+            history,
+            answer_id=self.answer.pk,
+            limited=self.accepted.reservation is not None,
+        )
+        if summary is None:
+            return
+        self.messages = history.with_summary(summary)
+        self.hub.publish(
+            self.conversation_id,
+            {
+                "type": "conversation.summary",
+                "conversation": self.conversation_id,
+                "through": str(history.through),
+                "summary": summary,
+            },
+        )
 
     async def _tool_round(self, end: llm.StreamEnd, text: str, offer: list[tools.Tool]) -> None:
         """Account the call, run the tools it asked for, show each result,
@@ -251,6 +278,10 @@ class Generation:
         round_ = {"text": text, "calls": calls, "results": results}
         self.tool_rounds.append(round_)
         self.messages = [*self.messages, *with_tool_rounds("", [round_])]
+        try:  # kept with the answer at once: a reload shows the chips, a dead worker's answer keeps them
+            await in_database(_write_tool_rounds)(self.answer.pk, self.tool_rounds)
+        except (OperationalError, InterfaceError) as exc:  # the answer's end stores them again
+            log.warning("answer %s: tool rounds not stored yet (%s)", self.answer_id, exc)
 
     async def _read_call(self, offer: list[dict[str, Any]] | None) -> _Outcome:
         """Read one model call's stream; the first token goes out at once,
@@ -436,6 +467,10 @@ class Checkpointer:
         self.writes += 1
         for generation, seq in seqs.items():
             generation.checkpointed = seq
+
+
+def _write_tool_rounds(answer_id: Any, tool_rounds: list[dict[str, Any]]) -> None:
+    Message.objects.filter(pk=answer_id, status=Message.Status.STREAMING).update(tool_rounds=tool_rounds)
 
 
 def _write_checkpoints(grew: dict[Any, str], alive: list[Any]) -> None:

@@ -7,7 +7,6 @@ import json
 import logging
 import re
 
-from django.conf import settings
 from django.db import transaction
 
 from .. import llm
@@ -64,10 +63,7 @@ def clean_title(text: str) -> str:
 
 def model_for(conversation: Conversation) -> str:
     """The model that answers in this conversation: its prompt's, else the site's."""
-    if llm.is_demo():
-        return llm.DEMO_MODEL
-    prompt = conversation.prompt
-    return (prompt.model if prompt and prompt.model else "") or settings.OPENAI_MODEL
+    return llm.DEMO_MODEL if llm.is_demo() else conversation.chosen_model
 
 
 def _save_title(conversation: Conversation, title: str, completion: llm.Completion, limited: bool) -> bool:

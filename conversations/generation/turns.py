@@ -23,8 +23,8 @@ from accounts import quotas
 from accounts.limits import take_send
 
 from .. import llm, prompts
-from ..history import build_messages, fit_history, messages_tokens
-from ..models import Conversation, Message, SystemPrompt
+from ..history import History, fit_history, messages_tokens, plan_history
+from ..models import ChatModel, Conversation, Message, SystemPrompt
 from ..selectors import NotFound, conversation_for_user
 from .recovery import WORKER_ID
 from .titles import model_for, title_from
@@ -80,6 +80,7 @@ class Accepted:
     continues: Message | None = None  # a continue: the truncated answer
     reservation: quotas.Reservation | None = None  # budget held until the answer settles
     messages: list[llm.ChatMessage] = field(default_factory=list)  # what is sent upstream
+    history: History | None = None  # its plan: a long chat's summary work to do first
 
 
 def find_sent(*, user: Any, client_id: uuid.UUID) -> Message | None:
@@ -143,18 +144,20 @@ def _new_answer(conversation: Conversation, **fields: Any) -> Message:
     )
 
 
-def _history(accepted: Accepted) -> list[llm.ChatMessage]:
+def _history(accepted: Accepted) -> History:
     if accepted.conversation_created:  # nothing to read: the prompt and the question
-        return fit_history(
+        messages = fit_history(
             accepted.conversation.prompt_text,
             [{"role": "user", "content": accepted.question.content}],
             settings.CHAT_CONTEXT_TOKENS,
         )
+        return History(before=[], after=messages)
     if accepted.continues is None:
-        return build_messages(accepted.conversation, upto=accepted.question)
+        return plan_history(accepted.conversation, upto=accepted.question)
     # The truncated answer is the last turn; ask the model to go on.
-    messages = build_messages(accepted.conversation, upto=accepted.continues)
-    return [*messages, {"role": "user", "content": CONTINUE_INSTRUCTION}]
+    history = plan_history(accepted.conversation, upto=accepted.continues)
+    history.after.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+    return history
 
 
 def _most_tokens(accepted: Accepted) -> int:
@@ -189,7 +192,8 @@ def _atomic_turn(user: Any, build: Any) -> Accepted:
     try:
         with transaction.atomic():
             accepted = build()
-            accepted.messages = _history(accepted)
+            accepted.history = _history(accepted)
+            accepted.messages = accepted.history.messages
             accepted.reservation = quotas.reserve_answer(
                 user, estimated_tokens=_most_tokens(accepted), model=accepted.answer.model
             )
@@ -218,14 +222,20 @@ def accept_message(
     content: str,
     client_id: uuid.UUID,
     prompt_id: uuid.UUID | None = None,
+    model: str | None = None,
 ) -> Accepted:
     """Store the question and an empty `streaming` answer, in one transaction.
+    A new conversation gets `prompt_id`'s system prompt (else the default
+    one) and `model` (one of the enabled ChatModels; else the prompt's).
 
     Raises Resent for a `client_id` already stored, NotFound for a
     conversation that is not the user's, Busy when an answer already streams
-    there (the question is then not stored either), RateLimited, OverQuota.
+    there (the question is then not stored either), RateLimited, OverQuota;
+    Refused for a model users may not pick.
     """
     _refuse_resent(user, client_id)
+    if model and conversation_id is None and not ChatModel.objects.filter(name=model, enabled=True).exists():
+        raise Refused(f"The model “{model[:100]}” is not available.")
 
     def build() -> Accepted:
         if conversation_id is None:
@@ -237,6 +247,7 @@ def accept_message(
                 prompt=prompt,
                 prompt_version=version,
                 prompt_text=version.text if version else "",
+                model=model or "",
             )
         else:
             conversation = _own_conversation(user, conversation_id)

@@ -36,6 +36,10 @@ const el = {
   promptSelect: $("prompt-select"),
   promptChip: $("prompt-chip"),
   promptChipName: $("prompt-chip-name"),
+  modelPick: $("model-pick"),
+  modelSelect: $("model-select"),
+  modelChip: $("model-chip"),
+  modelChipName: $("model-chip-name"),
   error: $("chat-error"),
   errorText: $("chat-error-text"),
   errorClose: $("chat-error-close"),
@@ -221,6 +225,21 @@ function addToolChip(article, { summary, ok, arguments: args, result }) {
   chip.append(make("summary", "", `used ${summary}`), detail);
   used.append(chip);
   scrollToBottom();
+}
+
+// Where the part of a long chat that the model now sees only as a summary ends.
+function showSummaryMarker(through, summary) {
+  const after = findMessage(through);
+  document.getElementById("summary-marker")?.remove();
+  if (!after) return;
+  const marker = make("details", "summary-marker");
+  marker.id = "summary-marker";
+  marker.setAttribute("role", "note");
+  marker.append(
+    make("summary", "", "Older messages above are summarised for the model"),
+    make("p", "summary-text", summary || ""),
+  );
+  after.after(marker);
 }
 
 function addAssistantMessage(id, version = {}) {
@@ -587,6 +606,12 @@ function setTitle(title) {
   document.title = `${title} · Chat`;
 }
 
+function showModel(name) {
+  if (!el.modelChip || !name) return;
+  el.modelChipName.textContent = name;
+  el.modelChip.hidden = false;
+}
+
 function adoptConversation(id, title) {
   if (state.conversation === id) return;
   const wasNew = !state.conversation;
@@ -601,6 +626,7 @@ function adoptConversation(id, title) {
     }
     el.promptPick.hidden = true;
   }
+  if (el.modelPick) el.modelPick.hidden = true;
   el.exportMd.href = `/c/${id}/export.md`;
   el.exportJson.href = `/c/${id}/export.json`;
   el.exportLinks.hidden = false;
@@ -719,7 +745,11 @@ const handlers = {
     const waitingForNew = [...state.pending.values()].some(
       (p) => !p.failed && !p.confirmed && p.frame.conversation === null,
     );
-    if (!state.conversation && waitingForNew) adoptConversation(c.id, c.title);
+    if (!state.conversation && waitingForNew) {
+      adoptConversation(c.id, c.title);
+      const option = el.modelSelect && el.modelSelect.selectedOptions[0];
+      showModel(option && option.value ? option.textContent : c.model);
+    }
     if (sidebar) sidebar.upsert(c.id, c.title);
   },
 
@@ -798,6 +828,11 @@ const handlers = {
     if (!isCurrent(frame)) return;
     const article = findMessage(frame.message);
     if (article) addToolChip(article, frame);
+  },
+
+  "conversation.summary"(frame) {
+    if (!isCurrent(frame)) return;
+    showSummaryMarker(frame.through, frame.summary);
   },
 
   "generation.snapshot"(frame) {
@@ -908,6 +943,9 @@ function submit() {
   };
   if (!state.conversation && el.promptSelect && el.promptSelect.value) {
     frame.prompt = el.promptSelect.value;
+  }
+  if (!state.conversation && el.modelSelect && el.modelSelect.value) {
+    frame.model = el.modelSelect.value;
   }
   const article = addUserMessage({ clientId, status: "sending", content });
   const pending = { kind: "send", frame, el: article, confirmed: false, failed: false };

@@ -17,7 +17,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from conversations import generation
-from conversations.models import Conversation, SystemPrompt
+from conversations.models import ChatModel, Conversation, SystemPrompt
 from conversations.selectors import NotFound, conversation_for_user
 
 HELP_LINE = (
@@ -43,6 +43,9 @@ class Command(BaseCommand):
             "--conversation", metavar="ID", help="Continue this conversation (one of the user's)."
         )
         parser.add_argument("--prompt", metavar="NAME", help="System prompt for new conversations (by name).")
+        parser.add_argument(
+            "--model", metavar="NAME", help="Model for new conversations (one staff enabled in the admin)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["verbosity"] < 2:
@@ -60,10 +63,16 @@ class Command(BaseCommand):
             if prompt is None:
                 names = ", ".join(SystemPrompt.objects.values_list("name", flat=True)) or "none"
                 raise CommandError(f"No system prompt named {options['prompt']!r} (there are: {names}).")
+        model = options["model"] or None
+        if model and not ChatModel.objects.filter(name=model, enabled=True).exists():
+            names = ", ".join(m.name for m in ChatModel.choices()) or "none"
+            raise CommandError(f"No model named {model!r} may be picked (there are: {names}).")
         stdin = options.get("stdin")
         if stdin is None:
             stdin = sys.stdin
-        session = ChatSession(self, user=user, conversation=conversation, prompt=prompt, stdin=stdin)
+        session = ChatSession(
+            self, user=user, conversation=conversation, prompt=prompt, model=model, stdin=stdin
+        )
         asyncio.run(session.run())
 
 
@@ -87,12 +96,14 @@ class ChatSession:
         conversation: Conversation | None,
         prompt: SystemPrompt | None,
         stdin: IO[str],
+        model: str | None = None,
     ) -> None:
         self.out = command.stdout
         self.style = command.style
         self.user = user
         self.conversation_id = conversation.id if conversation else None
         self.prompt = prompt
+        self.model = model
         self.stdin = stdin
         self.lines: asyncio.Queue[Any] = asyncio.Queue()
         self.answering = False
@@ -208,6 +219,7 @@ class ChatSession:
                 content=text,
                 client_id=uuid.uuid4(),
                 prompt_id=self.prompt.id if new and self.prompt else None,
+                model=self.model if new else None,
             )
         except generation.NotFound:
             self.write(self.style.ERROR("That conversation is gone."))
@@ -224,10 +236,13 @@ class ChatSession:
         except generation.RateLimited as exc:
             self.write(self.style.ERROR(f"{exc} (rate_limited)"))
             return
+        except generation.Refused as exc:
+            self.write(self.style.ERROR(str(exc)))
+            return
         if new:
             # Follow the group BEFORE the answer starts: no delta is missed.
             await self._follow(accepted.conversation.id)
-            self.write(f"(new conversation {accepted.conversation.id})")
+            self.write(f"(new conversation {accepted.conversation.id}, model {accepted.answer.model})")
         self.answering, self.stopping = True, False
         try:
             await generation.launch(accepted)
@@ -243,6 +258,9 @@ class ChatSession:
         while True:
             event = await self.frames.get()
             kind = event.get("type")
+            if kind == "conversation.summary":
+                self.write(self.style.NOTICE("[older messages summarised]"), ending=" ")
+                continue
             if event.get("answer" if kind == "error" else "message") != answer_id:
                 continue
             if kind == "generation.delta" and event["seq"] > seq:
