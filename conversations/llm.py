@@ -162,11 +162,13 @@ async def stream_chat(
     max_tokens: int | None = None,
     tools: Sequence[dict[str, Any]] | None = None,
     fallbacks: Sequence[str] | None = None,
+    response_format: dict[str, Any] | None = None,
 ) -> AsyncIterator[TextDelta | StreamEnd]:
     """Stream one chat completion. Closing the iterator closes the HTTP stream.
     `tools`: the Chat Completions `tools` parameter; a model that calls them
     ends with `StreamEnd.tool_calls`. `fallbacks`: the models to try when this
-    one fails before its first token (None: OPENAI_FALLBACK_MODELS)."""
+    one fails before its first token (None: OPENAI_FALLBACK_MODELS).
+    `response_format`: passed on as it is (the HTTP API's clients)."""
     if is_demo():
         async for event in _demo_stream(messages):
             yield event
@@ -183,7 +185,14 @@ async def stream_chat(
         started = False
         try:
             async with contextlib.aclosing(
-                _stream_one(messages, current, temperature=temperature, max_tokens=max_tokens, tools=offer)
+                _stream_one(
+                    messages,
+                    current,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    tools=offer,
+                    response_format=response_format,
+                )
             ) as events:  # closed at once when the caller stops: the HTTP stream ends
                 async for event in events:
                     started = True
@@ -214,8 +223,11 @@ async def _stream_one(
     temperature: float | None,
     max_tokens: int | None,
     tools: Sequence[dict[str, Any]] | None,
+    response_format: dict[str, Any] | None = None,
 ) -> AsyncIterator[TextDelta | StreamEnd]:
     extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
+    if response_format:
+        extra["response_format"] = response_format
     async with contextlib.AsyncExitStack() as stack:
         try:
             # The raw response, parsed here: the SDK's pydantic object per

@@ -281,6 +281,7 @@ class TokenUsage(models.Model):
         ANSWER = "answer"
         TITLE = "title"
         SUMMARY = "summary"
+        API = "api"  # a call of the stateless HTTP endpoint (/api/v1/chat/completions)
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     conversation = models.ForeignKey(

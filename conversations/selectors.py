@@ -8,10 +8,11 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db.models import Exists, OuterRef, Q, QuerySet, Sum
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 
-from .models import Conversation, Message, TokenUsage
+from .models import ChatModel, Conversation, Message, SystemPrompt, TokenUsage
 from .rendering import render_many
 
 PAGE_SIZE = 50
@@ -106,24 +107,31 @@ def sidebar_item(conversation: Conversation) -> dict[str, Any]:
     }
 
 
-def messages_for_page(conversation: Conversation) -> list[Message]:
-    """Every message, active and replaced, in order, each with its sanitised
-    HTML, its usage row and its place among its versions (`version_index` of
-    `version_count`)."""
-    messages = list(conversation.messages.order_by("created_at"))
-    # An answer's model calls (several with tool rounds), summed; a summary
-    # call made for it is the conversation's, not the answer's.
-    usage = {
+def answers_usage(conversation: Conversation) -> dict[Any, dict[str, Any]]:
+    """Each answer's model calls (several with tool rounds), summed, by the
+    answer's id; a summary call made for an answer is the conversation's."""
+    return {
         row["message_id"]: row
         for row in TokenUsage.objects.filter(
             conversation=conversation, message__isnull=False, kind=TokenUsage.Kind.ANSWER
         )
         .values("message_id")
         .annotate(
-            prompt_tokens=Sum("prompt_tokens"), completion_tokens=Sum("completion_tokens"), cost=Sum("cost")
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+            cost=Sum("cost"),
+            estimated_calls=Count("pk", filter=Q(estimated=True)),
         )
         .order_by()
     }
+
+
+def messages_for_page(conversation: Conversation) -> list[Message]:
+    """Every message, active and replaced, in order, each with its sanitised
+    HTML, its usage row and its place among its versions (`version_index` of
+    `version_count`)."""
+    messages = list(conversation.messages.order_by("created_at"))
+    usage = answers_usage(conversation)
     answers = [m for m in messages if m.role == Message.Role.ASSISTANT]
     for answer, html in zip(answers, render_many([a.content for a in answers]), strict=True):
         answer.html = html
@@ -152,19 +160,7 @@ def export_markdown(conversation: Conversation) -> str:
 
 
 def export_json(conversation: Conversation) -> dict[str, Any]:
-    # An answer's model calls (several with tool rounds), summed; a summary
-    # call made for it is the conversation's, not the answer's.
-    usage = {
-        row["message_id"]: row
-        for row in TokenUsage.objects.filter(
-            conversation=conversation, message__isnull=False, kind=TokenUsage.Kind.ANSWER
-        )
-        .values("message_id")
-        .annotate(
-            prompt_tokens=Sum("prompt_tokens"), completion_tokens=Sum("completion_tokens"), cost=Sum("cost")
-        )
-        .order_by()
-    }
+    usage = answers_usage(conversation)
     messages = []
     for message in conversation.messages.order_by("created_at"):
         row = usage.get(message.pk)
@@ -181,10 +177,10 @@ def export_json(conversation: Conversation) -> dict[str, Any]:
                 "version_group": str(message.version_group),
                 "usage": (
                     {
-                        "prompt_tokens": row.prompt_tokens,
-                        "completion_tokens": row.completion_tokens,
-                        "cost": str(row.cost),
-                        "estimated": row.estimated,
+                        "prompt_tokens": row["prompt_tokens"],
+                        "completion_tokens": row["completion_tokens"],
+                        "cost": str(row["cost"]),
+                        "estimated": bool(row["estimated_calls"]),
                     }
                     if row
                     else None
@@ -198,3 +194,23 @@ def export_json(conversation: Conversation) -> dict[str, Any]:
         "system_prompt": conversation.prompt_text,
         "messages": messages,
     }
+
+
+def default_model() -> str:
+    """The model a chat gets when it picks none: the default prompt's, else OPENAI_MODEL."""
+    from . import llm
+
+    if llm.is_demo():
+        return llm.DEMO_MODEL
+    prompt = SystemPrompt.objects.filter(is_default=True).only("model").first()
+    return (prompt.model if prompt and prompt.model else "") or settings.OPENAI_MODEL
+
+
+def usable_models() -> list[ChatModel]:
+    """The models users may use: the default one first, then the ones staff
+    enabled in the admin (unsaved rows for models not listed there)."""
+    listed = ChatModel.choices()
+    default = default_model()
+    if any(m.name == default for m in listed):
+        return listed
+    return [ChatModel(name=default, label="Default"), *listed]

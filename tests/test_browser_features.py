@@ -801,3 +801,24 @@ def test_a_new_chat_picks_its_model_and_shows_it(
     page.reload()
     expect(page.locator("#model-chip")).to_have_text("Model: Deep thinker")
     assert tabs.unexpected_errors() == []
+
+
+def test_a_user_creates_an_api_token_and_sees_it_once(
+    daphne_server: LiveServer, alice: Any, tabs: Tabs
+) -> None:
+    page = tabs.new(alice)
+    page.goto(daphne_server.url + "/accounts/usage/")
+    page.get_by_role("link", name="API tokens").click()
+    page.get_by_label("Name").fill("notebook")
+    page.get_by_label("Expires after").select_option(label="90 days")
+    page.get_by_role("button", name="Create token").click()
+    value = page.get_by_label("New API token").input_value()
+    assert value.startswith("chat_")
+    expect(page.locator(".tokens-table tbody tr")).to_have_count(1)
+    expect(page.locator(".tokens-table")).to_contain_text("notebook")
+    page.screenshot(path=str(SHOTS / "api-tokens.png"))
+    page.goto(daphne_server.url + "/accounts/tokens/")  # later: the token is not shown again
+    expect(page.get_by_label("New API token")).to_have_count(0)
+    page.get_by_role("button", name="Revoke").click()
+    expect(page.locator(".tokens-table tbody tr.is-revoked")).to_have_count(1)
+    assert tabs.unexpected_errors() == []

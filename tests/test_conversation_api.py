@@ -179,6 +179,13 @@ def test_export_markdown_and_json(alice: Any, bob: Any) -> None:
         conversation=conversation, role="assistant", content="4", model="m", version_group=old.version_group
     )
     TokenUsage.objects.create(user=alice, conversation=conversation, message=new, model="m", prompt_tokens=3)
+    # A second call of the same answer (a tool round) adds up; a summary call made for it does not.
+    TokenUsage.objects.create(
+        user=alice, conversation=conversation, message=new, model="m", prompt_tokens=5, estimated=True
+    )
+    TokenUsage.objects.create(
+        user=alice, conversation=conversation, message=new, model="m", prompt_tokens=100, kind="summary"
+    )
     client = client_for(alice)
 
     markdown = client.get(f"/c/{conversation.pk}/export.md")
@@ -196,7 +203,8 @@ def test_export_markdown_and_json(alice: Any, bob: Any) -> None:
         ("5", False),
         ("4", True),
     ]
-    assert body["messages"][2]["usage"]["prompt_tokens"] == 3
+    assert body["messages"][2]["usage"]["prompt_tokens"] == 8
+    assert body["messages"][2]["usage"]["estimated"] is True
     assert client_for(bob).get(f"/c/{conversation.pk}/export.json").status_code == 404
     assert client.get(f"/c/{conversation.pk}/export.txt").status_code == 404
 

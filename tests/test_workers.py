@@ -224,3 +224,28 @@ async def test_the_rate_limit_is_shared_by_the_workers(workers: Cluster, fake_ll
         Message.objects.filter(role="user", conversation__owner__username="carol").count
     )()
     assert questions == RATE_LIMIT
+
+
+def test_the_apis_server_sent_events_pass_nginx_unbuffered(
+    workers: Cluster, fake_llm_server: FakeLLM
+) -> None:
+    """deploy/'s nginx hands each SSE chunk on as it comes: the first one
+    arrives while the model is still streaming the rest."""
+    from api import tokens
+
+    fake_llm_server.reset()
+    fake_llm_server.script(Reply(chunks=[f"w{i} " for i in range(30)], delay=0.1))
+    token = tokens.create(make_user("sse-user"), "nginx")[1]
+    request = urllib.request.Request(
+        workers.url + "/api/v1/chat/completions",
+        data=json.dumps({"messages": [{"role": "user", "content": "Go"}], "stream": True}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=20) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        lines = (line.decode().strip() for line in response)
+        first = next(line for line in lines if '"content": "w0 "' in line)
+        still_streaming = fake_llm_server.in_flight > 0 and fake_llm_server.completed == 0
+        rest = [line for line in lines if line]
+    assert first.startswith("data: ") and still_streaming
+    assert rest[-1] == "data: [DONE]"

@@ -300,11 +300,13 @@ class RedisLink:
                 for command in commands:
                     pipe.execute_command(*command)
                 await pipe.execute(raise_on_error=False)
+                _raise_if_cancelled()
                 if rewrite:
                     running = len(self.hub.running)
                     log.warning("answer log: Redis is back; logs of %d running answer(s) rewritten", running)
                 return
             except Exception as exc:  # Redis down: local followers still have every frame
+                _raise_if_cancelled()
                 self._lost = True  # it may come back empty
                 with contextlib.suppress(Exception):
                     await self.client.connection_pool.disconnect()  # dead connections out
@@ -395,11 +397,13 @@ class RedisLink:
                 failures = 0
                 while True:
                     message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    _raise_if_cancelled()
                     if message is not None and message.get("type") == "message":
                         self._dispatch(message["channel"], message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                _raise_if_cancelled()
                 delay = RECONNECT_DELAY[min(failures, len(RECONNECT_DELAY) - 1)]
                 failures += 1
                 log.warning("answer log: live tail lost (%s); reconnecting in %.1f s", exc, delay)
@@ -435,6 +439,16 @@ class RedisLink:
             return
         topic = name.removeprefix(TOPIC_PREFIX)
         self.hub.deliver_local(topic, Frame(event, topic, body.decode()))
+
+
+def _raise_if_cancelled() -> None:
+    """redis-py sometimes swallows a cancellation, or turns it into a
+    ConnectionError (redis/redis-py#2028, #2717): a reader cancelled while
+    it waits would then reconnect and wait forever (a loop that never shuts
+    down). The task still knows it was asked to stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()

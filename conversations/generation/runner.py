@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import weakref
@@ -71,7 +72,11 @@ async def launch(accepted: Accepted) -> asyncio.Task[None]:
         hub.publish(conversation_id, question)
     generation = Generation(accepted)
     hub.register(conversation_id, generation)  # before any await: a stop or join finds it at once
-    task = asyncio.create_task(generation.run(), name=f"generation-{accepted.answer.id}")
+    # A context of its own: an answer started by an HTTP request must not
+    # inherit the request's (its database thread ends with the response).
+    task = asyncio.create_task(
+        generation.run(), name=f"generation-{accepted.answer.id}", context=contextvars.Context()
+    )
     _running.add(task)
     task.add_done_callback(_running.discard)
     return task

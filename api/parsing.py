@@ -1,0 +1,193 @@
+"""Reading an API request's JSON: every bad input becomes a 400 that names
+the field, never an exception."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest
+
+from conversations import tools
+
+from .errors import ApiError, bad_request
+
+MAX_BODY_BYTES = 2 * 1024 * 1024
+MAX_MESSAGES = 2000
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+RESPONSE_FORMATS = {"text", "json_object", "json_schema"}
+
+
+def body_of(request: HttpRequest) -> dict[str, Any]:
+    if len(request.body) > MAX_BODY_BYTES:
+        raise ApiError(
+            413, f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB.", "too_large"
+        )
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise bad_request("The request body must be JSON.") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def text_of(content: Any, where: str) -> str | None:
+    """A message's content: a string, or a list of text parts (joined)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise bad_request(f"`{where}.content`: only text parts are supported.", where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"`{where}.content` must be a string or a list of text parts.", where)
+
+
+def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise bad_request("`messages` must be a non-empty list.", "messages")
+    if len(raw) > MAX_MESSAGES:
+        raise bad_request(f"At most {MAX_MESSAGES} messages.", "messages")
+    messages = []
+    for i, item in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict) or item.get("role") not in ROLES:
+            raise bad_request(f"`{where}.role` must be one of {', '.join(sorted(ROLES))}.", where)
+        role = "system" if item["role"] == "developer" else item["role"]
+        message: dict[str, Any] = {"role": role, "content": text_of(item.get("content"), where)}
+        if role == "assistant" and item.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(item["tool_calls"], where)
+        elif message["content"] is None:
+            raise bad_request(f"`{where}.content` is missing.", where)
+        if role == "tool":
+            if not isinstance(item.get("tool_call_id"), str):
+                raise bad_request(f"`{where}.tool_call_id` is missing.", where)
+            message["tool_call_id"] = item["tool_call_id"]
+        messages.append(message)
+    return messages
+
+
+def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise bad_request(f"`{where}.tool_calls` must be a list.", where)
+    calls = []
+    for call in raw:
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(call.get("id"), str)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+        ):
+            raise bad_request(
+                f"`{where}.tool_calls`: each needs `id` and `function` {{`name`, `arguments`}}.", where
+            )
+        calls.append(
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function["arguments"]},
+            }
+        )
+    return calls
+
+
+def number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise bad_request(f"`{name}` must be a number from {low:g} to {high:g}.", name)
+    return float(value)
+
+
+def max_tokens_of(body: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+            raise bad_request(f"`{name}` must be a positive integer.", name)
+        return value
+    return None
+
+
+def response_format_of(body: dict[str, Any]) -> dict[str, Any] | None:
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        raise bad_request(
+            "`response_format.type` must be text, json_object or json_schema.", "response_format"
+        )
+    return None if value["type"] == "text" else value
+
+
+def tools_of(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tools.Tool]]:
+    """The client's own tools (passed on to the model) and the built-in
+    tools the request names (run here: named without parameters, or with
+    the name of a built-in tool)."""
+    raw = body.get("tools")
+    if raw is None:
+        return [], []
+    if not isinstance(raw, list) or len(raw) > 128:
+        raise bad_request("`tools` must be a list (at most 128).", "tools")
+    client, builtin = [], []
+    for i, tool in enumerate(raw):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise bad_request(f'`tools[{i}]` must be {{"type": "function", "function": {{...}}}}.', "tools")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad_request(f"`tools[{i}].function.name` is missing.", "tools")
+        if name in tools.REGISTRY and "parameters" not in function:
+            builtin.append(tools.REGISTRY[name])
+        else:
+            client.append(tool)
+    return client, builtin
+
+
+def flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad_request(f"`{name}` must be true or false.", name)
+    return value
+
+
+def optional_string(body: dict[str, Any], name: str, limit: int = 100) -> str | None:
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise bad_request(f"`{name}` must be a string of at most {limit} characters.", name)
+    return value
+
+
+def optional_uuid(body: dict[str, Any], name: str) -> uuid.UUID | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise bad_request(f"`{name}` must be a UUID.", name) from None
+
+
+def content_of(body: dict[str, Any]) -> str:
+    content = body.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise bad_request("`content` must be a non-empty string.", "content")
+    limit = settings.CHAT_MAX_MESSAGE_CHARS
+    if len(content) > limit:
+        raise bad_request(f"The message is too long ({len(content)} > {limit} characters).", "content")
+    return content

@@ -1,0 +1,499 @@
+"""The HTTP API under /api/v1/: OpenAI-compatible model listing and chat
+completions, and the product's conversations for scripts. Every view only
+parses, delegates to `conversations.generation` (the same rules and the same
+ledger as the page) and formats; authentication is a personal token
+(`Authorization: Bearer <token>`), never the session cookie."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from conversations import generation, llm, selectors
+from conversations.generation import stateless
+from conversations.models import ChatModel, Conversation, SystemPrompt
+
+from . import parsing, tokens
+from .errors import ApiError, bad_request, from_llm
+
+KEEP_ALIVE = 15.0  # seconds between SSE comments while nothing else is sent
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def endpoint(*methods: str) -> Callable[[Any], Any]:
+    """An API view: the allowed methods, the token's user, errors in OpenAI's shape."""
+
+    def wrap(view: Any) -> Any:
+        @csrf_exempt
+        async def run(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                error = ApiError(405, f"Use {' or '.join(methods)} here.", "method_not_allowed")
+                response = error.response()
+                response["Allow"] = ", ".join(methods)
+                return response
+            try:
+                user = await generation.in_database(tokens.authenticate)(request.headers.get("Authorization"))
+            except tokens.Refused as exc:
+                return ApiError(exc.status, str(exc), exc.code).response()
+            try:
+                return await view(request, user, *args, **kwargs)
+            except ApiError as exc:
+                return exc.response()
+            except generation.RateLimited as exc:
+                return ApiError(429, str(exc), "rate_limit_exceeded", retry_after=exc.retry_after).response()
+            except generation.OverQuota as exc:
+                return ApiError(429, str(exc), "insufficient_quota", retry_after=exc.retry_after).response()
+            except generation.NotFound as exc:
+                return ApiError(404, str(exc) or "No such conversation.", "not_found").response()
+            except generation.Busy:
+                return ApiError(
+                    409, "An answer is still being written in this conversation.", "busy"
+                ).response()
+            except generation.Refused as exc:
+                return bad_request(str(exc)).response()
+
+        return run
+
+    return wrap
+
+
+# --- OpenAI-compatible ------------------------------------------------------------------
+
+
+@endpoint("GET")
+async def models(request: HttpRequest, user: Any) -> HttpResponse:
+    usable = await generation.in_database(selectors.usable_models)()
+    return JsonResponse(
+        {
+            "object": "list",
+            "data": [
+                {"id": m.name, "object": "model", "created": 0, "owned_by": "chatsite", "label": m.display}
+                for m in usable
+            ],
+        }
+    )
+
+
+def _prepare_call(user: Any, body: dict[str, Any]) -> stateless.Call:
+    """Parse, pick the model, put the staff's default prompt first, accept."""
+    messages = parsing.messages_of(body)
+    requested = parsing.optional_string(body, "model")
+    model = requested or selectors.default_model()
+    if model not in {m.name for m in selectors.usable_models()}:
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            "model_not_found",
+            param="model",
+        )
+    if not any(m["role"] == "system" for m in messages):
+        prompt = SystemPrompt.objects.filter(is_default=True).only("text").first()
+        if prompt is not None and prompt.text:
+            messages = [{"role": "system", "content": prompt.text}, *messages]
+    client_tools, builtin = parsing.tools_of(body)
+    call = stateless.Call(
+        user_id=user.pk,
+        model=model,
+        messages=messages,
+        temperature=parsing.number(body, "temperature", 0, 2),
+        max_tokens=parsing.max_tokens_of(body),
+        response_format=parsing.response_format_of(body),
+        client_tools=client_tools,
+        builtin=builtin,
+    )
+    return stateless.accept_call(user=user, call=call)
+
+
+@endpoint("POST")
+async def chat_completions(request: HttpRequest, user: Any) -> HttpResponse:
+    body = parsing.body_of(request)
+    stream = parsing.flag(body, "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise bad_request("`stream_options` must be an object.", "stream_options")
+    include_usage = parsing.flag(options, "include_usage")
+    call = await generation.in_database(_prepare_call)(user, body)
+    events = stateless.run_call(call)
+    try:
+        first = await anext(events)  # a failure before the first token is an HTTP error
+    except llm.LLMError as exc:
+        await events.aclose()
+        return from_llm(exc).response()
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if stream:
+        chunks = _completion_chunks(completion_id, call.model, first, events, include_usage)
+        return StreamingHttpResponse(chunks, content_type="text/event-stream", headers=SSE_HEADERS)
+    texts: list[str] = []
+    event: Any = first
+    try:
+        while True:
+            if type(event) is llm.TextDelta:
+                texts.append(event.text)
+            else:
+                break
+            event = await anext(events)
+    except llm.LLMError as exc:
+        return from_llm(exc).response()
+    finally:
+        await events.aclose()
+    end: llm.StreamEnd = event
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    if end.tool_calls:
+        message["tool_calls"] = _tool_calls(end)
+    return JsonResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": end.model,
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": end.finish_reason, "logprobs": None}
+            ],
+            "usage": _usage(end.usage),
+        }
+    )
+
+
+def _tool_calls(end: llm.StreamEnd, *, indexed: bool = False) -> list[dict[str, Any]]:
+    return [
+        {
+            **({"index": i} if indexed else {}),
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for i, call in enumerate(end.tool_calls)
+    ]
+
+
+def _usage(usage: llm.Usage | None) -> dict[str, int]:
+    usage = usage or llm.Usage(0, 0)
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+async def _completion_chunks(
+    completion_id: str, model: str, first: Any, events: AsyncIterator[Any], include_usage: bool
+) -> AsyncIterator[str]:
+    """The stream exactly as OpenAI sends it: `data: {chunk}` lines, the
+    usage chunk if asked for, `data: [DONE]`."""
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
+        payload = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": extra.pop("model", model),
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            **extra,
+        }
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    event = first
+    try:
+        while type(event) is llm.TextDelta:
+            yield chunk({"content": event.text})
+            event = await anext(events)
+        end: llm.StreamEnd = event
+        if end.tool_calls:
+            yield chunk({"tool_calls": _tool_calls(end, indexed=True)}, model=end.model)
+        yield chunk({}, end.finish_reason, model=end.model)
+        if include_usage:
+            payload = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": end.model,
+                "choices": [],
+                "usage": _usage(end.usage),
+            }
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+    except llm.LLMError as exc:  # after the first token: an error event ends the stream
+        yield f"data: {json.dumps(from_llm(exc).body(), ensure_ascii=False)}\n\n"
+    finally:
+        await events.aclose()
+
+
+# --- Conversations ----------------------------------------------------------------------
+
+
+def _conversation_json(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "id": str(conversation.pk),
+        "title": conversation.display_title,
+        "model": conversation.chosen_model if not llm.is_demo() else llm.DEMO_MODEL,
+        "prompt": conversation.prompt.name if conversation.prompt else None,
+        "created_at": conversation.created_at.isoformat(),
+        "updated_at": conversation.updated_at.isoformat(),
+    }
+
+
+def _create_conversation(user: Any, body: dict[str, Any]) -> Conversation:
+    from conversations import prompts
+
+    prompt_name = parsing.optional_string(body, "prompt")
+    model = parsing.optional_string(body, "model")
+    if prompt_name:
+        prompt = SystemPrompt.objects.filter(name=prompt_name).first()
+        if prompt is None:
+            raise ApiError(404, f"No system prompt named `{prompt_name}`.", "not_found", param="prompt")
+    else:
+        prompt = SystemPrompt.objects.filter(is_default=True).first()
+    if model and not ChatModel.objects.filter(name=model, enabled=True).exists():
+        raise ApiError(
+            404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found"
+        )
+    version = prompts.version_for_new_conversation(prompt) if prompt else None
+    return Conversation.objects.create(
+        owner=user,
+        prompt=prompt,
+        prompt_version=version,
+        prompt_text=version.text if version else "",
+        model=model or "",
+    )
+
+
+def _conversation_list(user: Any, cursor: str | None) -> dict[str, Any]:
+    try:
+        page, next_cursor = selectors.sidebar_page(user=user, cursor=cursor)
+    except selectors.BadCursor:
+        raise bad_request("Bad cursor.", "cursor") from None
+    return {"object": "list", "data": [selectors.sidebar_item(c) for c in page], "next_cursor": next_cursor}
+
+
+def _conversation_detail(user: Any, conversation_id: uuid.UUID) -> dict[str, Any]:
+    conversation = selectors.conversation_for_user(
+        user=user, conversation_id=conversation_id, with_prompt=True
+    )
+    usage = selectors.answers_usage(conversation)
+    messages = []
+    for message in conversation.messages.filter(is_active=True).order_by("created_at"):
+        row = usage.get(message.pk)
+        messages.append(
+            {
+                **generation.message_payload(message),
+                "model": message.model,
+                "finish_reason": message.finish_reason,
+                "usage": {
+                    "prompt_tokens": row["prompt_tokens"],
+                    "completion_tokens": row["completion_tokens"],
+                    "cost": str(row["cost"]),
+                }
+                if row
+                else None,
+            }
+        )
+    return {**_conversation_json(conversation), "messages": messages}
+
+
+@endpoint("GET", "POST")
+async def conversations(request: HttpRequest, user: Any) -> HttpResponse:
+    if request.method == "POST":
+        body = parsing.body_of(request)
+        conversation = await generation.in_database(_create_conversation)(user, body)
+        return JsonResponse(_conversation_json(conversation), status=201)
+    listing = await generation.in_database(_conversation_list)(user, request.GET.get("cursor") or None)
+    return JsonResponse(listing)
+
+
+@endpoint("GET")
+async def conversation(request: HttpRequest, user: Any, conversation_id: uuid.UUID) -> HttpResponse:
+    return JsonResponse(await generation.in_database(_conversation_detail)(user, conversation_id))
+
+
+class _Follower:
+    """A conversation's frames into a queue, for one HTTP response."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def deliver(self, frame: generation.Frame) -> None:
+        self.queue.put_nowait(frame.data)
+
+    def resync(self, conversation_id: str) -> None:
+        self.queue.put_nowait({"type": "_resync"})
+
+
+def _wants_events(request: HttpRequest) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def _sse(event: dict[str, Any]) -> str:
+    if event["type"] == "_keepalive":
+        return ": keep-alive\n\n"
+    seq = event.get("seq")
+    head = f"event: {event['type']}\n" + (f"id: {seq}\n" if isinstance(seq, int) else "")
+    return head + f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+@endpoint("POST")
+async def conversation_messages(request: HttpRequest, user: Any, conversation_id: uuid.UUID) -> HttpResponse:
+    """Send a message: with `Accept: text/event-stream` the answer's events
+    as they happen (the websocket's frames), else the finished answer as
+    JSON. Closing the connection does not stop the answer."""
+    body = parsing.body_of(request)
+    content = parsing.content_of(body)
+    client_id = parsing.optional_uuid(body, "client_id") or uuid.uuid4()
+    hub = generation.get_hub()
+    follower = _Follower()
+    topic = str(conversation_id)
+    await hub.follow(topic, follower)  # before the answer starts: nothing is missed
+    try:
+        accepted = await generation.in_database(generation.accept_message)(
+            user=user, conversation_id=conversation_id, content=content, client_id=client_id
+        )
+    except generation.Resent as exc:
+        await hub.unfollow(topic, follower)
+        raise ApiError(409, "This client_id was sent already.", "duplicate", param="client_id") from exc
+    except BaseException:
+        await hub.unfollow(topic, follower)
+        raise
+    await generation.launch(accepted)
+    answer_id = str(accepted.answer.id)
+    events = _answer_events(topic, follower, answer_id)
+    if _wants_events(request):
+        return StreamingHttpResponse(
+            (_sse(event) async for event in events), content_type="text/event-stream", headers=SSE_HEADERS
+        )
+    finished: dict[str, Any] = {}
+    async with _closing(events):
+        async for event in events:
+            if event["type"] == "generation.finished":
+                finished = event
+    return JsonResponse(
+        {
+            "conversation": topic,
+            "message": generation.message_payload(accepted.question),
+            "answer": {
+                "id": answer_id,
+                "status": finished.get("status"),
+                "finish_reason": finished.get("finish_reason"),
+                "content": finished.get("content"),
+                "model": finished.get("model"),
+                "usage": finished.get("usage"),
+            },
+        }
+    )
+
+
+class _closing:
+    def __init__(self, events: Any) -> None:
+        self.events = events
+
+    async def __aenter__(self) -> Any:
+        return self.events
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.events.aclose()
+
+
+async def _answer_events(
+    topic: str,
+    follower: _Follower,
+    answer_id: str | None,
+    *,
+    after: int = 0,
+    first: list[dict[str, Any]] | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """The frames of one conversation's answer until its `generation.finished`
+    (deltas in `seq` order, none twice, a gap filled from the answer's log),
+    with SSE keep-alives as `{"type": "_keepalive"}`. Unfollows when closed."""
+    hub = generation.get_hub()
+    seq = after
+    try:
+        for event in first or ():
+            yield event
+            if event["type"] == "generation.finished":
+                return
+        while True:
+            try:
+                event = await asyncio.wait_for(follower.queue.get(), KEEP_ALIVE)
+            except TimeoutError:
+                yield {"type": "_keepalive"}
+                continue
+            kind = event["type"]
+            if kind == "_resync" and answer_id is not None:
+                for s, text in await hub.deltas_after(topic, answer_id, seq):
+                    seq = s
+                    yield _delta(topic, answer_id, s, text)
+                ended = await generation.in_database(generation.last_answer_finished)(topic)
+                if ended is not None and ended["message"] == answer_id:
+                    yield ended
+                    return
+                continue
+            if kind.startswith("_") or kind in ("conversation.created",):
+                continue
+            if answer_id is None and kind == "generation.started":
+                answer_id = event["message"]
+            if event.get("message") != answer_id and kind.startswith("generation."):
+                continue
+            if kind == "generation.delta":
+                if event["seq"] <= seq:
+                    continue
+                if event["seq"] > seq + 1:  # missed some: the log has them
+                    for s, text in await hub.deltas_after(topic, answer_id, seq):
+                        if s < event["seq"]:
+                            seq = s
+                            yield _delta(topic, answer_id, s, text)
+                seq = event["seq"]
+            yield event
+            if kind == "generation.finished" and event.get("message") == answer_id:
+                return
+    finally:
+        await hub.unfollow(topic, follower)
+
+
+def _delta(topic: str, answer_id: str, seq: int, text: str) -> dict[str, Any]:
+    return {"type": "generation.delta", "conversation": topic, "message": answer_id, "seq": seq, "text": text}
+
+
+@endpoint("GET")
+async def conversation_stream(request: HttpRequest, user: Any, conversation_id: uuid.UUID) -> HttpResponse:
+    """Follow the conversation's streaming answer (its events as SSE), from
+    `Last-Event-ID` (the last `seq` the client has) on; an answer that has
+    ended gives its `generation.finished` at once."""
+    raw = request.headers.get("Last-Event-ID") or request.GET.get("after") or "0"
+    try:
+        after = max(0, int(raw))
+    except ValueError:
+        raise bad_request("`Last-Event-ID` must be a seq (an integer).") from None
+    await generation.in_database(generation.check_owner)(user=user, conversation_id=conversation_id)
+    hub = generation.get_hub()
+    topic = str(conversation_id)
+    follower = _Follower()
+    await hub.follow(topic, follower)
+    try:
+        snapshot = await hub.snapshot(topic)
+        first: list[dict[str, Any]] = []
+        if snapshot is None:
+            ended = await generation.in_database(generation.last_answer_finished)(topic)
+            if ended is None:
+                raise ApiError(404, "This conversation has no answer.", "not_found")
+            first.append(ended)
+            answer_id: str | None = ended["message"]
+            seq = after
+        else:
+            answer_id = snapshot.answer_id
+            deltas = await hub.deltas_after(topic, answer_id, after)
+            first += [_delta(topic, answer_id, s, text) for s, text in deltas]
+            seq = deltas[-1][0] if deltas else after
+    except BaseException:
+        await hub.unfollow(topic, follower)
+        raise
+    events = _answer_events(topic, follower, answer_id, after=seq, first=first)
+    return StreamingHttpResponse(
+        (_sse(event) async for event in events), content_type="text/event-stream", headers=SSE_HEADERS
+    )

@@ -1,0 +1,173 @@
+"""A stateless model call (the HTTP API's /chat/completions): the same rules
+as an answer (the per-user rate limit, the budget reserved before and
+settled after, a ledger row per model call, kind `api`), without a
+conversation: the client sends the whole history and nothing is stored but
+the ledger.
+
+The client's own tools are offered to the model and their calls handed back
+to the client; a built-in tool the request names (`{"type": "function",
+"function": {"name": "calculator"}}`) is run here, in tool rounds like an
+answer's, while the model calls only such tools."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+
+from accounts import quotas
+from accounts.limits import take_send
+
+from .. import llm, tools
+from ..history import messages_tokens, with_tool_rounds
+from ..models import TokenUsage
+from .database import in_database
+from .ledger import record_call, release, usage_or_estimate
+from .turns import OverQuota, RateLimited
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Call:
+    """A stateless call that passed the rules: its budget is reserved."""
+
+    user_id: int
+    model: str
+    messages: list[llm.ChatMessage]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    client_tools: list[dict[str, Any]] = field(default_factory=list)  # passed through
+    builtin: list[tools.Tool] = field(default_factory=list)  # run here
+    reservation: quotas.Reservation | None = None
+    limited: bool = False
+
+
+def accept_call(*, user: Any, call: Call) -> Call:
+    """Reserve the call's budget and take one send from the rate limit, in
+    one transaction; RateLimited or OverQuota, with nothing reserved."""
+    longest = call.max_tokens or settings.OPENAI_MAX_TOKENS
+    try:
+        with transaction.atomic():
+            call.reservation = quotas.reserve_answer(
+                user, estimated_tokens=messages_tokens(call.messages) + longest, model=call.model
+            )
+            retry_after = take_send(user)
+            if retry_after is not None:
+                raise RateLimited(retry_after)
+    except quotas.QuotaExceeded as exc:
+        raise OverQuota(exc.message, retry_after=exc.retry_after) from exc
+    call.limited = call.reservation is not None
+    return call
+
+
+async def run_call(call: Call) -> AsyncIterator[llm.TextDelta | llm.StreamEnd]:
+    """The model's text as it streams, then one StreamEnd (with the client's
+    tool calls, if the model made any). Raises llm.LLMError. Every model
+    call is accounted, also when the client goes away mid-stream (an
+    estimate of what was streamed); a refused call costs nothing."""
+    messages = list(call.messages)
+    builtin = {tool.name: tool for tool in call.builtin}
+    offer = [*call.client_tools, *tools.openai_tools(call.builtin)] or None
+    rounds = 0
+    text: list[str] = []  # of the model call under way
+    settled = False
+    total = llm.Usage(0, 0)  # of every model call: what the client is told
+    try:
+        while True:
+            text = []
+            end: llm.StreamEnd | None = None
+            stream = llm.stream_chat(
+                messages,
+                model=None if llm.is_demo() else call.model,
+                temperature=call.temperature,
+                max_tokens=call.max_tokens,
+                tools=offer if rounds < settings.CHAT_TOOL_ROUNDS else call.client_tools or None,
+                response_format=call.response_format,
+            )
+            async with aclosing(stream):
+                async for event in stream:
+                    if type(event) is llm.TextDelta:
+                        text.append(event.text)
+                        yield event
+                    elif isinstance(event, llm.StreamEnd):
+                        end = event
+            assert end is not None
+            names = {c.name for c in end.tool_calls}
+            if end.tool_calls and names <= set(builtin) and rounds < settings.CHAT_TOOL_ROUNDS:
+                spoken = "".join(text) + "".join(c.name + c.arguments for c in end.tool_calls)
+                used = await in_database(_record)(call, end.model, end.usage, messages, spoken, final=False)
+                total = _plus(total, used)
+                messages = [*messages, *await _tool_round(call, end, "".join(text), builtin)]
+                rounds += 1
+                continue
+            used = await in_database(_record)(call, end.model, end.usage, messages, "".join(text), final=True)
+            settled = True
+            yield dataclasses.replace(end, usage=_plus(total, used))
+            return
+    finally:
+        if not settled:
+            # An error, or the client went away: account what the model did,
+            # or give the reservation back. Shielded: this runs while the
+            # request's task is being cancelled.
+            spoken = "".join(text)
+            ending = asyncio.get_running_loop().create_task(
+                in_database(_record_unfinished)(call, call.model, messages, spoken),
+                context=contextvars.Context(),  # not the request's: it may be ending
+            )
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(ending)
+
+
+async def _tool_round(
+    call: Call, end: llm.StreamEnd, text: str, builtin: dict[str, tools.Tool]
+) -> list[llm.ChatMessage]:
+    context = tools.ToolContext(user_id=call.user_id)
+    results = []
+    for tool_call in end.tool_calls:
+        result = await tools.call(tool_call.name, tool_call.arguments, context, tools=list(builtin.values()))
+        results.append({"call_id": tool_call.id, "name": tool_call.name, "content": result.content})
+    calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in end.tool_calls]
+    return with_tool_rounds("", [{"text": text, "calls": calls, "results": results}])
+
+
+def _plus(a: llm.Usage, b: llm.Usage) -> llm.Usage:
+    return llm.Usage(
+        a.prompt_tokens + b.prompt_tokens,
+        a.completion_tokens + b.completion_tokens,
+        a.cached_tokens + b.cached_tokens,
+    )
+
+
+def _record(
+    call: Call, model: str, usage: llm.Usage | None, messages: list[Any], text: str, *, final: bool
+) -> llm.Usage:
+    usage, estimated = usage_or_estimate(usage, messages, text)
+    with transaction.atomic():
+        record_call(
+            user_id=call.user_id,
+            kind=TokenUsage.Kind.API,
+            model=model,
+            usage=usage,
+            estimated=estimated,
+            reservation=call.reservation if final else None,
+            limited=call.limited,
+        )
+    return usage
+
+
+def _record_unfinished(call: Call, model: str, messages: list[Any], text: str) -> None:
+    if text:  # the model streamed something: it is billed, so it is counted
+        _record(call, model, None, messages, text, final=True)
+    else:
+        release(call.reservation, call.user_id)
