@@ -393,6 +393,8 @@ def test_a_conversation_over_http_streams_the_websockets_events(
     assert [m["content"] for m in detail["messages"]] == ["Hi", "First answer.", "Again", "Second answer."]
     listing = json.loads(http(daphne_server, "GET", "/api/v1/conversations", token)[2])
     assert [c["id"] for c in listing["data"]] == [conversation_id]
+    # Named like a chat begun in the page: its first question, then the model's title.
+    assert listing["data"][0]["title"] in ("Hi", "A fake title")
     # Someone else's conversation does not exist for them.
     bobs = tokens.create(bob, "bob")[1]
     assert http(daphne_server, "GET", f"/api/v1/conversations/{conversation_id}", bobs)[0] == 404

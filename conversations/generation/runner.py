@@ -357,7 +357,7 @@ class Generation:
             tool_rounds=self.tool_rounds,
             called=outcome.called(content),
             reservation=self.accepted.reservation,
-            first_of_chat=self.accepted.conversation_created,
+            first_of_chat=self.accepted.first_turn,
         )
         if outcome.error is not None:
             self._publish(

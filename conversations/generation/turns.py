@@ -74,6 +74,7 @@ class Accepted:
     question: Message
     answer: Message
     conversation_created: bool = False
+    first_turn: bool = False  # the conversation's first question (it gets a title after its answer)
     question_created: bool = True  # False when an answer is regenerated or continued
     replaces_question: Message | None = None  # an edit: the question it replaced
     replaces_answer: Message | None = None  # a regenerate or edit: the answer it replaced
@@ -251,11 +252,22 @@ def accept_message(
             )
         else:
             conversation = _own_conversation(user, conversation_id)
+        # A conversation made empty (the HTTP API) gets its title from its first question.
+        first_turn = conversation_id is None or not Message.objects.filter(conversation=conversation).exists()
+        if first_turn and not conversation.title:
+            conversation.title = title_from(content)
+            Conversation.objects.filter(pk=conversation.pk).update(title=conversation.title)
         question = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=content, client_id=client_id
         )
         answer = _new_answer(conversation)
-        return Accepted(conversation, question, answer, conversation_created=conversation_id is None)
+        return Accepted(
+            conversation,
+            question,
+            answer,
+            conversation_created=conversation_id is None,
+            first_turn=first_turn,
+        )
 
     return _atomic_turn(user, build)
 
