@@ -15,6 +15,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 install: $(VENV)/.installed
 
 run: install
+	@$(PY) scripts/port_free.py $(HOST) $(PORT)
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py runserver $(HOST):$(PORT)
 

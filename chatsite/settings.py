@@ -252,6 +252,9 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
+        # Django's own default config gave "django" a console handler of its
+        # own: with the root's, each of its lines came out twice.
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
         "conversations": {"level": LOG_LEVEL},
         "chatsite": {"level": LOG_LEVEL},
         # runserver's access log has a handler of its own: don't print it twice.

@@ -146,6 +146,8 @@ class Message(models.Model):
     content = models.TextField(blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
     finish_reason = models.CharField(max_length=32, blank=True)
+    # For failed answers: why, in words for the person (shown again after a reload).
+    error = models.TextField(blank=True)
     model = models.CharField(max_length=100, blank=True)
     # For user messages: the browser's id, so that a resent frame is a no-op.
     client_id = models.UUIDField(null=True, blank=True)

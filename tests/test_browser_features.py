@@ -822,3 +822,25 @@ def test_a_user_creates_an_api_token_and_sees_it_once(
     page.get_by_role("button", name="Revoke").click()
     expect(page.locator(".tokens-table tbody tr.is-revoked")).to_have_count(1)
     assert tabs.unexpected_errors() == []
+
+
+def test_a_failed_answer_keeps_its_reason_and_has_nothing_to_copy(
+    daphne_server: LiveServer, alice: Any, fake_llm: Any, tabs: Tabs
+) -> None:
+    fake_llm.script(
+        Reply.error_reply(400, "max_tokens is too large for this model", code="invalid_request_error")
+    )
+    page = tabs.new(alice)
+    open_chat(page, daphne_server)
+    ask(page, "Write a novel")
+    failed = finished(page, "failed")
+    reason = "The model service rejected the request: max_tokens is too large for this model"
+    expect(failed.locator(".msg-error")).to_have_text(reason)
+    expect(failed.locator('[data-action="copy"]')).to_be_hidden()
+    page.screenshot(path=str(SHOTS / "failed-reason.png"))
+    page.reload()
+    failed = finished(page, "failed")
+    expect(failed.locator(".msg-status")).to_have_text("Failed")
+    expect(failed.locator(".msg-error")).to_have_text(reason)
+    expect(failed.locator('[data-action="copy"]')).to_be_hidden()
+    assert tabs.unexpected_errors() == []

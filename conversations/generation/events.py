@@ -73,6 +73,7 @@ def finished_event(
     model: str,
     usage: dict[str, Any],
     seq: int | None = None,
+    error: str = "",
 ) -> dict[str, Any]:
     event = {
         "type": "generation.finished",
@@ -85,6 +86,8 @@ def finished_event(
         "model": model,
         "usage": usage,
     }
+    if error:
+        event["error"] = error  # a failed answer: why, for the person
     if seq is not None:
         event["seq"] = seq  # the last delta's seq: a follower can tell it missed none
     return event

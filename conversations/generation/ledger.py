@@ -155,6 +155,7 @@ def save_answer(
     reservation: quotas.Reservation | None,
     first_of_chat: bool = False,
     tool_rounds: list[dict[str, Any]] | None = None,
+    error: str = "",
 ) -> tuple[dict[str, Any], str, bool]:
     """The answer's final state and its ledger row, together, in one
     transaction. Returns the usage payload, the answer's sanitised HTML and
@@ -171,6 +172,7 @@ def save_answer(
             "worker": "",
             "accounting": None,
             "tool_rounds": tool_rounds or None,
+            "error": error,
             "updated_at": now,
         }
         # The UPDATE locks the row until commit: a conversation deleted

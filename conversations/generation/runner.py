@@ -358,6 +358,7 @@ class Generation:
             called=outcome.called(content),
             reservation=self.accepted.reservation,
             first_of_chat=self.accepted.first_turn,
+            error=outcome.error.user_message if outcome.error is not None else "",
         )
         if outcome.error is not None:
             self._publish(
@@ -380,6 +381,7 @@ class Generation:
                 model=model,
                 usage=usage,
                 seq=self.seq,
+                error=outcome.error.user_message if outcome.error is not None else "",
             ),
         )
         log.info("answer %s %s: %d chars, %d frames", self.answer_id, status, len(content), self.seq)
@@ -527,4 +529,5 @@ def last_answer_finished(conversation_id: Any) -> dict[str, Any] | None:
         html=render_markdown_cached(answer.content),
         model=answer.model,
         usage=usage,
+        error=answer.error,
     )

@@ -115,7 +115,7 @@ function announce(text, isError = false) {
   }, 50);
 }
 
-function setMeta(article, status, usage, model) {
+function setMeta(article, status, usage, model, error) {
   let meta = article.querySelector(".msg-meta");
   if (!meta) {
     meta = make("div", "msg-meta");
@@ -123,6 +123,7 @@ function setMeta(article, status, usage, model) {
   }
   meta.replaceChildren();
   if (STATUS_LABELS[status]) meta.append(make("span", "msg-status", STATUS_LABELS[status]));
+  if (error) meta.append(make("span", "msg-error", error));
   // A request the model refused (401, 429 ...) costs nothing and shows no usage.
   if (usage && (usage.prompt_tokens || usage.completion_tokens)) {
     const parts = [];
@@ -255,6 +256,12 @@ function setUserPendingLabel(article, text) {
   if (text) meta.append(make("span", "msg-status", text));
 }
 
+// An answer with no text (it failed before its first token) has nothing to copy.
+function showCopy(article, shown) {
+  const copy = article.querySelector('.msg-tools [data-action="copy"]');
+  if (copy) copy.hidden = !shown;
+}
+
 // Tools under a message: version switcher, copy, and (on the last ones) edit,
 // regenerate, continue, retry.
 function decorate(article) {
@@ -268,6 +275,7 @@ function decorate(article) {
     article.append(tools);
   }
   renderSwitcher(article);
+  showCopy(article, article.querySelector(".msg-body").textContent.trim() !== "" || article.dataset.status === "streaming");
   const body = article.querySelector(".msg-body.prose");
   if (body) enhanceProse(body);
 }
@@ -877,7 +885,8 @@ const handlers = {
     if (typeof frame.content === "string") rawContent.set(article, frame.content);
     article.dataset.status = frame.status;
     article.removeAttribute("aria-busy");
-    setMeta(article, frame.status, frame.usage, frame.model);
+    setMeta(article, frame.status, frame.usage, frame.model, frame.error);
+    showCopy(article, Boolean(frame.content));
     if (!state.streaming || state.streaming.id === frame.message) {
       state.stopRequested = false;
       state.refocus = true;
