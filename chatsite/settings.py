@@ -167,6 +167,8 @@ OPENAI_FALLBACK_MODELS = env.list("OPENAI_FALLBACK_MODELS", default=[])
 
 # --- Chat behaviour ---------------------------------------------------------
 CHAT_MAX_MESSAGE_CHARS = env.int("CHAT_MAX_MESSAGE_CHARS", default=16000)
+# The currency sign put before every amount of money shown (costs, budgets).
+CHAT_CURRENCY = env.ENVIRON.get("CHAT_CURRENCY", "$")  # read raw: django-environ expands a leading $
 CHAT_CONTEXT_TOKENS = env.int("CHAT_CONTEXT_TOKENS", default=8000)  # history budget
 # A long chat's older turns are summarised in at most this many tokens (and at
 # most a quarter of CHAT_CONTEXT_TOKENS); 0 = no summaries, they are dropped.

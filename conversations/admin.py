@@ -33,6 +33,7 @@ from .models import (
     SystemPromptVersion,
     TokenUsage,
 )
+from .money import money
 
 REVIEW_PERMISSION = "conversations.review_conversation"
 
@@ -167,8 +168,17 @@ class SystemPromptAdmin(admin.ModelAdmin):
         return f"v{max(numbers)}" if numbers else "—"
 
     def save_model(self, request: HttpRequest, obj: SystemPrompt, form: Any, change: bool) -> None:
+        previous = (
+            SystemPrompt.objects.filter(is_default=True).exclude(pk=obj.pk).first()
+            if obj.is_default
+            else None
+        )
         version = prompts.save_prompt(obj, by=request.user)
         messages.info(request, f"“{obj}” is at version {version.number}.")
+        if previous is not None:
+            messages.warning(
+                request, f"“{obj}” is now the default prompt for new chats, instead of “{previous}”."
+            )
 
     def has_delete_permission(self, request: HttpRequest, obj: SystemPrompt | None = None) -> bool:
         if obj is not None and (obj.is_default or _prompt_in_use(obj)):
@@ -380,8 +390,8 @@ def report_defaults() -> dict[str, Any]:
 @admin.register(TokenUsage)
 class TokenUsageAdmin(admin.ModelAdmin):
     list_display = [
-        "created_at", "user", "kind", "model", "prompt_tokens", "completion_tokens",
-        "cached_tokens", "cost", "estimated",
+        "created_at", "user", "kind", "model", "tokens_in", "tokens_out", "tokens_cached", "cost_shown",
+        "estimated",
     ]  # fmt: skip
     list_filter = [UserFilter, ModelFilter, "estimated", "kind", ("created_at", admin.DateFieldListFilter)]
     list_select_related = ["user"]
@@ -393,6 +403,23 @@ class TokenUsageAdmin(admin.ModelAdmin):
     # A million rows: count the filtered set once, never the whole table again.
     show_full_result_count = False
     change_list_template = "admin/conversations/tokenusage/change_list.html"
+
+    # Short headings: the list fits a 1280 px screen beside the filters.
+    @admin.display(description="In", ordering="prompt_tokens")
+    def tokens_in(self, usage: TokenUsage) -> int:
+        return usage.prompt_tokens
+
+    @admin.display(description="Out", ordering="completion_tokens")
+    def tokens_out(self, usage: TokenUsage) -> int:
+        return usage.completion_tokens
+
+    @admin.display(description="Cached", ordering="cached_tokens")
+    def tokens_cached(self, usage: TokenUsage) -> int:
+        return usage.cached_tokens
+
+    @admin.display(description="Cost", ordering="cost")
+    def cost_shown(self, usage: TokenUsage) -> str:
+        return money(usage.cost)
 
     # The ids only: a conversation's title is content, for reviewers only.
     @admin.display(description="Conversation")
@@ -417,6 +444,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
         context = getattr(response, "context_data", None)
         if context and "cl" in context:
             context["spend_total"] = reports.spend_totals(context["cl"].queryset)
+            context["unpriced"] = reports.unpriced_models(context["cl"].queryset)
         return response
 
     def get_urls(self) -> list[Any]:
@@ -448,6 +476,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
             if request.GET.get("format") == "csv":
                 return self._csv(spend, params)
             context.update(
+                unpriced=reports.unpriced_models(rows),
                 spend=spend,
                 total=reports.total_of(spend),
                 chart=reports.spend_chart_svg(spend, metric=params["metric"]),

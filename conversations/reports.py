@@ -25,6 +25,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
 from .models import TokenUsage
+from .money import money
 
 GROUPINGS = ("user", "model", "day", "month")
 COLUMNS = (
@@ -277,4 +278,14 @@ def spend_chart_svg(spend: list[SpendRow], *, metric: str = "cost", limit: int =
 
 
 def _metric_text(row: SpendRow, metric: str) -> str:
-    return f"{row.cost:.4f}" if metric == "cost" else f"{row.total_tokens:,}"
+    return money(row.cost) if metric == "cost" else f"{row.total_tokens:,}"
+
+
+def unpriced_models(rows: QuerySet[TokenUsage]) -> list[str]:
+    """The models of these ledger rows that have no price: their calls are
+    accounted at cost 0, which staff must be told (at most 20 named)."""
+    from .models import ModelPrice
+
+    used = rows.order_by().values_list("model", flat=True).distinct()[:200]
+    priced = set(ModelPrice.objects.values_list("model", flat=True))
+    return sorted({m for m in used if m not in priced})[:20]

@@ -65,6 +65,7 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
             "conversation": str(conversation.id) if conversation else None,
             "maxChars": settings.CHAT_MAX_MESSAGE_CHARS,
             "demo": llm.is_demo(),
+            "currency": settings.CHAT_CURRENCY,
             "conversationsUrl": reverse("chat:list"),
             "conversationsNext": next_cursor,
         },

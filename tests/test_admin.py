@@ -112,9 +112,11 @@ def test_the_default_cannot_be_unset_or_deleted_only_moved(root: Any) -> None:
 
     other = SystemPrompt(name="Other", text="y")
     prompts.save_prompt(other)
-    client.post(reverse("admin:conversations_systemprompt_change", args=[other.pk]),
-                prompt_form(name="Other", text="y", is_default="on"))  # fmt: skip
+    moved = client.post(reverse("admin:conversations_systemprompt_change", args=[other.pk]),
+                        prompt_form(name="Other", text="y", is_default="on"), follow=True)  # fmt: skip
     assert list(SystemPrompt.objects.filter(is_default=True).values_list("name", flat=True)) == ["Other"]
+    # Said, not silent: the admin names the prompt that stopped being the default.
+    assert "“Other” is now the default prompt for new chats, instead of “Default”." in moved.text
 
 
 def test_preview_shows_the_edit_and_saves_nothing(root: Any) -> None:
@@ -161,7 +163,7 @@ def test_ledger_is_read_only_with_totals_of_the_filtered_rows(root: Any, alice: 
         55,
         Decimal("0.75"),
     )
-    assert '<td class="total-cost">0.750000</td>' in page.text
+    assert '<td class="total-cost">$0.75</td>' in page.text
 
     page = client.get(url, {"username": "alice", "estimated__exact": "1"})
     assert page.context["spend_total"].calls == 1

@@ -496,18 +496,18 @@ def test_dark_theme_toggle_and_system_preference(
     open_chat(page, daphne_server, f"/c/{conversation.id}/")
     background = "() => getComputedStyle(document.body).backgroundColor"
     dark_bg = page.evaluate(background)
-    toggle = page.locator("#theme-toggle")
-    expect(toggle).to_have_attribute("aria-label", "Theme: follows the system")
+    theme = page.get_by_label("Theme")
+    expect(theme).to_have_value("system")
     page.screenshot(path=str(SHOTS / "dark.png"))
-    # ... and the toggle overrides it, and sticks across reloads.
-    toggle.click()
-    expect(toggle).to_have_attribute("aria-label", "Theme: light")
+    # ... and the choice overrides it (one step: a labelled choice), and sticks across reloads.
+    theme.select_option(label="Light")
+    expect(theme).to_have_value("light")
     light_bg = page.evaluate(background)
     assert light_bg != dark_bg
     page.reload()
     assert page.evaluate("() => document.documentElement.dataset.theme") == "light"
     assert page.evaluate(background) == light_bg
-    page.locator("#theme-toggle").click()
+    page.get_by_label("Theme").select_option(label="Dark")
     assert page.evaluate("() => document.documentElement.dataset.theme") == "dark"
     assert page.evaluate(background) == dark_bg
     light_page = tabs.new(alice, color_scheme="light")
@@ -843,4 +843,39 @@ def test_a_failed_answer_keeps_its_reason_and_has_nothing_to_copy(
     expect(failed.locator(".msg-status")).to_have_text("Failed")
     expect(failed.locator(".msg-error")).to_have_text(reason)
     expect(failed.locator('[data-action="copy"]')).to_be_hidden()
+    assert tabs.unexpected_errors() == []
+
+
+def test_the_ledger_in_the_admin_fits_and_warns_of_models_without_a_price(
+    daphne_server: LiveServer, tabs: Tabs
+) -> None:
+    from decimal import Decimal
+
+    from conversations.models import ModelPrice, TokenUsage
+    from tests.factories import make_user
+
+    def setup() -> Any:
+        root = make_user("root", is_staff=True, is_superuser=True)
+        ModelPrice.objects.create(
+            model="gpt-priced", input_per_million=Decimal("0.15"), output_per_million=Decimal("0.6")
+        )
+        for model, cost in (("gpt-priced", "0.001234"), ("llama-free", "0")):
+            TokenUsage.objects.create(
+                user=root, model=model, prompt_tokens=1200, completion_tokens=340, cost=Decimal(cost)
+            )
+        return root
+
+    root = in_thread(setup)
+    page = tabs.new(root, viewport={"width": 1280, "height": 800})
+    page.goto(daphne_server.url + "/admin/conversations/tokenusage/")
+    expect(page.locator(".unpriced-warning")).to_contain_text("No price is set for llama-free")
+    expect(page.locator(".total-cost")).to_have_text("$0.001234")
+    expect(page.locator("#result_list")).to_contain_text("$0.001234")
+    # Nothing wider than the window.
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0
+    page.screenshot(path=str(SHOTS / "admin-ledger.png"), full_page=True)
+    page.goto(daphne_server.url + "/admin/conversations/tokenusage/report/")
+    expect(page.locator(".unpriced-warning")).to_contain_text("llama-free")
+    page.screenshot(path=str(SHOTS / "admin-report.png"), full_page=True)
     assert tabs.unexpected_errors() == []

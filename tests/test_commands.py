@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -253,6 +254,7 @@ def test_chat_streams_answers_and_new_starts_another_conversation(
     output = chat("--user", "alice", stdin=StringIO("hello there\n/new\nanother topic\n/quit\n"))
 
     assert "assistant> Bonjour Alice!\n" in output
+    assert "[fake-model · 11 in · 5 out · $0.00]" in output  # each answer's usage, money as everywhere
     assert "New conversation: your next message starts it." in output
     assert "assistant> Second answer.\n" in output
     assert output.rstrip().endswith("Bye.")
@@ -325,7 +327,9 @@ def test_ctrl_c_stops_the_answer_and_the_ledger_gets_an_estimate(
         fake_llm.wait_for(lambda: "word word word" in out.getvalue())
         os.kill(os.getpid(), signal.SIGINT)
         deadline = time.monotonic() + 20
-        while not out.getvalue().endswith("[stopped]\nyou> ") and time.monotonic() < deadline:
+        while (
+            not re.search(r"\[stopped\]\n(\[.*\]\n)?you> $", out.getvalue()) and time.monotonic() < deadline
+        ):
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -340,6 +344,9 @@ def test_ctrl_c_stops_the_answer_and_the_ledger_gets_an_estimate(
 
     output = out.getvalue()
     assert "^C — stopping the answer" in output and "[stopped]" in output
+    # Nothing of the answer is printed after "stopping"; then what it cost.
+    assert output.split("stopping the answer…")[1].split("[stopped]")[0].strip() == ""
+    assert re.search(r"\[stopped\]\n\[fake-model · \d+ in · \d+ out · \$0\.00\]\n", output)
     assert output.rstrip().endswith("Bye.")
     answer = Message.objects.get(role="assistant")
     assert answer.status == "stopped"

@@ -214,7 +214,9 @@ def test_usage_page_shows_spend_and_what_is_left(alice: Any) -> None:
     today, month = page.context["windows"]
     assert (today.tokens, today.tokens_left, month.cost_left) == (250, 750, Decimal("1.5"))
     assert "750 tokens left" in page.text
-    assert "1.500000 left" in page.text
+    assert "$1.50 left" in page.text  # money as everywhere else (conversations/money.py)
+    assert "$0.50</span> of $2.00" in page.text
+    assert "$0.50</span> (no limit)" in page.text  # today: no cost limit
     assert "At most 4 answers a minute" in page.text
     # The CSP allows neither inline script nor inline style.
     assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", page.text)

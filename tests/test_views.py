@@ -136,6 +136,19 @@ def test_signup_creates_a_user_and_logs_them_in() -> None:
     assert client.get("/").status_code == 200
 
 
+def test_signup_says_a_short_password_under_the_password_and_keeps_what_it_can() -> None:
+    short = Client().post("/accounts/signup/", {"username": "dave", "password1": "abc", "password2": "abc"})
+    form = short.context["form"]
+    assert "too short" in " ".join(form.errors["password1"]) and "password2" not in form.errors
+    # A username taken: the passwords typed are kept.
+    get_user_model().objects.create_user("erin", password=PASSWORD)
+    taken = Client().post(
+        "/accounts/signup/", {"username": "erin", "password1": PASSWORD, "password2": PASSWORD}
+    )
+    assert "username" in taken.context["form"].errors
+    assert page(taken).count(f'value="{PASSWORD}"') == 2
+
+
 def test_signup_page_renders_a_form() -> None:
     response = Client().get("/accounts/signup/")
 

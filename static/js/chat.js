@@ -98,10 +98,15 @@ function removeEmptyState() {
   if (empty) empty.remove();
 }
 
-function formatCost(cost) {
+// Money as the server shows it (conversations/money.py): the site's currency
+// sign, at least two decimals, at most six.
+function formatMoney(cost) {
   const n = Number(cost);
-  if (!Number.isFinite(n) || n === 0) return "0";
-  return n.toFixed(6).replace(/0+$/, "").replace(/\.$/, "");
+  const amount = Number.isFinite(n) ? Math.abs(n) : 0;
+  let text = amount.toFixed(6).replace(/0+$/, "");
+  const [whole, fraction = ""] = text.split(".");
+  text = `${whole}.${fraction.padEnd(2, "0")}`;
+  return `${n < 0 ? "-" : ""}${(config && config.currency) || "$"}${text}`;
 }
 
 // Said to screen readers (a polite live region); errors also show on screen.
@@ -128,7 +133,7 @@ function setMeta(article, status, usage, model, error) {
   if (usage && (usage.prompt_tokens || usage.completion_tokens)) {
     const parts = [];
     if (model) parts.push(model);
-    parts.push(`${usage.prompt_tokens} in`, `${usage.completion_tokens} out`, `$${formatCost(usage.cost)}`);
+    parts.push(`${usage.prompt_tokens} in`, `${usage.completion_tokens} out`, formatMoney(usage.cost));
     meta.append(make("span", "msg-usage", parts.join(" · ")));
   }
 }

@@ -3,8 +3,6 @@
 (function () {
   "use strict";
   var KEY = "chat.theme";
-  var ORDER = ["system", "light", "dark"];
-  var LABEL = { system: "follows the system", light: "light", dark: "dark" };
   var ICON = { system: "#i-auto", light: "#i-sun", dark: "#i-moon" };
   var root = document.documentElement;
 
@@ -31,22 +29,20 @@
     });
   }
 
-  function label(button, choice) {
-    var next = ORDER[(ORDER.indexOf(choice) + 1) % ORDER.length];
-    button.setAttribute("aria-label", "Theme: " + LABEL[choice]);
-    button.title = "Theme: " + LABEL[choice] + " (click for " + LABEL[next] + ")";
-    var use = button.querySelector("use");
+  function show(select, choice) {
+    select.value = choice;
+    var use = select.parentNode.querySelector("use");
     if (use) use.setAttribute("href", ICON[choice]);
   }
 
   apply(stored());
 
   document.addEventListener("DOMContentLoaded", function () {
-    var button = document.getElementById("theme-toggle");
-    if (!button) return;
-    label(button, stored());
-    button.addEventListener("click", function () {
-      var choice = ORDER[(ORDER.indexOf(stored()) + 1) % ORDER.length];
+    var select = document.getElementById("theme-select");
+    if (!select) return;
+    show(select, stored());
+    select.addEventListener("change", function () {
+      var choice = select.value;
       try {
         if (choice === "system") localStorage.removeItem(KEY);
         else localStorage.setItem(KEY, choice);
@@ -54,7 +50,7 @@
         /* private mode: the choice lasts for this page only */
       }
       apply(choice);
-      label(button, choice);
+      show(select, choice);
     });
   });
 })();

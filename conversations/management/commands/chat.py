@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from conversations import generation
 from conversations.models import ChatModel, Conversation, SystemPrompt
+from conversations.money import money
 from conversations.selectors import NotFound, conversation_for_user
 
 HELP_LINE = (
@@ -265,7 +266,8 @@ class ChatSession:
                 continue
             if kind == "generation.delta" and event["seq"] > seq:
                 seq = event["seq"]
-                self.write(event["text"], ending="")
+                if not self.stopping:  # after "stopping", nothing more of the answer is printed
+                    self.write(event["text"], ending="")
             elif kind == "generation.tool":
                 self.write(self.style.NOTICE(f"[used {event['summary']}]"), ending=" ")
             elif kind == "error":
@@ -276,6 +278,13 @@ class ChatSession:
                 self.write("")
                 if event["status"] != "complete":
                     self.write(self.style.WARNING(f"[{event['status']}]"))
+                usage = event.get("usage") or {}
+                if usage.get("prompt_tokens") or usage.get("completion_tokens"):
+                    line = (
+                        f"[{event.get('model') or 'model'} · {usage['prompt_tokens']} in · "
+                        f"{usage['completion_tokens']} out · {money(usage.get('cost', 0))}]"
+                    )
+                    self.write(self.style.HTTP_NOT_MODIFIED(line))
                 return
 
 

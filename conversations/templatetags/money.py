@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django import template
+
+from conversations.money import money as format_money
+
+register = template.Library()
+
+
+@register.filter
+def money(value: Any) -> str:
+    """`{{ cost|money }}`: see conversations/money.py."""
+    return format_money(value)
