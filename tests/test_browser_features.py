@@ -247,7 +247,7 @@ def test_sidebar_pages_searches_renames_and_deletes(
     page = tabs.new(alice)
     start = time.perf_counter()
     open_chat(page, daphne_server)
-    items = page.locator("#conversation-list > li")
+    items = page.locator("#conversation-list > li.conv-item")
     expect(items.first).to_contain_text("Chat number 0999")
     count = items.count()
     assert count <= 60
@@ -321,7 +321,9 @@ def test_rename_and_delete_reach_other_tabs_and_a_new_chat_gets_its_url(
     expect(page.locator("#export-links")).to_be_visible()
     item = watcher.locator(f'.conv-item[data-conversation-id="{new_id}"]')
     expect(item).to_be_visible()  # the other tab's list got it, on top
-    expect(watcher.locator("#conversation-list > li").first).to_have_attribute("data-conversation-id", new_id)
+    expect(watcher.locator("#conversation-list > li.conv-item").first).to_have_attribute(
+        "data-conversation-id", new_id
+    )
     expect(item.locator(".conv-title")).to_have_text("A fake title", timeout=10_000)  # auto title
 
     # A rename in one tab shows in the other (conversation.updated).
@@ -496,6 +498,7 @@ def test_dark_theme_toggle_and_system_preference(
     open_chat(page, daphne_server, f"/c/{conversation.id}/")
     background = "() => getComputedStyle(document.body).backgroundColor"
     dark_bg = page.evaluate(background)
+    page.locator("#user-menu summary").click()  # the account menu holds the theme
     theme = page.get_by_label("Theme")
     expect(theme).to_have_value("system")
     page.screenshot(path=str(SHOTS / "dark.png"))
@@ -507,6 +510,7 @@ def test_dark_theme_toggle_and_system_preference(
     page.reload()
     assert page.evaluate("() => document.documentElement.dataset.theme") == "light"
     assert page.evaluate(background) == light_bg
+    page.locator("#user-menu summary").click()
     page.get_by_label("Theme").select_option(label="Dark")
     assert page.evaluate("() => document.documentElement.dataset.theme") == "dark"
     assert page.evaluate(background) == dark_bg
@@ -878,4 +882,63 @@ def test_the_ledger_in_the_admin_fits_and_warns_of_models_without_a_price(
     page.goto(daphne_server.url + "/admin/conversations/tokenusage/report/")
     expect(page.locator(".unpriced-warning")).to_contain_text("llama-free")
     page.screenshot(path=str(SHOTS / "admin-report.png"), full_page=True)
+    assert tabs.unexpected_errors() == []
+
+
+def test_the_sidebar_groups_chats_by_date(daphne_server: LiveServer, alice: Any, tabs: Tabs) -> None:
+    def setup() -> None:
+        now = timezone.now()
+        for title, age in (
+            ("Old one", 90),
+            ("This month", 20),
+            ("This week", 3),
+            ("Yesterday's", 1),
+            ("Fresh", 0),
+        ):
+            conversation = make_conversation(alice, title)
+            if age:  # noon that many days ago: never "today" whatever the hour
+                moment = timezone.localtime(now).replace(hour=12) - timedelta(days=age)
+                Conversation.objects.filter(pk=conversation.pk).update(updated_at=moment)
+
+    in_thread(setup)
+    page = tabs.new(alice)
+    open_chat(page, daphne_server)
+    groups = page.locator("#conversation-list > li.conv-group")
+    expect(groups).to_have_text(["Today", "Yesterday", "Previous 7 days", "Previous 30 days", "Older"])
+    rows = page.locator("#conversation-list > li")
+    expect(rows).to_have_text(
+        ["Today", "Fresh", "Yesterday", "Yesterday's", "Previous 7 days", "This week",
+         "Previous 30 days", "This month", "Older", "Old one"]
+    )  # fmt: skip
+    page.screenshot(path=str(SHOTS / "sidebar-groups.png"))
+    # Arrow keys walk the chats, over the headings.
+    page.locator(".conv-item .conv-link").first.focus()
+    page.keyboard.press("ArrowDown")
+    assert page.evaluate("() => document.activeElement.textContent") == "Yesterday's"
+    assert tabs.unexpected_errors() == []
+
+
+def test_the_account_menu_holds_usage_tokens_theme_and_log_out(
+    daphne_server: LiveServer, alice: Any, tabs: Tabs
+) -> None:
+    for viewport in ({"width": 1280, "height": 800}, {"width": 375, "height": 740}):
+        page = tabs.new(alice, viewport=viewport)
+        open_chat(page, daphne_server)
+        menu = page.locator("#user-menu")
+        expect(menu.get_by_role("link", name="Your usage")).to_be_hidden()
+        menu.locator("summary").click()
+        for name in ("Your usage", "API tokens"):
+            expect(menu.get_by_role("link", name=name)).to_be_visible()
+        expect(menu.get_by_label("Theme")).to_be_visible()
+        expect(menu.get_by_role("button", name="Log out")).to_be_visible()
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"]
+        page.screenshot(path=str(SHOTS / f"account-menu-{viewport['width']}.png"))
+        page.keyboard.press("Escape")
+        expect(menu.get_by_role("link", name="Your usage")).to_be_hidden()
+        menu.locator("summary").click()
+        menu.get_by_role("link", name="Your usage").click()
+        expect(page).to_have_url(re.compile(r"/accounts/usage/$"))
+    page.locator("#user-menu summary").click()
+    page.get_by_role("button", name="Log out").click()
+    expect(page).to_have_url(re.compile(r"/accounts/login/"))
     assert tabs.unexpected_errors() == []

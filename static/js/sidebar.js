@@ -32,7 +32,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
     current: current(),
     // The first page came with the page; its cursor did not: `undefined`
     // means "ask from the start and skip what is shown".
-    next: list.children.length >= PAGE_SIZE ? undefined : null,
+    next: list.querySelectorAll(".conv-item").length >= PAGE_SIZE ? undefined : null,
     loading: false,
     query: "",
     queryNext: null,
@@ -45,6 +45,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
   function item(c) {
     const li = make("li", "conv-item");
     li.dataset.conversationId = c.id;
+    if (c.updated_at) li.dataset.updated = c.updated_at;
     const link = make("a", "conv-link");
     link.href = `/c/${c.id}/`;
     link.append(make("span", "conv-title", c.title || "New chat"));
@@ -79,6 +80,42 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
     }
   }
 
+  // --- Date groups, as ChatGPT's sidebar: today, yesterday, the week, the month, older ---------
+
+  function groupOf(updated, now) {
+    const date = new Date(updated);
+    if (Number.isNaN(date.getTime())) return "Today";
+    const startOfToday = new Date(now.getFullYear(), now.getMonth(), now.getDate());
+    const day = 24 * 3600 * 1000;
+    if (date >= startOfToday) return "Today";
+    if (date >= new Date(startOfToday - day)) return "Yesterday";
+    if (date >= new Date(startOfToday - 7 * day)) return "Previous 7 days";
+    if (date >= new Date(startOfToday - 30 * day)) return "Previous 30 days";
+    return "Older";
+  }
+
+  // The list is newest first: a heading goes before the first chat of each group.
+  function regroup() {
+    for (const old of list.querySelectorAll(".conv-group")) old.remove();
+    const now = new Date();
+    let last = null;
+    for (const li of list.querySelectorAll(".conv-item")) {
+      const group = groupOf(li.dataset.updated || now.toISOString(), now);
+      if (group === last) continue;
+      const heading = make("li", "conv-group", group);
+      heading.setAttribute("role", "presentation");
+      li.before(heading);
+      last = group;
+    }
+  }
+
+  // The chat next to this one (arrow keys, focus after a delete), headings skipped.
+  function neighbour(li, forward) {
+    let n = forward ? li.nextElementSibling : li.previousElementSibling;
+    while (n && !n.classList.contains("conv-item")) n = forward ? n.nextElementSibling : n.previousElementSibling;
+    return n;
+  }
+
   function findItem(id, where = list) {
     return where.querySelector(`li[data-conversation-id="${CSS.escape(id)}"]`);
   }
@@ -98,7 +135,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
   }
 
   function updateEmpty() {
-    if (empty) empty.hidden = list.hidden || list.children.length > 0;
+    if (empty) empty.hidden = list.hidden || list.querySelector(".conv-item") !== null;
   }
 
   // --- Paging ---------------------------------------------------------------------------
@@ -135,6 +172,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
       if (searching) state.queryNext = data.next || null;
       else state.next = data.next || null;
       more.textContent = "";
+      if (!searching) regroup();
       highlight();
       updateEmpty();
     } catch (error) {
@@ -170,6 +208,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
       results.replaceChildren();
       list.hidden = false;
       heading.textContent = "Your chats";
+      heading.classList.add("visually-hidden"); // the date groups head the list
       more.textContent = "";
       updateEmpty();
       return;
@@ -185,6 +224,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
       if (empty) empty.hidden = true;
       const n = results.children.length;
       heading.textContent = "Search results";
+      heading.classList.remove("visually-hidden");
       more.textContent = n ? "" : `No chats match “${q}”.`;
       announce(n ? `${n}${state.queryNext ? "+" : ""} ${n === 1 ? "chat" : "chats"} found` : "No chats found");
       highlight();
@@ -305,11 +345,12 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
 
   function removeConversation(id) {
     for (const li of allItems(id)) {
-      const next = li.nextElementSibling || li.previousElementSibling;
+      const next = neighbour(li, true) || neighbour(li, false);
       const hadFocus = li.contains(document.activeElement);
       li.remove();
       if (hadFocus && next) next.querySelector(".conv-link").focus();
     }
+    regroup();
     updateEmpty();
     if (id === state.current) onDeletedCurrent(id);
   }
@@ -330,7 +371,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
       if (!link) return;
       const li = link.closest(".conv-item");
       if (event.key === "ArrowDown" || event.key === "ArrowUp") {
-        const sibling = event.key === "ArrowDown" ? li.nextElementSibling : li.previousElementSibling;
+        const sibling = neighbour(li, event.key === "ArrowDown");
         if (sibling) {
           event.preventDefault();
           sibling.querySelector(".conv-link").focus();
@@ -358,12 +399,16 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
   function upsert(id, title, { top = true } = {}) {
     let li = findItem(id);
     if (!li) {
-      li = item({ id, title: title || "New chat" });
+      li = item({ id, title: title || "New chat", updated_at: new Date().toISOString() });
       list.prepend(li);
     } else {
-      if (top && list.firstElementChild !== li) list.prepend(li);
+      if (top) {
+        li.dataset.updated = new Date().toISOString();
+        list.prepend(li);
+      }
       if (title) setItemTitle(li, title);
     }
+    regroup();
     updateEmpty();
     highlight();
   }
@@ -372,6 +417,8 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
     state.current = id;
     highlight();
   }
+
+  regroup();
 
   return {
     upsert,

@@ -37,6 +37,19 @@
 
   apply(stored());
 
+  // The account menu (a <details>): closed by a click elsewhere or Escape.
+  document.addEventListener("click", function (event) {
+    var menu = document.getElementById("user-menu");
+    if (menu && menu.open && !menu.contains(event.target)) menu.open = false;
+  });
+  document.addEventListener("keydown", function (event) {
+    var menu = document.getElementById("user-menu");
+    if (event.key === "Escape" && menu && menu.open) {
+      menu.open = false;
+      menu.querySelector("summary").focus();
+    }
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     var select = document.getElementById("theme-select");
     if (!select) return;
