@@ -543,6 +543,22 @@ def test_mobile_375px_is_usable(daphne_server: LiveServer, alice: Any, fake_llm:
     page.screenshot(path=str(SHOTS / "mobile-sidebar.png"))
     page.keyboard.press("Escape")
     expect(page.locator("#sidebar")).not_to_be_in_viewport()
+    # The drawer has a close button of its own.
+    page.get_by_role("button", name="Show conversations").click()
+    page.get_by_role("button", name="Close conversations").click()
+    expect(page.locator("#sidebar")).not_to_be_in_viewport()
+    # The title has the room: export and shortcuts fold into "More".
+    title = page.locator("#chat-title").bounding_box()
+    assert title["width"] >= 120
+    expect(page.locator("#export-md")).to_be_hidden()
+    page.get_by_role("button", name="More: export, shortcuts").click()
+    expect(page.locator("#export-md")).to_be_visible()
+    expect(page.locator("#export-json")).to_be_visible()
+    page.screenshot(path=str(SHOTS / "mobile-more.png"))
+    page.get_by_role("button", name="Keyboard shortcuts").click()
+    expect(page.locator("#shortcuts-dialog")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("#export-md")).to_be_hidden()
 
 
 def test_keyboard_only_use_labels_and_csp(
@@ -724,7 +740,28 @@ def test_the_offline_demo_banner_shows_when_no_model_is_configured(
     banner = page.get_by_role("note")
     expect(banner).to_contain_text("Demo mode")
     expect(banner).to_contain_text("OPENAI_API_KEY")
+    expect(banner.locator(".banner-short")).to_be_hidden()
     page.screenshot(path=str(SHOTS / "demo-banner.png"))
+    # On a phone it is one line: the conversation gets the screen.
+    phone = tabs.new(alice, viewport={"width": 375, "height": 740}, is_mobile=True)
+    phone.route(
+        daphne_server.url + "/",
+        lambda route: route.fulfill(status=200, content_type="text/html; charset=utf-8", body=html),
+    )
+    phone.goto(daphne_server.url + "/")
+    banner = phone.get_by_role("note")
+    expect(banner.locator(".banner-short")).to_be_visible()
+    expect(banner.locator(".banner-long")).to_be_hidden()
+    line = phone.evaluate(
+        "() => parseFloat(getComputedStyle(document.querySelector('.banner-demo')).lineHeight)"
+    )
+    padding = phone.evaluate(
+        "() => { const s = getComputedStyle(document.querySelector('.banner-demo'));"
+        " return parseFloat(s.paddingTop) + parseFloat(s.paddingBottom) + parseFloat(s.borderTopWidth)"
+        " + parseFloat(s.borderBottomWidth); }"
+    )
+    assert banner.bounding_box()["height"] <= line + padding + 1
+    phone.screenshot(path=str(SHOTS / "demo-banner-phone.png"))
 
 
 def test_a_long_chat_shows_where_its_summarised_part_ends(

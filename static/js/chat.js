@@ -55,6 +55,9 @@ const el = {
   sidebar: $("sidebar"),
   sidebarToggle: $("sidebar-toggle"),
   sidebarScrim: $("sidebar-scrim"),
+  sidebarClose: $("sidebar-close"),
+  headMore: $("head-more"),
+  headTools: $("chat-head-tools"),
 };
 
 const state = {
@@ -1108,6 +1111,31 @@ function onMessageClick(event) {
 
 // --- Narrow screens: the conversation list slides in over the chat --------------------------------
 
+// Narrow screens: export and shortcuts fold into a "more" menu in the chat's head.
+function setupHeadMenu() {
+  if (!el.headMore || !el.headTools) return;
+  const setOpen = (open) => {
+    el.headTools.classList.toggle("is-open", open);
+    el.headMore.setAttribute("aria-expanded", String(open));
+  };
+  el.headMore.addEventListener("click", (event) => {
+    event.stopPropagation();
+    setOpen(!el.headTools.classList.contains("is-open"));
+  });
+  document.addEventListener("click", (event) => {
+    if (!el.headTools.contains(event.target)) setOpen(false);
+  });
+  el.headTools.addEventListener("click", (event) => {
+    if (event.target.closest("a, button")) setOpen(false);
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && el.headTools.classList.contains("is-open")) {
+      setOpen(false);
+      el.headMore.focus();
+    }
+  });
+}
+
 function setupDrawer() {
   if (!el.sidebarToggle || !el.sidebar) return;
   const narrow = window.matchMedia("(max-width: 760px)");
@@ -1129,6 +1157,12 @@ function setupDrawer() {
   narrow.addEventListener("change", apply);
   el.sidebarToggle.addEventListener("click", () => setOpen(!el.sidebar.classList.contains("is-open")));
   el.sidebarScrim.addEventListener("click", () => setOpen(false));
+  if (el.sidebarClose) {
+    el.sidebarClose.addEventListener("click", () => {
+      setOpen(false);
+      el.sidebarToggle.focus();
+    });
+  }
   el.sidebar.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && narrow.matches && el.sidebar.classList.contains("is-open")) {
       event.preventDefault();
@@ -1194,6 +1228,7 @@ function start() {
     announce,
   });
   const drawer = setupDrawer();
+  setupHeadMenu();
   setupShortcuts(drawer);
 
   el.form.addEventListener("submit", (event) => {
