@@ -7,6 +7,7 @@ ledger as the page) and formats; authentication is a personal token
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -17,7 +18,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.csrf import csrf_exempt
 
 from conversations import generation, llm, selectors
-from conversations.generation import stateless
+from conversations.generation import stateless, turns
 from conversations.models import ChatModel, Conversation, SystemPrompt
 
 from . import parsing, tokens
@@ -234,7 +235,7 @@ def _conversation_json(conversation: Conversation) -> dict[str, Any]:
     return {
         "id": str(conversation.pk),
         "title": conversation.display_title,
-        "model": conversation.chosen_model if not llm.is_demo() else llm.DEMO_MODEL,
+        "model": conversation.chosen_model,
         "prompt": conversation.prompt.name if conversation.prompt else None,
         "created_at": conversation.created_at.isoformat(),
         "updated_at": conversation.updated_at.isoformat(),
@@ -242,8 +243,6 @@ def _conversation_json(conversation: Conversation) -> dict[str, Any]:
 
 
 def _create_conversation(user: Any, body: dict[str, Any]) -> Conversation:
-    from conversations import prompts
-
     prompt_name = parsing.optional_string(body, "prompt")
     model = parsing.optional_string(body, "model")
     if prompt_name:
@@ -252,18 +251,11 @@ def _create_conversation(user: Any, body: dict[str, Any]) -> Conversation:
             raise ApiError(404, f"No system prompt named `{prompt_name}`.", "not_found", param="prompt")
     else:
         prompt = SystemPrompt.objects.filter(is_default=True).first()
-    if model and not ChatModel.objects.filter(name=model, enabled=True).exists():
+    if model and not ChatModel.is_pickable(model):
         raise ApiError(
             404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found"
         )
-    version = prompts.version_for_new_conversation(prompt) if prompt else None
-    return Conversation.objects.create(
-        owner=user,
-        prompt=prompt,
-        prompt_version=version,
-        prompt_text=version.text if version else "",
-        model=model or "",
-    )
+    return turns.new_conversation(user, prompt, model=model)
 
 
 def _conversation_list(user: Any, cursor: str | None) -> dict[str, Any]:
@@ -369,7 +361,7 @@ async def conversation_messages(request: HttpRequest, user: Any, conversation_id
             (_sse(event) async for event in events), content_type="text/event-stream", headers=SSE_HEADERS
         )
     finished: dict[str, Any] = {}
-    async with _closing(events):
+    async with contextlib.aclosing(events):
         async for event in events:
             if event["type"] == "generation.finished":
                 finished = event
@@ -387,17 +379,6 @@ async def conversation_messages(request: HttpRequest, user: Any, conversation_id
             },
         }
     )
-
-
-class _closing:
-    def __init__(self, events: Any) -> None:
-        self.events = events
-
-    async def __aenter__(self) -> Any:
-        return self.events
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.events.aclose()
 
 
 async def _answer_events(

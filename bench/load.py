@@ -64,7 +64,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,7 @@ from load_common import CLK_TCK, log, machine_jiffies, ms, percentile, proc_cpu,
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from deploy.nginx import find_nginx, render, start_nginx, write_config  # noqa: E402
+from deploy.nginx import find_nginx, render, start_nginx, wait_ok, write_config  # noqa: E402
 
 BENCH = ROOT / "bench"
 PY = sys.executable
@@ -164,18 +163,11 @@ def group_pids(pgid: int) -> list[int]:
 
 
 def wait_http(url: str, timeout: float, child: Child | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child is not None and child.proc.poll() is not None:
-            raise BenchError(f"{child.name} exited ({child.proc.returncode})\n{child.tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise BenchError(f"{url} did not answer 200 in {timeout:.0f} s\n{child.tail() if child else ''}")
+    """deploy/'s `wait_ok`, failing with the child's last log lines."""
+    try:
+        wait_ok(url, timeout, *([child.proc] if child is not None else []))
+    except (RuntimeError, TimeoutError) as exc:
+        raise BenchError(f"{exc}\n{child.tail() if child else ''}") from None
 
 
 def psql(sql: str) -> None:

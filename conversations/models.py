@@ -122,7 +122,11 @@ class Conversation(models.Model):
     @property
     def chosen_model(self) -> str:
         """The model that answers here: the one picked for the chat, else its
-        prompt's, else OPENAI_MODEL (the demo model answers in demo mode)."""
+        prompt's, else OPENAI_MODEL; the demo model in demo mode."""
+        from . import llm
+
+        if llm.is_demo():
+            return llm.DEMO_MODEL
         prompt = self.prompt
         return self.model or (prompt.model if prompt and prompt.model else "") or settings.OPENAI_MODEL
 
@@ -225,6 +229,11 @@ class ChatModel(models.Model):
     def choices(cls) -> list[ChatModel]:
         """The models users may pick, in the page's order."""
         return list(cls.objects.filter(enabled=True))
+
+    @classmethod
+    def is_pickable(cls, name: str) -> bool:
+        """May a user pick this model for a new chat (page, terminal, API)?"""
+        return cls.objects.filter(name=name, enabled=True).exists()
 
     @classmethod
     def label_of(cls, name: str) -> str:

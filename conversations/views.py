@@ -44,10 +44,10 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
     chat_models = ChatModel.choices()
     labels = {m.name: m.display for m in chat_models}
     if llm.is_demo():
-        default_model = shown_model = llm.DEMO_MODEL
+        default_model = llm.DEMO_MODEL
     else:
         default_model = (default_prompt.model if default_prompt else "") or settings.OPENAI_MODEL
-        shown_model = conversation.chosen_model if conversation else ""
+    shown_model = conversation.chosen_model if conversation else ""
     sidebar, next_cursor = selectors.sidebar_page(user=request.user)
     context = {
         "conversation": conversation,

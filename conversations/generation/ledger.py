@@ -61,35 +61,40 @@ def record_call(
     return cost
 
 
-def record_tool_round(
+def record_model_call(
     *,
-    answer: Message,
-    owner_id: int,
+    user_id: int,
+    kind: str,
     model: str,
     usage: llm.Usage | None,
     messages: list[Any],
     text: str,
     limited: bool,
-) -> None:
-    """The ledger row of one model call that ended in tool calls (the
-    answer's final call is recorded by `save_answer`, which settles the
-    reservation)."""
-    usage, estimated = usage_or_estimate(usage, messages, text)
+    reservation: quotas.Reservation | None = None,
+    conversation_id: Any = None,
+    message_id: Any = None,
+) -> llm.Usage:
+    """`record_call` for a call whose usage the server may not have sent (a
+    stream cut before its usage chunk): estimated from what was sent
+    (`messages`) and what came back (`text`). A tool round's call, a summary,
+    an API call. Returns the usage recorded."""
+    usage, estimated = _usage_or_estimate(usage, messages, text)
     with transaction.atomic():
         record_call(
-            user_id=owner_id,
-            kind=TokenUsage.Kind.ANSWER,
+            user_id=user_id,
+            kind=kind,
             model=model,
             usage=usage,
             estimated=estimated,
-            reservation=None,
-            conversation_id=answer.conversation_id,
-            message_id=answer.pk,
+            reservation=reservation,
+            conversation_id=conversation_id,
+            message_id=message_id,
             limited=limited,
         )
+    return usage
 
 
-def usage_or_estimate(usage: llm.Usage | None, messages: list[Any], text: str) -> tuple[llm.Usage, bool]:
+def _usage_or_estimate(usage: llm.Usage | None, messages: list[Any], text: str) -> tuple[llm.Usage, bool]:
     """The call's usage as the server reported it, else an estimate (the
     usage chunk comes only at the end of a stream); and whether estimated."""
     if usage is not None:
@@ -161,7 +166,7 @@ def save_answer(
     transaction. Returns the usage payload, the answer's sanitised HTML and
     whether the conversation wants a title (`first_of_chat`: the answer of
     the question that started it, which can only be its first answer)."""
-    usage, estimated = usage_or_estimate(usage, messages, content)
+    usage, estimated = _usage_or_estimate(usage, messages, content)
     with transaction.atomic():
         now = timezone.now()
         final = {

@@ -31,13 +31,13 @@ from django.utils import timezone
 
 from .. import llm, tools
 from ..history import with_tool_rounds
-from ..models import Message
+from ..models import Message, TokenUsage
 from ..rendering import render_markdown_cached
 from . import summaries
 from .database import in_database
 from .events import conversation_payload, finished_event, message_payload, user_topic
 from .fanout import get_hub
-from .ledger import record_tool_round, save_answer, stored_usage
+from .ledger import record_model_call, save_answer, stored_usage
 from .titles import make_title
 from .turns import Accepted
 
@@ -251,14 +251,18 @@ class Generation:
     async def _tool_round(self, end: llm.StreamEnd, text: str, offer: list[tools.Tool]) -> None:
         """Account the call, run the tools it asked for, show each result,
         and add the round to what the next call sends."""
-        await in_database(record_tool_round)(
-            answer=self.answer,
-            owner_id=self.conversation.owner_id,
+        # Its own ledger row (the answer's final call is recorded by
+        # `save_answer`, which settles the reservation).
+        await in_database(record_model_call)(
+            user_id=self.conversation.owner_id,
+            kind=TokenUsage.Kind.ANSWER,
             model=end.model,
             usage=end.usage,
             messages=self.messages,
             text=text + "".join(c.name + c.arguments for c in end.tool_calls),
             limited=self.accepted.reservation is not None,
+            conversation_id=self.answer.conversation_id,
+            message_id=self.answer.pk,
         )
         context = tools.ToolContext(user_id=self.conversation.owner_id, conversation_id=self.conversation_id)
         results = []

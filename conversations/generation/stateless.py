@@ -31,7 +31,7 @@ from .. import llm, tools
 from ..history import messages_tokens, with_tool_rounds
 from ..models import TokenUsage
 from .database import in_database
-from .ledger import record_call, release, usage_or_estimate
+from .ledger import record_model_call, release
 from .turns import OverQuota, RateLimited
 
 log = logging.getLogger(__name__)
@@ -152,18 +152,16 @@ def _plus(a: llm.Usage, b: llm.Usage) -> llm.Usage:
 def _record(
     call: Call, model: str, usage: llm.Usage | None, messages: list[Any], text: str, *, final: bool
 ) -> llm.Usage:
-    usage, estimated = usage_or_estimate(usage, messages, text)
-    with transaction.atomic():
-        record_call(
-            user_id=call.user_id,
-            kind=TokenUsage.Kind.API,
-            model=model,
-            usage=usage,
-            estimated=estimated,
-            reservation=call.reservation if final else None,
-            limited=call.limited,
-        )
-    return usage
+    return record_model_call(
+        user_id=call.user_id,
+        kind=TokenUsage.Kind.API,
+        model=model,
+        usage=usage,
+        messages=messages,
+        text=text,
+        reservation=call.reservation if final else None,
+        limited=call.limited,
+    )
 
 
 def _record_unfinished(call: Call, model: str, messages: list[Any], text: str) -> None:

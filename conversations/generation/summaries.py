@@ -19,8 +19,7 @@ from .. import llm
 from ..history import History, summary_reserve, transcript
 from ..models import Conversation, TokenUsage
 from .database import in_database
-from .ledger import record_call, usage_or_estimate
-from .titles import model_for
+from .ledger import record_model_call
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +64,10 @@ async def refresh(
     summary, or None when the call failed (then the turns are dropped)."""
     max_tokens = max(16, summary_reserve(settings.CHAT_CONTEXT_TOKENS))
     request = summary_request(history.summary, history.pending, max_tokens)
-    model = model_for(conversation)
     try:
         completion = await llm.complete_chat(
             request,
-            model=None if llm.is_demo() else model,
+            model=None if llm.is_demo() else conversation.chosen_model,
             max_tokens=max_tokens,
             demo_text=demo_summary(history.summary, history.pending, max_tokens),
         )
@@ -96,18 +94,17 @@ def _store(
     answer_id: Any,
     limited: bool,
 ) -> None:
-    usage, estimated = usage_or_estimate(completion.usage, request, text)
     with transaction.atomic():
-        record_call(
+        record_model_call(
             user_id=conversation.owner_id,
             kind=TokenUsage.Kind.SUMMARY,
             model=completion.model,
-            usage=usage,
-            estimated=estimated,
-            reservation=None,
+            usage=completion.usage,
+            messages=request,
+            text=text,
+            limited=limited,
             conversation_id=conversation.pk,
             message_id=answer_id,
-            limited=limited,
         )
         Conversation.objects.filter(pk=conversation.pk).update(summary=text, summary_through=history.through)
     conversation.summary = text

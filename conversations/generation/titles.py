@@ -61,11 +61,6 @@ def clean_title(text: str) -> str:
     return title[:TITLE_CHARS].strip()
 
 
-def model_for(conversation: Conversation) -> str:
-    """The model that answers in this conversation: its prompt's, else the site's."""
-    return llm.DEMO_MODEL if llm.is_demo() else conversation.chosen_model
-
-
 def _save_title(conversation: Conversation, title: str, completion: llm.Completion, limited: bool) -> bool:
     usage = completion.usage or llm.Usage(0, llm.estimate_tokens(title))
     with transaction.atomic():
@@ -94,7 +89,7 @@ async def make_title(conversation: Conversation, question: str, answer: str, *, 
                 {"role": "user", "content": question[:2000]},
                 {"role": "assistant", "content": answer[:2000]},
             ],
-            model=model_for(conversation) if not llm.is_demo() else None,
+            model=None if llm.is_demo() else conversation.chosen_model,
             max_tokens=40,
             json_object=True,
         )

@@ -27,7 +27,7 @@ from ..history import History, fit_history, messages_tokens, plan_history
 from ..models import ChatModel, Conversation, Message, SystemPrompt
 from ..selectors import NotFound, conversation_for_user
 from .recovery import WORKER_ID
-from .titles import model_for, title_from
+from .titles import title_from
 
 CONTINUE_INSTRUCTION = "Continue exactly where your last answer stopped, without repeating anything."
 
@@ -119,6 +119,22 @@ def _prompt_for_new_conversation(prompt_id: uuid.UUID | None) -> SystemPrompt | 
     return SystemPrompt.objects.filter(is_default=True).first()
 
 
+def new_conversation(
+    user: Any, prompt: SystemPrompt | None, *, model: str | None = None, title: str = ""
+) -> Conversation:
+    """A conversation of `user` with `prompt` (the version it starts with is
+    recorded) and `model` (already checked with `ChatModel.is_pickable`)."""
+    version = prompts.version_for_new_conversation(prompt) if prompt else None
+    return Conversation.objects.create(
+        owner=user,
+        title=title,
+        prompt=prompt,
+        prompt_version=version,
+        prompt_text=version.text if version else "",
+        model=model or "",
+    )
+
+
 def _own_conversation(user: Any, conversation_id: Any) -> Conversation:
     return conversation_for_user(user=user, conversation_id=conversation_id, with_prompt=True)
 
@@ -139,7 +155,7 @@ def _new_answer(conversation: Conversation, **fields: Any) -> Message:
         conversation=conversation,
         role=Message.Role.ASSISTANT,
         status=Message.Status.STREAMING,
-        model=model_for(conversation),
+        model=conversation.chosen_model,
         worker=WORKER_ID,
         **fields,
     )
@@ -235,25 +251,21 @@ def accept_message(
     Refused for a model users may not pick.
     """
     _refuse_resent(user, client_id)
-    if model and conversation_id is None and not ChatModel.objects.filter(name=model, enabled=True).exists():
+    if model and conversation_id is None and not ChatModel.is_pickable(model):
         raise Refused(f"The model “{model[:100]}” is not available.")
 
     def build() -> Accepted:
         if conversation_id is None:
-            prompt = _prompt_for_new_conversation(prompt_id)
-            version = prompts.version_for_new_conversation(prompt) if prompt else None
-            conversation = Conversation.objects.create(
-                owner=user,
-                title=title_from(content),
-                prompt=prompt,
-                prompt_version=version,
-                prompt_text=version.text if version else "",
-                model=model or "",
+            conversation = new_conversation(
+                user, _prompt_for_new_conversation(prompt_id), model=model, title=title_from(content)
             )
         else:
             conversation = _own_conversation(user, conversation_id)
-        # A conversation made empty (the HTTP API) gets its title from its first question.
-        first_turn = conversation_id is None or not Message.objects.filter(conversation=conversation).exists()
+        # A conversation made empty (the HTTP API) gets its title from its first
+        # question. (Every other one has a title: no query on a normal turn.)
+        first_turn = conversation_id is None or (
+            not conversation.title and not Message.objects.filter(conversation=conversation).exists()
+        )
         if first_turn and not conversation.title:
             conversation.title = title_from(content)
             Conversation.objects.filter(pk=conversation.pk).update(title=conversation.title)

@@ -65,7 +65,7 @@ class Command(BaseCommand):
                 names = ", ".join(SystemPrompt.objects.values_list("name", flat=True)) or "none"
                 raise CommandError(f"No system prompt named {options['prompt']!r} (there are: {names}).")
         model = options["model"] or None
-        if model and not ChatModel.objects.filter(name=model, enabled=True).exists():
+        if model and not ChatModel.is_pickable(model):
             names = ", ".join(m.name for m in ChatModel.choices()) or "none"
             raise CommandError(f"No model named {model!r} may be picked (there are: {names}).")
         stdin = options.get("stdin")
