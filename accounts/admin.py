@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 from django.http import HttpRequest
 
+from . import security
 from .models import Quota, QuotaCounter
 
 
@@ -44,3 +47,43 @@ class QuotaCounterAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+# --- Users: activate the sign-ups that wait for approval; invite by e-mail ----------------
+
+User = get_user_model()
+
+
+@admin.action(description="Activate the selected users (approve their sign-up)")
+def activate_users(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Any) -> None:
+    waiting = list(queryset.filter(is_active=False))
+    queryset.filter(pk__in=[u.pk for u in waiting]).update(is_active=True)
+    for user in waiting:
+        security.event(
+            "user_activated", user=user, address=security.request_address(request), by=request.user.username
+        )
+    modeladmin.message_user(
+        request, f"{len(waiting)} user(s) activated: they can log in now.", messages.SUCCESS
+    )
+
+
+@admin.action(description="Deactivate the selected users (they can no longer log in)")
+def deactivate_users(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Any) -> None:
+    count = queryset.exclude(pk=request.user.pk).filter(is_active=True).update(is_active=False)
+    modeladmin.message_user(request, f"{count} user(s) deactivated.", messages.SUCCESS)
+
+
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+
+
+@admin.register(User)
+class ChatUserAdmin(UserAdmin):
+    """Django's user admin, with the sign-ups waiting for approval first and
+    an "Invite by e-mail" button."""
+
+    actions = [activate_users, deactivate_users]
+    list_display = ("username", "email", "is_active", "is_staff", "date_joined", "last_login")
+    list_filter = ("is_active", "is_staff", "is_superuser", "groups")
+    ordering = ("is_active", "-date_joined")
+    change_list_template = "admin/auth/user/change_list_invite.html"

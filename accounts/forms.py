@@ -2,7 +2,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
+from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.validators import UnicodeUsernameValidator
+from django.core.mail import send_mail
+from django.template.loader import render_to_string
 
 
 class SignupForm(UserCreationForm):
@@ -19,3 +25,37 @@ class SignupForm(UserCreationForm):
         if self.is_bound and self.errors and not {"password1", "password2"} & set(self.errors):
             for name in ("password1", "password2"):
                 self.fields[name].widget.render_value = True
+
+
+class InviteForm(forms.Form):
+    """Staff invite someone: a username and the address the link goes to."""
+
+    username = forms.CharField(max_length=150, validators=[UnicodeUsernameValidator()])
+    email = forms.EmailField(label="E-mail")
+
+    def clean_username(self) -> str:
+        username = self.cleaned_data["username"]
+        if get_user_model().objects.filter(username__iexact=username).exists():
+            raise forms.ValidationError("A user with that username already exists.")
+        return username
+
+    def save(self) -> Any:
+        user = get_user_model()(username=self.cleaned_data["username"], email=self.cleaned_data["email"])
+        user.set_unusable_password()
+        user.is_active = True
+        user.save()
+        return user
+
+    def send(self, user: Any, link: str, *, invited_by: Any) -> None:
+        context = {
+            "user": user,
+            "link": link,
+            "invited_by": invited_by,
+            "hours": settings.PASSWORD_RESET_TIMEOUT // 3600,
+        }
+        send_mail(
+            render_to_string("accounts/invitation_subject.txt", context).strip(),
+            render_to_string("accounts/invitation_email.txt", context),
+            None,
+            [user.email],
+        )

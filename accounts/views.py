@@ -1,26 +1,154 @@
 from __future__ import annotations
 
-from django.contrib.auth import login
+from typing import Any
+
+from django.conf import settings
+from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth import get_user_model, login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.tokens import default_token_generator
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse, reverse_lazy
 from django.utils import timezone
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
 from django.views.decorators.debug import sensitive_post_parameters
 
-from .forms import SignupForm
+from . import security
+from .forms import InviteForm, SignupForm
 from .quotas import usage_summary
+
+
+def _throttled(request: HttpRequest, template: str, context: dict[str, Any], wait: int) -> HttpResponse:
+    """The page again with "try again in N s": HTTP 429 with Retry-After, so
+    that a script gets a plain refusal and a person a readable one."""
+    response = render(request, template, {**context, "throttled": wait}, status=429)
+    response["Retry-After"] = str(wait)
+    return response
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login, throttled: after CHAT_LOGIN_RATE failures from one
+    address or for one username, every attempt (the right password too) is
+    refused until the window ends. Successful logins never count."""
+
+    redirect_authenticated_user = True
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        return {**super().get_context_data(**kwargs), "signup_open": security.signup_policy() != "closed"}
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        username = str(request.POST.get("username", ""))[:150]
+        wait = security.login_wait(request, username)
+        if wait:
+            security.event(
+                "login_throttled", user=username, address=security.request_address(request), wait=wait
+            )
+            form = AuthenticationForm(request, initial={"username": username})
+            return _throttled(request, self.template_name, self.get_context_data(form=form), wait)
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form: AuthenticationForm) -> HttpResponse:
+        username = str(self.request.POST.get("username", ""))[:150]
+        security.count_login_failure(self.request, username)
+        security.event("login_failed", user=username, address=security.request_address(self.request))
+        return super().form_invalid(form)
 
 
 @sensitive_post_parameters("password1", "password2")
 def signup(request: HttpRequest) -> HttpResponse:
+    """Sign-up under CHAT_SIGNUP. The first account of an empty install is
+    staff and superuser (and active): who ran `make run` reaches the admin."""
     if request.user.is_authenticated:
         return redirect("chat:new")
+    policy = security.signup_policy()
+    User = get_user_model()
+    if policy == "closed":
+        return render(request, "accounts/signup_closed.html", status=403)
+    first = not User.objects.exists()
     form = SignupForm(request.POST or None)
+    if request.method == "POST":
+        wait = security.address_wait(request, security.SIGNUP_GROUP, settings.CHAT_SIGNUP_RATE)
+        if wait:
+            security.event("signup_throttled", address=security.request_address(request), wait=wait)
+            return _throttled(request, "accounts/signup.html", {"form": SignupForm()}, wait)
+        if form.is_valid():
+            with transaction.atomic():
+                user = form.save(commit=False)
+                first = not User.objects.exists()
+                user.is_staff = user.is_superuser = first
+                user.is_active = first or policy == "open"
+                user.save()
+            security.count_address(request, security.SIGNUP_GROUP, settings.CHAT_SIGNUP_RATE)
+            security.event(
+                "signup", user=user, address=security.request_address(request), active=user.is_active
+            )
+            if not user.is_active:
+                return render(request, "accounts/signup_pending.html", {"username": user.username})
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            return redirect("chat:new")
+    return render(request, "accounts/signup.html", {"form": form, "first": first, "policy": policy})
+
+
+class PasswordResetView(auth_views.PasswordResetView):
+    """Django's password reset, its mails throttled per address. The page
+    says the same whether the address has an account or not."""
+
+    template_name = "registration/password_reset_form.html"
+    email_template_name = "registration/password_reset_email.txt"
+    subject_template_name = "registration/password_reset_subject.txt"
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        request = self.request
+        wait = security.address_wait(request, security.RESET_GROUP, settings.CHAT_PASSWORD_RESET_RATE)
+        if wait:
+            security.event("password_reset_throttled", address=security.request_address(request), wait=wait)
+            return _throttled(request, self.template_name, self.get_context_data(form=form), wait)
+        security.count_address(request, security.RESET_GROUP, settings.CHAT_PASSWORD_RESET_RATE)
+        security.event("password_reset_asked", address=security.request_address(request))
+        return super().form_valid(form)
+
+
+class InvitationAcceptView(auth_views.PasswordResetConfirmView):
+    """An invitation's one-time link: the invited person sets a password and
+    is logged in. The link is a password-reset token (it stops working once
+    a password is set, and after PASSWORD_RESET_TIMEOUT)."""
+
+    template_name = "registration/invitation_accept.html"
+    post_reset_login = True
+    post_reset_login_backend = "django.contrib.auth.backends.ModelBackend"
+    success_url = reverse_lazy("chat:new")
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        form.user.is_active = True
+        security.event("invitation_accepted", user=form.user, address=security.request_address(self.request))
+        return super().form_valid(form)
+
+
+@staff_member_required
+def invite(request: HttpRequest) -> HttpResponse:
+    """Staff invite someone by e-mail: an active account without a password,
+    and a one-time link that sets one."""
+    form = InviteForm(request.POST or None)
+    sent = None
     if request.method == "POST" and form.is_valid():
         user = form.save()
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return redirect("chat:new")
-    return render(request, "accounts/signup.html", {"form": form})
+        uid = urlsafe_base64_encode(force_bytes(user.pk))
+        token = default_token_generator.make_token(user)
+        link = request.build_absolute_uri(
+            reverse("invitation_accept", kwargs={"uidb64": uid, "token": token})
+        )
+        form.send(user, link, invited_by=request.user)
+        security.event(
+            "invited", user=request.user, address=security.request_address(request), invitee=user.username
+        )
+        sent = user
+        form = InviteForm()
+    return render(request, "accounts/invite.html", {"form": form, "sent": sent})
 
 
 @login_required

@@ -216,6 +216,34 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:new"
 LOGOUT_REDIRECT_URL = "login"
 
+# Who may sign up (accounts/security.py): "open" (anyone, at once),
+# "approval" (anyone, then staff activate them in the admin), "closed" (only
+# staff create users or send invitations). The first account of an empty
+# install (open or approval) is staff and superuser.
+CHAT_SIGNUP = env.str("CHAT_SIGNUP", default="approval")
+# Throttles, counted in the cache (shared by every worker with REDIS_URL):
+# failed logins per client address and per username (successes never count),
+# accounts made and password-reset mails per address.
+CHAT_LOGIN_RATE = env.str("CHAT_LOGIN_RATE", default="10/m")
+CHAT_SIGNUP_RATE = env.str("CHAT_SIGNUP_RATE", default="5/h")
+CHAT_PASSWORD_RESET_RATE = env.str("CHAT_PASSWORD_RESET_RATE", default="5/h")
+# Behind a proxy the client's address is in X-Forwarded-For: trust the last
+# this many entries (one per proxy of yours: deploy/ sets 1 for its nginx);
+# 0 = the socket's address, the header is ignored.
+CHAT_TRUSTED_PROXIES = env.int("CHAT_TRUSTED_PROXIES", default=0)
+# Websockets: open sockets per user (the next is closed with 4429); bad or
+# unknown frames a socket may send in a minute before it is closed (4008);
+# conversation.join frames per socket per minute.
+CHAT_MAX_SOCKETS_PER_USER = env.int("CHAT_MAX_SOCKETS_PER_USER", default=20)
+CHAT_MAX_BAD_FRAMES = env.int("CHAT_MAX_BAD_FRAMES", default=50)
+CHAT_JOIN_RATE = env.int("CHAT_JOIN_RATE", default=60)
+
+# E-mail (invitations, password resets): django-environ's EMAIL_URL, e.g.
+# smtp+tls://user:password@smtp.example.com:587; by default the console (the
+# link shows in the terminal that runs the server).
+vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="chat@localhost")
+
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
 CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
@@ -259,6 +287,9 @@ LOGGING = {
         "django": {"handlers": [], "level": "INFO", "propagate": True},
         "conversations": {"level": LOG_LEVEL},
         "chatsite": {"level": LOG_LEVEL},
+        # Failed logins, throttles, refused sockets, flood closes, refused
+        # ownership: one line each, with the user and the address.
+        "security": {"level": "INFO"},
         # runserver's access log has a handler of its own: don't print it twice.
         "django.channels.server": {"level": "INFO", "propagate": False},
     },

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,12 +20,21 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
+from accounts import security
+
 from . import generation
 from .generation import Frame
 
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
+# The user has CHAT_MAX_SOCKETS_PER_USER sockets open already (HTTP's 429).
+CLOSE_TOO_MANY_SOCKETS = 4429
+# A socket that sent more than CHAT_MAX_BAD_FRAMES bad frames in a minute:
+# 1008 (policy violation) in the 4000s, as 4012 is 1012: daphne sends no
+# close code but 1000 and 3000-4999.
+CLOSE_POLICY = 4008
+BAD_FRAME_WINDOW = 60.0  # s
 # A worker shutting down (a deploy) closes its sockets with this; the page
 # reconnects at once, to another worker. It is 1012 (service restart) in the
 # 4000s: daphne (autobahn) sends no close code but 1000 and 3000-4999.
@@ -126,9 +136,20 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
+        self.hub = generation.get_hub()
+        self.address = security.scope_address(self.scope)
+        self.socket_id = uuid.uuid4().hex
+        if not await self.hub.open_socket(user.pk, self.socket_id, settings.CHAT_MAX_SOCKETS_PER_USER):
+            security.event(
+                "socket_refused", user=user, address=self.address, limit=settings.CHAT_MAX_SOCKETS_PER_USER
+            )
+            await self.close(code=CLOSE_TOO_MANY_SOCKETS)
+            return
         self.user = user
         self.following = {}
-        self.hub = generation.get_hub()
+        self._bad: deque[float] = deque()  # when the last bad frames came
+        self._joins: deque[float] = deque()  # when the last conversation.join frames came
+        self._closing = False
         self._outbox: deque[tuple[str, str | None, str]] = deque()  # (type, conversation, json)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()  # catch-ups under way
@@ -151,6 +172,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self._sender.cancel()
         generation.this_worker().sockets.discard(self)
+        await self.hub.close_socket(self.user.pk, self.socket_id)
         await self.hub.unfollow(self.user_topic, self)
         following, self.following = self.following, {}
         for conversation_id in following:
@@ -160,7 +182,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # --- Client -> server ---------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if not hasattr(self, "user"):
+        if not hasattr(self, "user") or self._closing:
             return
         frame: dict[str, Any] = {}
         try:
@@ -177,7 +199,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 raise FrameError("invalid_request", f"Unknown frame type: {frame.get('type')!r}.")
             await handler(frame)
         except FrameError as exc:
-            self._emit({"type": "error", "code": exc.code, "message": exc.message, **exc.extra})
+            if exc.code in ("invalid_request", "not_found", "rate_limited_join"):
+                if exc.code == "not_found":
+                    security.event(
+                        "ownership_refused",
+                        user=self.user,
+                        address=self.address,
+                        conversation=frame.get("conversation"),
+                    )
+                if await self._bad_frame():
+                    return
+            code = "rate_limited" if exc.code == "rate_limited_join" else exc.code
+            self._emit({"type": "error", "code": code, "message": exc.message, **exc.extra})
         except (OperationalError, InterfaceError) as exc:
             # The database is away (restarting): nothing was stored; say so.
             log.warning("frame refused, database unavailable: %s", exc)
@@ -191,6 +224,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     **about,
                 }
             )
+
+    async def _bad_frame(self) -> bool:
+        """Count a bad frame (malformed, unknown, someone else's conversation,
+        too many joins); past CHAT_MAX_BAD_FRAMES in a minute the socket is
+        closed (4008). True if it was."""
+        now = time.monotonic()
+        self._bad.append(now)
+        while self._bad and now - self._bad[0] > BAD_FRAME_WINDOW:
+            self._bad.popleft()
+        if len(self._bad) <= settings.CHAT_MAX_BAD_FRAMES:
+            return False
+        self._closing = True
+        security.event("socket_flood", user=self.user, address=self.address, bad_frames=len(self._bad))
+        await self.close(code=CLOSE_POLICY)
+        return True
 
     def _parse(self, text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
         raw = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", "replace")
@@ -296,6 +344,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await generation.request_stop(conversation_id)
 
     async def _conversation_join(self, frame: dict[str, Any]) -> None:
+        now = time.monotonic()
+        self._joins.append(now)
+        while self._joins and now - self._joins[0] > 60.0:
+            self._joins.popleft()
+        if len(self._joins) > settings.CHAT_JOIN_RATE:
+            raise FrameError(
+                "rate_limited_join", "Too many conversation.join frames; wait a minute.", retry_after=60
+            )
         conversation_id = _uuid(frame, "conversation")
         after = frame.get("after")
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):

@@ -70,8 +70,10 @@ class Worker:
     def start(self) -> None:
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
-                # --proxy-headers: the client's address from nginx's X-Forwarded-For.
-                [PY, "-m", "daphne", "--proxy-headers", "-b", "127.0.0.1", "-p", str(self.port), APP],
+                # No --proxy-headers: daphne would take X-Forwarded-For's first
+                # entry, which the client writes. The app reads the entry nginx
+                # added (CHAT_TRUSTED_PROXIES=1, set below).
+                [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), APP],
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -121,6 +123,9 @@ def main() -> int:
     parser.add_argument("--run-dir", default=None, help="nginx config, pid, logs (default: a new temp dir)")
     parser.add_argument("--skip-setup", action="store_true", help="no migrate, no collectstatic")
     args = parser.parse_args()
+    # The workers sit behind one proxy, this nginx: the client's address is
+    # the last entry of X-Forwarded-For (accounts/security.py).
+    os.environ.setdefault("CHAT_TRUSTED_PROXIES", "1")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
 

@@ -3,6 +3,7 @@ clients over the real ASGI stack, and a real daphne server process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -171,16 +172,12 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def daphne_server(
-    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
-) -> Iterator[LiveServer]:
-    """daphne serving chatsite.asgi on a free port, on the test database, with
-    the fake model as its endpoint. Tests that use it need `transactional_db`."""
-    with django_db_blocker.unblock():
-        db_url = database_url()
+@contextlib.contextmanager
+def run_daphne(db_url: str, llm_base_url: str, log_path: Path, **env: str) -> Iterator[LiveServer]:
+    """daphne serving chatsite.asgi on a free port, on `db_url`, with the
+    fake model as its endpoint; `env` overrides its environment."""
     port = free_port()
-    env = {
+    variables = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "chatsite.settings",
         "DATABASE_URL": db_url,
@@ -189,7 +186,7 @@ def daphne_server(
         "SECRET_KEY": django_settings.SECRET_KEY,
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "OPENAI_API_KEY": "sk-test-fake-key",
-        "OPENAI_BASE_URL": fake_llm_server.base_url,
+        "OPENAI_BASE_URL": llm_base_url,
         "OPENAI_MODEL": "fake-model",
         "OPENAI_MAX_RETRIES": "0",
         "OPENAI_TIMEOUT": "5",
@@ -199,14 +196,23 @@ def daphne_server(
         # settle the dead answers other tests make on purpose (tests/test_sweep.py).
         # The caretaker's own tests run their own workers (tests/test_faults.py).
         "CHAT_SWEEP_INTERVAL": "86400",
+        # Sign-ups go through at once, however many the suite makes; each
+        # test of the throttles sends an X-Forwarded-For address of its own
+        # (tests/test_security.py), trusted as from one proxy.
+        "CHAT_SIGNUP": "open",
+        "CHAT_SIGNUP_RATE": "10000/h",
+        # Fixed windows (django-ratelimit): an hour's makes a roll-over in
+        # the middle of a test unlikely; the limit is the default's.
+        "CHAT_LOGIN_RATE": "10/h",
+        "CHAT_TRUSTED_PROXIES": "1",
         "PYTHONUNBUFFERED": "1",
+        **env,
     }
-    log_path = tmp_path_factory.mktemp("daphne") / "daphne.log"
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatsite.asgi:application"],
         cwd=BASE_DIR,
-        env=env,
+        env=variables,
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )
@@ -221,6 +227,19 @@ def daphne_server(
         except subprocess.TimeoutExpired:
             process.kill()
         log_file.close()
+
+
+@pytest.fixture(scope="session")
+def daphne_server(
+    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
+) -> Iterator[LiveServer]:
+    """daphne on the test database, for the whole session. Tests that use it
+    need `transactional_db`."""
+    with django_db_blocker.unblock():
+        db_url = database_url()
+    log_path = tmp_path_factory.mktemp("daphne") / "daphne.log"
+    with run_daphne(db_url, fake_llm_server.base_url, log_path) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

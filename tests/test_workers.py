@@ -44,7 +44,7 @@ def workers(
         workers=2,
         database_url=url,
         llm_base_url=fake_llm_server.base_url,
-        env={"CHAT_RATE_LIMIT": f"{RATE_LIMIT}/m"},
+        env={"CHAT_RATE_LIMIT": f"{RATE_LIMIT}/m", "CHAT_LOGIN_RATE": "10/h", "CHAT_TRUSTED_PROXIES": "1"},
     ) as started:
         yield started
 
@@ -114,6 +114,21 @@ def test_a_login_form_posts_through_nginx(workers: Cluster) -> None:
         assert response.status == 200
         assert response.url == workers.url + "/"  # redirected to the chat: logged in
     assert settings.SESSION_COOKIE_NAME in {cookie.name for cookie in jar}
+
+
+def test_failed_logins_count_on_every_worker(workers: Cluster) -> None:
+    """Five wrong passwords on one worker, five on the other: the eleventh
+    attempt is refused by both, the right password too (the counters are in
+    Redis)."""
+    from tests.test_security import Visitor
+
+    make_user("target")
+    for worker in workers.workers[:2]:
+        guesser = Visitor(worker)  # straight to the worker, from an address of its own
+        for _ in range(5):
+            assert guesser.log_in("target", "wrong-password")[0] == 200
+    for worker in workers.workers[:2]:
+        assert Visitor(worker).log_in("target", PASSWORD)[0] == 429
 
 
 async def test_a_socket_on_the_other_worker_joins_mid_answer(workers: Cluster, fake_llm: FakeLLM) -> None:

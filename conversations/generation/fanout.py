@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ LOG_MAXLEN = 100_000  # deltas kept per answer (about 4 MB of text at the defaul
 LOG_TTL = 24 * 3600  # s: the log of an answer that never finished (its worker died)
 FINISHED_LOG_TTL = 300  # s: a late follower of a finished answer reads the database
 CONTROL_CHANNEL = "chat:ctl"
+SOCKET_TTL = 90.0  # s: a socket's entry in its user's count lives this long unless refreshed
+SOCKET_REFRESH = 30.0  # s
 RECONNECT_DELAY = (0.1, 0.5, 1.0, 2.0)
 
 
@@ -114,7 +117,39 @@ class Hub:
     def __init__(self) -> None:
         self.followers: dict[str, set[Follower]] = defaultdict(set)
         self.running: dict[str, RunningAnswer] = {}  # conversation id -> this process's answer
+        self.sockets: dict[Any, set[str]] = {}  # user id -> this process's open sockets
         self.remote = RedisLink(self, settings.REDIS_URL) if settings.REDIS_URL else None
+
+    # --- open sockets per user ---------------------------------------------------
+
+    async def open_socket(self, user_id: Any, socket_id: str, limit: int) -> bool:
+        """Count a user's new socket. False (and not counted) if the user has
+        `limit` open already, in this worker and, with Redis, in the others."""
+        local = self.sockets.setdefault(user_id, set())
+        allowed = len(local) < limit
+        if self.remote is not None:
+            try:
+                allowed = await self.remote.open_socket(user_id, socket_id, limit)
+            except Exception as exc:  # Redis away: this worker's count only
+                log.warning("socket count of user %s unavailable: %s", user_id, exc)
+        if allowed:
+            local.add(socket_id)
+        elif not local:
+            del self.sockets[user_id]
+        return allowed
+
+    async def close_socket(self, user_id: Any, socket_id: str) -> None:
+        local = self.sockets.get(user_id)
+        if local is None or socket_id not in local:
+            return
+        local.discard(socket_id)
+        if not local:
+            del self.sockets[user_id]
+        if self.remote is not None:
+            try:
+                await self.remote.close_socket(user_id, socket_id)
+            except Exception as exc:  # its entry expires by itself
+                log.warning("socket of user %s not uncounted: %s", user_id, exc)
 
     # --- followers ------------------------------------------------------------
 
@@ -207,8 +242,16 @@ class Hub:
             await self.remote.flush()
 
 
+def _sockets_key(user_id: Any) -> str:
+    return f"chat:sockets:{user_id}"
+
+
 class RedisLink:
-    """The hub's side in Redis: the answers' logs, the live tail and stops."""
+    """The hub's side in Redis: the answers' logs, the live tail, stops, and
+    each user's open sockets (a sorted set per user: socket id -> the time
+    its entry expires, pushed back every SOCKET_REFRESH seconds by the worker
+    that holds it, so that a dead worker's sockets stop counting by
+    themselves)."""
 
     def __init__(self, hub: Hub, url: str) -> None:
         import redis.asyncio as redis
@@ -233,6 +276,44 @@ class RedisLink:
         # Writes were lost (Redis was away or restarted empty): the logs of
         # this worker's running answers are rewritten from memory first.
         self._lost = False
+        self._socket_refresher: asyncio.Task[None] | None = None
+
+    # --- open sockets per user ---------------------------------------------------
+
+    async def open_socket(self, user_id: Any, socket_id: str, limit: int) -> bool:
+        key, now = _sockets_key(user_id), time.time()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.zadd(key, {socket_id: now + SOCKET_TTL})
+        pipe.zcard(key)
+        pipe.expire(key, int(SOCKET_TTL))
+        count = (await pipe.execute())[2]
+        if count > limit:  # two at once over the limit: both refused, never both let in
+            await self.client.zrem(key, socket_id)
+            return False
+        if self._socket_refresher is None or self._socket_refresher.done():
+            self._socket_refresher = asyncio.get_running_loop().create_task(
+                self._refresh_sockets(), name="socket-count-refresher"
+            )
+        return True
+
+    async def close_socket(self, user_id: Any, socket_id: str) -> None:
+        await self.client.zrem(_sockets_key(user_id), socket_id)
+
+    async def _refresh_sockets(self) -> None:
+        while True:
+            await asyncio.sleep(SOCKET_REFRESH)
+            try:
+                expires = time.time() + SOCKET_TTL
+                pipe = self.client.pipeline(transaction=False)
+                for user_id, sockets in list(self.hub.sockets.items()):
+                    if sockets:
+                        pipe.zadd(_sockets_key(user_id), dict.fromkeys(sockets, expires))
+                        pipe.expire(_sockets_key(user_id), int(SOCKET_TTL))
+                await pipe.execute()
+            except Exception as exc:  # Redis away: the next round tries again
+                _raise_if_cancelled()
+                log.warning("open sockets not refreshed: %s", exc)
 
     # --- writes: batched ---------------------------------------------------------
 

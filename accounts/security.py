@@ -1,0 +1,128 @@
+"""Keeping strangers out: the client's address, the throttles on logging in,
+signing up and password-reset mails, the sign-up policy, and the `security`
+log (one line per event, with the user and the address, never a secret).
+
+Throttles are django-ratelimit counters in Django's cache: local memory on
+the embedded default, Redis (shared by every worker) with REDIS_URL. Their
+windows are fixed (django-ratelimit's): "10/m" refuses from the eleventh
+counted event until the minute's window ends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+from django.conf import settings
+from django_ratelimit.core import get_usage
+
+log = logging.getLogger("security")
+
+LOGIN_GROUP = "accounts.login"
+SIGNUP_GROUP = "accounts.signup"
+RESET_GROUP = "accounts.password_reset"
+SIGNUP_POLICIES = ("open", "approval", "closed")
+
+
+def _valid_ip(value: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return None
+
+
+def client_address(meta_remote: str | None, forwarded_for: str | None) -> str:
+    """The client's address: the socket's, or behind CHAT_TRUSTED_PROXIES
+    proxies the entry of X-Forwarded-For that the first of them added.
+    Each proxy appends the address it got the request from, so only the last
+    N entries are written by proxies of ours; anything left of them is
+    whatever the client sent, and never trusted."""
+    remote = meta_remote or "unknown"
+    hops = settings.CHAT_TRUSTED_PROXIES
+    if hops <= 0 or not forwarded_for:
+        return remote
+    entries = [e for e in forwarded_for.split(",") if e.strip()]
+    if not entries:
+        return remote
+    picked = entries[-hops] if len(entries) >= hops else entries[0]
+    return _valid_ip(picked) or remote
+
+
+def request_address(request: Any) -> str:
+    meta = request.META
+    return client_address(meta.get("REMOTE_ADDR"), meta.get("HTTP_X_FORWARDED_FOR"))
+
+
+def scope_address(scope: dict[str, Any]) -> str:
+    """The client's address of a websocket (an ASGI scope)."""
+    client = scope.get("client") or (None, None)
+    forwarded = None
+    for name, value in scope.get("headers") or []:
+        if name == b"x-forwarded-for":
+            forwarded = value.decode("latin-1")
+    return client_address(client[0], forwarded)
+
+
+def event(name: str, *, user: Any = None, address: str | None = None, **fields: Any) -> None:
+    """One line on the `security` log: `login_failed user=alice address=…`."""
+    who = getattr(user, "username", None) if user is not None and not isinstance(user, str) else user
+    parts = [name, f"user={who or '-'}", f"address={address or '-'}"]
+    parts += [f"{key}={value}" for key, value in fields.items()]
+    log.warning(" ".join(parts))
+
+
+# --- Throttles ---------------------------------------------------------------------
+
+
+def _usage(request: Any, group: str, key: str, rate: str, *, increment: bool) -> dict[str, Any] | None:
+    try:
+        return get_usage(request, group=group, key=lambda _g, _r: key, rate=rate, increment=increment)
+    except Exception as exc:  # the shared cache is away: let people in, say so
+        log.warning("throttle_unavailable group=%s error=%s", group, exc)
+        return None
+
+
+def _wait(usage: dict[str, Any] | None) -> int | None:
+    if usage and usage["count"] >= usage["limit"]:
+        return max(1, int(usage["time_left"]))
+    return None
+
+
+def _login_keys(request: Any, username: str) -> list[str]:
+    # The username as typed, case-folded: the throttle is the same for one
+    # that exists and one that does not, so it tells nothing.
+    return [f"addr:{request_address(request)}", f"user:{username.strip().casefold()[:150]}"]
+
+
+def login_wait(request: Any, username: str) -> int | None:
+    """Seconds until a login may be tried again, or None: too many failures
+    from this address, or for this username, in the window."""
+    waits = [
+        _wait(_usage(request, LOGIN_GROUP, key, settings.CHAT_LOGIN_RATE, increment=False))
+        for key in _login_keys(request, username)
+    ]
+    waits = [w for w in waits if w]
+    return max(waits) if waits else None
+
+
+def count_login_failure(request: Any, username: str) -> None:
+    for key in _login_keys(request, username):
+        _usage(request, LOGIN_GROUP, key, settings.CHAT_LOGIN_RATE, increment=True)
+
+
+def address_wait(request: Any, group: str, rate: str) -> int | None:
+    """Seconds until this address may do `group` again (sign up, ask for a reset)."""
+    return _wait(_usage(request, group, f"addr:{request_address(request)}", rate, increment=False))
+
+
+def count_address(request: Any, group: str, rate: str) -> None:
+    _usage(request, group, f"addr:{request_address(request)}", rate, increment=True)
+
+
+# --- Sign-up policy ----------------------------------------------------------------
+
+
+def signup_policy() -> str:
+    policy = settings.CHAT_SIGNUP.strip().lower()
+    return policy if policy in SIGNUP_POLICIES else "approval"
