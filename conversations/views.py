@@ -38,6 +38,26 @@ def _own_or_404(request: HttpRequest, conversation_id: uuid.UUID) -> Conversatio
         raise Http404("No such conversation.") from None
 
 
+# The page's script builds no address itself: "{id}" stands for a conversation.
+_ANY = uuid.UUID(int=0)
+
+
+def _page_urls() -> dict[str, str]:
+    def per_conversation(name: str) -> str:
+        return reverse(f"chat:{name}", kwargs={"conversation_id": _ANY}).replace(str(_ANY), "{id}")
+
+    return {
+        "home": reverse("chat:new"),
+        "login": reverse("login"),
+        "list": reverse("chat:list"),
+        "conversation": per_conversation("conversation"),
+        "rename": per_conversation("rename"),
+        "delete": per_conversation("delete"),
+        "exportMd": per_conversation("export_md"),
+        "exportJson": per_conversation("export_json"),
+    }
+
+
 def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpResponse:
     prompts = list(SystemPrompt.objects.only("id", "name", "is_default", "model"))
     default_prompt = next((p for p in prompts if p.is_default), None)
@@ -62,11 +82,11 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
         "demo_mode": llm.is_demo(),
         "chat_config": {
             "wsPath": "/ws/chat/",
+            "urls": _page_urls(),
             "conversation": str(conversation.id) if conversation else None,
             "maxChars": settings.CHAT_MAX_MESSAGE_CHARS,
             "demo": llm.is_demo(),
             "currency": settings.CHAT_CURRENCY,
-            "conversationsUrl": reverse("chat:list"),
             "conversationsNext": next_cursor,
         },
     }

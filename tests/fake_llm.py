@@ -48,6 +48,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)  # e.g. {"Retry-After": "7"}
     cut_after: int | None = None  # drop the connection after this many chunks
     hang_after: int | None = None  # stop sending (connection open) after this many chunks
+    hold_end: bool = False  # after the chunks, wait for release_hangs() before finishing
     model: str = "fake-model"
     # Tool calls streamed after the chunks, as the OpenAI API does: each as
     # deltas of its id and name, then its arguments in pieces; then
@@ -268,6 +269,8 @@ class FakeLLM:
                         self._event(reply, completion_id, [{"index": 0, "delta": {"content": text}}])
                     for index, tool_call in enumerate(reply.tool_calls):
                         self._tool_call(reply, completion_id, index, tool_call)
+                    if reply.hold_end:
+                        fake._release.wait(60)
                     if reply.cut_after is not None:
                         self._cut()
                         return

@@ -207,13 +207,16 @@ def test_log_in_send_watch_the_answer_stream_reload_see_it_persisted(
     expect(page.locator(".msg-user").first).to_contain_text("Write an add function in Python")
     expect(page).to_have_url(re.compile(r"/c/[0-9a-f-]{36}/$"))
 
-    # The answer streams: partial text while its status is still `streaming`,
-    # into ONE text node, without re-rendering the list per delta.
+    # The answer streams, formatted as it grows: the paragraph is a paragraph
+    # while its status is still `streaming`. Blocks that are complete are
+    # rendered once and kept: only the last block is rendered again.
     streaming = page.locator('.msg-assistant[data-status="streaming"]')
-    expect(streaming).to_contain_text("a function")
+    expect(streaming.locator(".msg-body.prose p").first).to_contain_text("a function")
+    expect(streaming.locator(".code-block pre code")).to_contain_text("def add")  # an open code block
     page.evaluate(
         """() => {
           window.__question = document.querySelector('.msg-user');
+          window.__firstBlock = document.querySelector('.msg-assistant .msg-body > p');
           window.__added = 0;
           new MutationObserver((records) => {
             for (const r of records) window.__added += r.addedNodes.length;
@@ -223,8 +226,11 @@ def test_log_in_send_watch_the_answer_stream_reload_see_it_persisted(
     partial = streaming.inner_text()
     expect(page.get_by_role("button", name="Stop")).to_be_visible()
     expect(composer(page)).to_be_disabled()
-    assert streaming.evaluate("a => a.querySelector('.msg-body').childNodes.length") == 1
     assert page.locator("#messages").get_attribute("aria-live") == "polite"
+    expect(streaming.locator(".msg-body > p").last).to_contain_text("It returns")
+    assert page.evaluate(
+        "() => window.__firstBlock === document.querySelector('.msg-assistant .msg-body > p')"
+    )
     page.screenshot(path=str(SHOTS / "streaming.png"))
 
     # Then it finishes and the server's HTML replaces the streamed text.
@@ -235,10 +241,10 @@ def test_log_in_send_watch_the_answer_stream_reload_see_it_persisted(
     expect(done.locator("pre code .hl-k").first).to_have_text("def")  # highlighted on the server
     expect(done.locator("strong")).to_have_text("the sum")
     expect(done.locator(".msg-usage")).to_have_text(re.compile(r"fake-model · 40 in · 120 out · \$"))
-    # While it streamed: the question is the same node and only the finished
-    # answer's own nodes were added (no list re-render).
+    # While it streamed: the question is the same node and only the answer's
+    # own nodes were added (no list re-render).
     assert page.evaluate("() => window.__question === document.querySelector('.msg-user')")
-    assert page.evaluate("() => window.__added") < 25
+    assert page.evaluate("() => window.__added") < 200
     expect(page.get_by_role("button", name="Send")).to_be_visible()
     expect(composer(page)).to_be_enabled()
     expect(composer(page)).to_be_focused()

@@ -17,6 +17,7 @@ from playwright.sync_api import Browser, expect
 
 from conversations.models import Conversation, Message, SystemPrompt
 from tests.conftest import LiveServer
+from tests.factories import session_cookie
 from tests.fake_llm import Reply
 from tests.test_browser import (
     ANSWER_CHUNKS,
@@ -979,3 +980,29 @@ def test_the_account_menu_holds_usage_tokens_theme_and_log_out(
     page.get_by_role("button", name="Log out").click()
     expect(page).to_have_url(re.compile(r"/accounts/login/"))
     assert tabs.unexpected_errors() == []
+
+
+def test_a_tab_over_the_socket_limit_says_so(daphne_server: LiveServer, alice: Any, tabs: Tabs) -> None:
+    """Twenty sockets of alice are open elsewhere: the page's socket is
+    closed with 4429, and the page says what to do instead of spinning."""
+    from contextlib import ExitStack
+
+    from django.conf import settings as django_settings
+    from websockets.sync.client import connect as ws_connect
+
+    cookie = in_thread(lambda: session_cookie(alice))
+    with ExitStack() as stack:
+        for _ in range(django_settings.CHAT_MAX_SOCKETS_PER_USER):
+            ws = stack.enter_context(
+                ws_connect(
+                    daphne_server.ws_url + "/ws/chat/",
+                    additional_headers={"Cookie": f"sessionid={cookie}", "Origin": daphne_server.url},
+                )
+            )
+            ws.send(json.dumps({"type": "nonsense"}))
+            ws.recv(timeout=10)  # in: counted
+        page = tabs.new(alice)
+        page.goto(daphne_server.url + "/")
+        status = page.locator("#connection-status")
+        expect(status).to_contain_text("Too many chat tabs are open for your account")
+        page.screenshot(path=str(SHOTS / "socket-limit.png"))

@@ -103,7 +103,7 @@ def test_healthz_checks_database_and_redis(daphne_server: LiveServer) -> None:
 
 
 def test_static_files_are_served_with_debug_off(daphne_server: LiveServer) -> None:
-    with urllib.request.urlopen(daphne_server.url + "/static/js/chat.js", timeout=5) as response:
+    with urllib.request.urlopen(daphne_server.url + "/static/js/socket.js", timeout=5) as response:
         assert response.status == 200
         assert b"WebSocket" in response.read()
 

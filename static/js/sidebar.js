@@ -1,16 +1,18 @@
 // The conversation list: newest first, loaded 50 at a time as it scrolls,
 // searchable over titles and message text, with rename and delete.
 //
-// GET  {conversationsUrl}?cursor=&q=  -> {conversations: [{id, title, updated_at, pinned, snippet}], next}
-// POST /c/<id>/rename {title}         -> {conversation: {id, title}}
-// POST /c/<id>/delete                 -> {deleted: id}
+// GET  {urls.list}?cursor=&q=  -> {conversations: [{id, title, updated_at, pinned, snippet}], next}
+// POST {urls.rename} {title}   -> {conversation: {id, title}}
+// POST {urls.delete}           -> {deleted: id}
+// (the page's config gives the addresses; "{id}" stands for the conversation)
 
 import { $, iconButton, make, postJSON } from "./dom.js";
 
 const SEARCH_DELAY = 250; // ms of quiet typing before a search goes out
 const PAGE_SIZE = 50;
 
-export function createSidebar({ url, current, onDeletedCurrent, announce }) {
+export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
+  const at = (name, id) => urls[name].replace("{id}", id);
   const list = $("conversation-list");
   const empty = $("conversation-empty");
   const more = $("conversation-more");
@@ -47,7 +49,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
     li.dataset.conversationId = c.id;
     if (c.updated_at) li.dataset.updated = c.updated_at;
     const link = make("a", "conv-link");
-    link.href = `/c/${c.id}/`;
+    link.href = at("conversation", c.id);
     link.append(make("span", "conv-title", c.title || "New chat"));
     if (c.snippet) link.append(make("span", "conv-snippet", c.snippet));
     li.append(link);
@@ -144,7 +146,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
     const query = new URLSearchParams();
     if (params.cursor) query.set("cursor", params.cursor);
     if (params.q) query.set("q", params.q);
-    const response = await fetch(`${url}?${query}`, {
+    const response = await fetch(`${urls.list}?${query}`, {
       credentials: "same-origin",
       headers: { Accept: "application/json" },
     });
@@ -288,7 +290,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
       if (save && value && value !== title) {
         input.disabled = true;
         try {
-          const data = await postJSON(`/c/${id}/rename`, { title: value });
+          const data = await postJSON(at("rename", id), { title: value });
           const c = (data && data.conversation) || { id, title: value };
           applyTitle(c.id, c.title);
         } catch (error) {
@@ -332,7 +334,7 @@ export function createSidebar({ url, current, onDeletedCurrent, announce }) {
           return;
         }
         try {
-          await postJSON(`/c/${id}/delete`);
+          await postJSON(at("delete", id));
           removeConversation(id);
         } catch (error) {
           announce(`Delete failed: ${error.message}`, true);

@@ -1,0 +1,134 @@
+// What the server says (the websocket contract in DESIGN.md), frame by frame.
+
+export function createFrames({ conversation, adopt, leaveDeleted, messages, versions, stream, composer, shell, scroller, sidebar, showModel, changed }) {
+  const isCurrent = (frame) => Boolean(conversation()) && frame.conversation === conversation();
+
+  const handlers = {
+    "conversation.created"(frame) {
+      const c = frame.conversation;
+      if (!c || !c.id) return;
+      // Every tab of the user hears this; only the tab that is waiting for a
+      // new conversation switches to it (message.created confirms by client_id).
+      if (!conversation() && composer.waitingForNew()) {
+        adopt(c.id, c.title);
+        showModel(c.model);
+      }
+      if (sidebar) sidebar.upsert(c.id, c.title);
+    },
+
+    "conversation.updated"(frame) {
+      const c = frame.conversation;
+      if (!c || !c.id) return;
+      if (sidebar) {
+        if (sidebar.has(c.id)) sidebar.applyTitle(c.id, c.title);
+        else sidebar.upsert(c.id, c.title, { top: false });
+      }
+      if (c.id === conversation() && c.title) shell.setTitle(c.title);
+    },
+
+    "conversation.deleted"(frame) {
+      const c = frame.conversation;
+      const id = typeof c === "string" ? c : c && c.id;
+      if (!id) return;
+      if (sidebar) sidebar.remove(id);
+      else if (id === conversation()) leaveDeleted();
+    },
+
+    "message.created"(frame) {
+      const m = frame.message;
+      if (!m) return;
+      const replaces = frame.replaces || m.replaces;
+      const group = frame.version_group || m.version_group || "";
+      const mine = composer.confirm(frame.client_id);
+      if (mine) {
+        if (m.conversation !== conversation()) adopt(m.conversation);
+        if (mine.kind === "edit") {
+          const old = versions.retire(messages.find(replaces || mine.frame.message));
+          const article = messages.addUser({ id: m.id, status: m.status, content: m.content });
+          versions.join(article, group, old);
+          if (old) messages.setPendingLabel(old, null);
+        } else {
+          mine.el.dataset.messageId = m.id;
+          mine.el.dataset.status = m.status;
+          if (group) mine.el.dataset.versionGroup = group;
+          delete mine.el.dataset.clientId;
+          messages.setPendingLabel(mine.el, null);
+        }
+        if (sidebar) sidebar.upsert(m.conversation, null);
+        changed();
+        scroller.toBottom(true);
+        return;
+      }
+      if (m.conversation !== conversation() || messages.find(m.id)) return;
+      // Sent from another tab into the conversation shown here.
+      const old = replaces ? versions.retire(messages.find(replaces)) : null;
+      const article = messages.addUser({ id: m.id, status: m.status, content: m.content, group });
+      if (old) versions.join(article, group, old);
+      if (sidebar) sidebar.upsert(m.conversation, null);
+      changed();
+      scroller.toBottom();
+    },
+
+    "generation.started"(frame) {
+      if (!isCurrent(frame)) return;
+      composer.started();
+      const current = stream.current();
+      if (current && current.id !== frame.message) stream.end();
+      let article = messages.find(frame.message);
+      if (!article) {
+        const old = frame.replaces ? versions.retire(messages.find(frame.replaces)) : null;
+        article = messages.addAssistant(frame.message, { group: frame.version_group || "" });
+        if (old || frame.version_group) versions.join(article, frame.version_group, old);
+      }
+      stream.begin(frame.message, article);
+      scroller.toBottom();
+    },
+
+    "generation.tool"(frame) {
+      if (!isCurrent(frame)) return;
+      const article = messages.find(frame.message);
+      if (article) messages.addToolChip(article, frame);
+    },
+
+    "conversation.summary"(frame) {
+      if (isCurrent(frame)) messages.showSummaryMarker(frame.through, frame.summary);
+    },
+
+    "generation.snapshot"(frame) {
+      if (isCurrent(frame)) stream.snapshot(frame);
+    },
+
+    "generation.delta"(frame) {
+      if (isCurrent(frame)) stream.delta(frame);
+    },
+
+    "generation.finished"(frame) {
+      if (!isCurrent(frame)) return;
+      if (stream.finish(frame)) {
+        composer.answered();
+        stream.end();
+      } else {
+        changed();
+      }
+      scroller.toBottom();
+    },
+
+    error(frame) {
+      let text = frame.message || "Something went wrong.";
+      if (!composer.refuse(frame.client_id) && frame.conversation && conversation() && frame.conversation !== conversation()) {
+        return; // about some other conversation this socket once followed
+      }
+      composer.refused();
+      if (frame.code === "quota_exceeded" && !frame.retry_after) text = text || "You have used your quota.";
+      shell.showError(text, frame.retry_after);
+      changed();
+      composer.autoGrow();
+      scroller.toBottom(); // the error area takes room from the list: keep the last message in view
+    },
+  };
+
+  return function dispatch(frame) {
+    const handler = handlers[frame.type];
+    if (handler) handler(frame);
+  };
+}
