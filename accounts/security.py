@@ -83,6 +83,17 @@ def _usage(request: Any, group: str, key: str, rate: str, *, increment: bool) ->
         return None
 
 
+def describe_wait(seconds: int) -> str:
+    """'45 s', '12 min', '1 h 5 min': how long until a throttle lets go."""
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = -(-seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, rest = divmod(minutes, 60)
+    return f"{hours} h {rest} min" if rest else f"{hours} h"
+
+
 def _wait(usage: dict[str, Any] | None) -> int | None:
     if usage and usage["count"] >= usage["limit"]:
         return max(1, int(usage["time_left"]))

@@ -26,7 +26,7 @@ from .quotas import usage_summary
 def _throttled(request: HttpRequest, template: str, context: dict[str, Any], wait: int) -> HttpResponse:
     """The page again with "try again in N s": HTTP 429 with Retry-After, so
     that a script gets a plain refusal and a person a readable one."""
-    response = render(request, template, {**context, "throttled": wait}, status=429)
+    response = render(request, template, {**context, "throttled": security.describe_wait(wait)}, status=429)
     response["Retry-After"] = str(wait)
     return response
 

@@ -17,7 +17,7 @@ from playwright.sync_api import Browser, expect
 
 from conversations.models import Conversation, Message, SystemPrompt
 from tests.conftest import LiveServer
-from tests.factories import session_cookie
+from tests.factories import make_user, session_cookie
 from tests.fake_llm import Reply
 from tests.test_browser import (
     ANSWER_CHUNKS,
@@ -1006,3 +1006,23 @@ def test_a_tab_over_the_socket_limit_says_so(daphne_server: LiveServer, alice: A
         status = page.locator("#connection-status")
         expect(status).to_contain_text("Too many chat tabs are open for your account")
         page.screenshot(path=str(SHOTS / "socket-limit.png"))
+
+
+def test_the_login_throttle_and_account_recovery_pages(daphne_server: LiveServer, tabs: Tabs) -> None:
+    in_thread(lambda: make_user("locked", email="locked@example.com"))
+    tabs.allowed.append(re.compile(r"status of 429"))  # the refusal itself
+    page = tabs.new(extra_http_headers={"X-Forwarded-For": "10.99.0.7"})
+    page.goto(daphne_server.url + "/accounts/login/")
+    for _ in range(11):
+        page.get_by_label("Username").fill("locked")
+        page.get_by_label("Password").fill("not-the-password")
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_load_state()
+    expect(page.locator("#throttled")).to_contain_text(re.compile(r"Try again in \d+ (s|min)"))
+    page.screenshot(path=str(SHOTS / "login-throttled.png"))
+    page.get_by_role("link", name="Forgot your password?").click()
+    expect(page.get_by_role("heading", name="Forgot your password?")).to_be_visible()
+    page.get_by_label("Email").fill("locked@example.com")
+    page.get_by_role("button", name="Send the link").click()
+    expect(page.get_by_role("heading", name="Check your e-mail")).to_be_visible()
+    page.screenshot(path=str(SHOTS / "password-reset-sent.png"))
