@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
@@ -102,32 +104,61 @@ def forget_limits(**_kwargs: Any) -> None:
 def limits_for(user: Any) -> Limits:
     """The user's own quota; else, field by field, the lowest limit among their
     groups' quotas (blank = unlimited); else the site default; else none."""
+    return limits_for_many([user])[user.pk]
+
+
+def limits_for_many(users: Sequence[Any]) -> dict[Any, Limits]:
+    """`limits_for` of each user (by pk), with one query for those not
+    cached (a burst of sends)."""
     ttl = settings.CHAT_LIMITS_CACHE_SECONDS
     now = time.monotonic()
-    cached = _limits_cache.get(user.pk)
-    if cached is not None and cached[0] > now:
-        return cached[1]
-    limits = _read_limits(user)
+    found: dict[Any, Limits] = {}
+    for user in users:
+        cached = _limits_cache.get(user.pk)
+        if cached is not None and cached[0] > now:
+            found[user.pk] = cached[1]
+    missing = list({user.pk for user in users if user.pk not in found})
+    if not missing:
+        return found
+    read = _read_limits(missing)
+    found.update(read)
     if ttl > 0:
-        if len(_limits_cache) > 10_000:
+        if len(_limits_cache) + len(read) > 10_000:
             _limits_cache.clear()
-        _limits_cache[user.pk] = (now + ttl, limits)
-    return limits
+        for pk, limits in read.items():
+            _limits_cache[pk] = (now + ttl, limits)
+    return found
 
 
-def _read_limits(user: Any) -> Limits:
-    rows = list(Quota.objects.filter(Q(user_id=user.pk) | Q(group__user=user.pk) | Q(is_default=True)))
-    own = next((q for q in rows if q.user_id == user.pk), None)
+def _read_limits(user_ids: list[Any]) -> dict[Any, Limits]:
+    rows = list(
+        Quota.objects.filter(
+            Q(user_id__in=user_ids) | Q(group__user__in=user_ids) | Q(is_default=True)
+        ).distinct()
+    )
+    group_ids = {q.group_id for q in rows if q.group_id is not None}
+    members: dict[Any, set[Any]] = {}
+    if group_ids:
+        memberships = get_user_model().groups.through.objects.filter(
+            user_id__in=user_ids, group_id__in=group_ids
+        )
+        for user_id, group_id in memberships.values_list("user_id", "group_id"):
+            members.setdefault(user_id, set()).add(group_id)
+    default = next((q for q in rows if q.is_default), None)
+    return {pk: _limits_from(rows, pk, members.get(pk, set()), default) for pk in user_ids}
+
+
+def _limits_from(rows: list[Quota], user_id: Any, group_ids: set[Any], default: Quota | None) -> Limits:
+    own = next((q for q in rows if q.user_id == user_id), None)
     if own is not None:
         return _limits_of(own, "user")
-    groups = [q for q in rows if q.group_id is not None]
+    groups = [q for q in rows if q.group_id is not None and q.group_id in group_ids]
     if groups:
         lowest = {
             name: min((v for q in groups if (v := getattr(q, name)) is not None), default=None)
             for name in LIMIT_FIELDS
         }
         return Limits(**lowest, source="group")
-    default = next((q for q in rows if q.is_default), None)
     if default is not None:
         return _limits_of(default, "default")
     return Limits()

@@ -32,3 +32,15 @@ class SharedPoolRedisCache(RedisCache):
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
         self._class = SharedPoolRedisCacheClient
+
+    def add_counts(self, counts: dict[str, int], *, timeout: int) -> dict[str, int]:
+        """Add each count to its counter, made at 0 to live `timeout` seconds
+        if it is new, in one round trip; the new totals. (Django stores an int
+        as an int, so `get` and `incr` read these counters too.)"""
+        keys = {key: self.make_and_validate_key(key) for key in counts}
+        pipe = self._cache.get_client(write=True).pipeline(transaction=False)
+        for key, n in counts.items():
+            pipe.set(keys[key], 0, nx=True, ex=timeout)
+            pipe.incrby(keys[key], n)
+        replies = pipe.execute()
+        return {key: int(total) for key, total in zip(counts, replies[1::2], strict=True)}

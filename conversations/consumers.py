@@ -262,7 +262,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             extra["conversation"] = str(conversation_id)
         content = _content(frame, extra)
         await self._start(
-            generation.accept_message,
+            generation.accept_send,
             extra,
             conversation_id=conversation_id,
             content=content,
@@ -278,7 +278,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         message_id = _uuid(frame, "message")
         content = _content(frame, extra)
         await self._start(
-            generation.accept_edit,
+            generation.in_database(generation.accept_edit),
             extra,
             conversation_id=conversation_id,
             message_id=message_id,
@@ -294,13 +294,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if frame["type"] == "message.regenerate"
             else generation.accept_continue
         )
-        await self._start(accept, {"conversation": str(conversation_id)}, conversation_id=conversation_id)
+        await self._start(
+            generation.in_database(accept),
+            {"conversation": str(conversation_id)},
+            conversation_id=conversation_id,
+        )
 
     async def _start(self, accept: Any, extra: dict[str, Any], **arguments: Any) -> None:
         """Let `generation` accept the turn (every rule lives there), then
-        follow the conversation and start the answer."""
+        follow the conversation and start the answer. `accept`: awaitable."""
         try:
-            accepted = await generation.in_database(accept)(user=self.user, **arguments)
+            accepted = await accept(user=self.user, **arguments)
         except generation.Resent as exc:
             # A frame sent again (after a reconnect): show what exists, create nothing.
             await self._follow(str(exc.message.conversation_id))

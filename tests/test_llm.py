@@ -326,7 +326,7 @@ async def test_a_rejected_request_says_the_upstreams_reason_and_logs_it(
     assert error.user_message == (
         "The model service rejected the request: Invalid value for 'temperature': must be <= 2."
     )
-    assert "BadRequestError (HTTP 400): Invalid value for 'temperature'" in caplog.text
+    assert "model call failed: HTTP 400: Invalid value for 'temperature'" in caplog.text
 
 
 async def test_an_unknown_model_is_named(fake_llm: FakeLLM) -> None:

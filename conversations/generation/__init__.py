@@ -3,6 +3,7 @@
 - `events`: the contract's events and payloads;
 - `turns`: accepting a turn with every rule (ownership, idempotency, rate
   limit, one streaming answer per conversation, budget) and its history;
+- `intake`: sends that arrive together, accepted in one database call;
 - `runner`: running an answer, its checkpoints, stop and finish;
 - `fanout`: the answer's log and how frames reach every follower, in this
   process and in other workers;
@@ -20,10 +21,11 @@ from __future__ import annotations
 from .database import in_database
 from .events import Frame, conversation_payload, finished_event, message_payload, user_topic
 from .fanout import Snapshot, get_hub, tell
+from .intake import accept_send
 from .ledger import price_of
 from .process import draining, sweep_dead, this_worker
 from .recovery import WORKER_ID, sweep_interrupted
-from .runner import Generation, last_answer_finished, launch, request_stop, wait_all
+from .runner import Generation, last_answer_finished, launch, release_connections, request_stop, wait_all
 from .titles import clean_title, make_title
 from .turns import (
     CONTINUE_INSTRUCTION,
@@ -60,6 +62,7 @@ __all__ = [
     "accept_edit",
     "accept_message",
     "accept_regenerate",
+    "accept_send",
     "check_owner",
     "clean_title",
     "conversation_payload",
@@ -73,6 +76,7 @@ __all__ = [
     "make_title",
     "message_payload",
     "price_of",
+    "release_connections",
     "request_stop",
     "streaming_answer_id",
     "sweep_dead",

@@ -93,6 +93,11 @@ async def wait_all(timeout: float = 30.0) -> None:
         await asyncio.wait_for(asyncio.gather(*list(_running)), timeout)
 
 
+async def release_connections() -> None:
+    """Close this event loop's connections to the model (a command's end)."""
+    await llm.close()
+
+
 async def request_stop(conversation_id: Any) -> None:
     """Ask the running answer of a conversation, in whatever process, to stop."""
     await get_hub().stop(str(conversation_id))

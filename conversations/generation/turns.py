@@ -20,7 +20,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from accounts import quotas
-from accounts.limits import take_send
+from accounts.limits import take_send, take_sends
 
 from .. import llm, prompts
 from ..history import History, fit_history, messages_tokens, plan_history
@@ -282,6 +282,148 @@ def accept_message(
         )
 
     return _atomic_turn(user, build)
+
+
+@dataclass
+class Send:
+    """One `message.send`, as `accept_message` takes it."""
+
+    user: Any
+    conversation_id: uuid.UUID | None
+    content: str
+    client_id: uuid.UUID
+    prompt_id: uuid.UUID | None = None
+    model: str | None = None
+
+    def accept(self) -> Accepted:
+        return accept_message(
+            user=self.user,
+            conversation_id=self.conversation_id,
+            content=self.content,
+            client_id=self.client_id,
+            prompt_id=self.prompt_id,
+            model=self.model,
+        )
+
+
+def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
+    """Many sends at once (a burst: a team opening new chats in the same
+    second), each with exactly the rules and the outcome `accept_message`
+    gives it alone: an `Accepted`, or the exception it would raise.
+
+    New conversations of users without a quota are stored together: one
+    query for the resent ones, one for each system prompt, one INSERT of the
+    conversations and one of their questions and answers, however many
+    there are (alone, each costs eight round trips and their Python). Every
+    other send (an existing conversation, a limited user, a model to check)
+    is accepted on its own."""
+    results: list[Accepted | Exception | None] = [None] * len(sends)
+    sent = _sent_by_client_id([send.client_id for send in sends])
+    limits = quotas.limits_for_many([send.user for send in sends])
+    candidates: list[int] = []
+    seen: set[uuid.UUID] = set()
+    for index, send in enumerate(sends):
+        earlier = sent.get(send.client_id)
+        if earlier is not None and earlier.conversation.owner_id == send.user.pk:
+            results[index] = Resent(earlier)
+        elif (
+            earlier is None
+            and send.client_id not in seen
+            and send.conversation_id is None
+            and not send.model
+            and limits[send.user.pk].unlimited
+        ):
+            candidates.append(index)
+        seen.add(send.client_id)
+    # A user's sends count against their rate limit in the order they came:
+    # one with a send that goes alone has all of them go alone.
+    alone = {
+        send.user.pk for index, send in enumerate(sends) if results[index] is None and index not in candidates
+    }
+    together = [index for index in candidates if sends[index].user.pk not in alone]
+    if together:
+        try:
+            for index, outcome in zip(
+                together, _accept_new_together([sends[i] for i in together]), strict=True
+            ):
+                results[index] = outcome
+        except IntegrityError:  # a client_id stored meanwhile by another worker: each on its own
+            pass
+    for index, send in enumerate(sends):
+        if results[index] is None:
+            try:
+                results[index] = send.accept()
+            except (Resent, NotFound, Busy, Refused, RateLimited, OverQuota) as exc:
+                results[index] = exc
+    return results  # type: ignore[return-value]
+
+
+def _sent_by_client_id(client_ids: list[uuid.UUID]) -> dict[uuid.UUID, Message]:
+    if len(client_ids) == 1 and not _client_id_seen(client_ids[0]):
+        return {}
+    found = Message.objects.filter(client_id__in=client_ids).select_related("conversation")
+    return {message.client_id: message for message in found}
+
+
+def _accept_new_together(sends: list[Send]) -> list[Accepted | Exception]:
+    """New conversations of unlimited users, in one transaction: the
+    rate limit is taken last, as alone, and a send it refuses is taken out
+    again before anything commits."""
+    outcomes: list[Accepted | Exception] = []
+    prompts_by_id: dict[uuid.UUID | None, Any] = {}
+    accepted: list[tuple[int, Accepted]] = []  # (its place in outcomes, the turn)
+    with transaction.atomic():
+        for send in sends:
+            if send.prompt_id not in prompts_by_id:
+                try:
+                    prompt = _prompt_for_new_conversation(send.prompt_id)
+                except NotFound as exc:
+                    prompts_by_id[send.prompt_id] = exc
+                else:
+                    version = prompts.version_for_new_conversation(prompt) if prompt else None
+                    prompts_by_id[send.prompt_id] = (prompt, version)
+            found = prompts_by_id[send.prompt_id]
+            if isinstance(found, NotFound):
+                outcomes.append(found)
+                continue
+            prompt, version = found
+            conversation = Conversation(
+                owner=send.user,
+                title=title_from(send.content),
+                prompt=prompt,
+                prompt_version=version,
+                prompt_text=version.text if version else "",
+                model="",
+            )
+            question = Message(
+                conversation=conversation,
+                role=Message.Role.USER,
+                content=send.content,
+                client_id=send.client_id,
+            )
+            turn = Accepted(
+                conversation, question, _new_answer(conversation), conversation_created=True, first_turn=True
+            )
+            turn.history = _history(turn)
+            turn.messages = turn.history.messages
+            turn.answer.accounting = accounting_of(turn)
+            accepted.append((len(outcomes), turn))
+            outcomes.append(turn)
+        if not accepted:
+            return outcomes
+        turns = [turn for _place, turn in accepted]
+        Conversation.objects.bulk_create([turn.conversation for turn in turns])
+        # The questions first: each is older than its answer.
+        Message.objects.bulk_create([turn.question for turn in turns] + [turn.answer for turn in turns])
+        refused = []
+        waits = take_sends([turn.conversation.owner for turn in turns])
+        for (place, turn), retry_after in zip(accepted, waits, strict=True):
+            if retry_after is not None:
+                refused.append(turn.conversation.pk)
+                outcomes[place] = RateLimited(retry_after)
+        if refused:
+            Conversation.objects.filter(pk__in=refused).delete()
+    return outcomes
 
 
 def accept_regenerate(*, user: Any, conversation_id: uuid.UUID) -> Accepted:

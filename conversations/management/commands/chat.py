@@ -158,6 +158,7 @@ class ChatSession:
                 loop.remove_signal_handler(signal.SIGINT)
             await self._follow(None)
             await generation.wait_all()  # an answer still running is saved before we go
+            await generation.release_connections()
 
     async def _greet(self) -> None:
         self.write(f"Chatting as {self.user.get_username()}. {HELP_LINE}")

@@ -1,8 +1,10 @@
-"""The model boundary: the ONLY module that imports the openai SDK.
+"""The model boundary: the ONLY package that talks to the model.
 
 `stream_chat` yields `TextDelta`s and then exactly one `StreamEnd`, or raises
-one of this module's `LLMError`s. Everything the SDK or its HTTP client can
-raise is mapped here, so the rest of the project never sees an SDK type.
+one of this package's `LLMError`s. Everything the endpoint or the HTTP client
+can fail with is mapped here, so the rest of the project never sees an HTTP
+type. The requests are the Chat Completions API's, sent by `http` (aiohttp):
+the openai SDK's client cost most of a worker's CPU per answer under load.
 
 Without an API key and without a base URL the offline demo model answers:
 a clearly labelled canned reply, streamed like a real one, no network.
@@ -14,15 +16,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import platform
 import re
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2
-import openai
 from django.conf import settings
+
+from . import http
 
 log = logging.getLogger(__name__)
 
@@ -121,34 +124,38 @@ def default_model() -> str:
     return DEMO_MODEL if is_demo() else settings.OPENAI_MODEL
 
 
-# One client (one connection pool) per event loop and configuration: a server
-# process has one loop, so one client; each test has a loop of its own.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], openai.AsyncOpenAI]] = (
-    weakref.WeakKeyDictionary()
-)
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
-def _get_client() -> openai.AsyncOpenAI:
-    config = (
-        settings.OPENAI_API_KEY,
-        settings.OPENAI_BASE_URL,
-        settings.OPENAI_TIMEOUT,
-        settings.OPENAI_CONNECT_TIMEOUT,
-        settings.OPENAI_MAX_RETRIES,
+def _endpoint() -> http.Endpoint:
+    """Where the model is and how to reach it, from the settings (and, as the
+    openai SDK does, OPENAI_ORG_ID and OPENAI_PROJECT_ID)."""
+    headers = {
+        # Local servers (Ollama, vLLM, llama.cpp) need no key, but some want the header.
+        "Authorization": f"Bearer {settings.OPENAI_API_KEY or 'not-needed'}",
+        "Accept": "application/json",
+        "User-Agent": f"django-chat (Python {platform.python_version()})",
+    }
+    for header, variable in (
+        ("OpenAI-Organization", "OPENAI_ORG_ID"),
+        ("OpenAI-Project", "OPENAI_PROJECT_ID"),
+    ):
+        if os.environ.get(variable):
+            headers[header] = os.environ[variable]
+    return http.Endpoint(
+        base_url=(settings.OPENAI_BASE_URL or DEFAULT_BASE_URL).rstrip("/"),
+        headers=tuple(headers.items()),
+        read_timeout=settings.OPENAI_TIMEOUT,
+        connect_timeout=settings.OPENAI_CONNECT_TIMEOUT,
+        # Only a failed request is tried again, before any body arrives:
+        # once a token has streamed, nothing is retried.
+        retries=settings.OPENAI_MAX_RETRIES,
     )
-    clients = _clients.setdefault(asyncio.get_running_loop(), {})
-    if config not in clients:
-        api_key, base_url, read_timeout, connect_timeout, retries = config
-        clients[config] = openai.AsyncOpenAI(
-            # Local servers (Ollama, vLLM, llama.cpp) need no key but the SDK wants one.
-            api_key=api_key or "not-needed",
-            base_url=base_url or None,
-            timeout=openai.Timeout(read_timeout, connect=connect_timeout),
-            # The SDK retries only a failed request, before any body arrives:
-            # once a token has streamed, nothing is retried.
-            max_retries=retries,
-        )
-    return clients[config]
+
+
+async def close() -> None:
+    """Close this event loop's connections to the model (a command's end)."""
+    await http.close_sessions()
 
 
 # --- Streaming ------------------------------------------------------------------
@@ -225,37 +232,36 @@ async def _stream_one(
     tools: Sequence[dict[str, Any]] | None,
     response_format: dict[str, Any] | None = None,
 ) -> AsyncIterator[TextDelta | StreamEnd]:
-    extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": list(messages),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens or settings.OPENAI_MAX_TOKENS,
+        "temperature": settings.OPENAI_TEMPERATURE if temperature is None else temperature,
+    }
+    if tools:
+        body["tools"] = list(tools)
     if response_format:
-        extra["response_format"] = response_format
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            # The raw response, parsed here: the SDK's pydantic object per
-            # chunk was a fifth of the server's CPU under load.
-            response = await stack.enter_async_context(
-                _get_client().chat.completions.with_streaming_response.create(
-                    model=model,
-                    messages=list(messages),
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    max_tokens=max_tokens or settings.OPENAI_MAX_TOKENS,
-                    temperature=settings.OPENAI_TEMPERATURE if temperature is None else temperature,
-                    **extra,
-                )
-            )
-        except openai.OpenAIError as exc:
-            raise _map_error(exc, model) from exc
-        reading = _read_sse(response.iter_lines(), model)
-        try:
-            async for event in reading:
-                yield event
-        except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
+        body["response_format"] = response_format
+    try:
+        response = await http.post(_endpoint(), "/chat/completions", body)
+    except http.Failure as exc:
+        raise _map_failure(exc, model) from exc
+    lines = http.lines(response)
+    reading = _read_sse(lines, model)
+    try:
+        async for event in reading:
+            yield event
+    except http.StreamBroken as exc:
+        if exc.timeout:
             raise UpstreamUnavailable("The model stopped sending mid-answer.") from exc
-        except (openai.APIConnectionError, httpx2.HTTPError) as exc:
-            # The body broke off midway: a connection reset, a truncated chunk.
-            raise IncompleteStream(f"The stream was cut: {type(exc).__name__}") from exc
-        finally:
-            await reading.aclose()
+        # The body broke off midway: a connection reset, a truncated chunk.
+        raise IncompleteStream(str(exc)) from exc
+    finally:
+        await reading.aclose()
+        await lines.aclose()
+        http.done(response)  # a stop closes the upstream's stream here
 
 
 async def _read_sse(lines: AsyncIterator[str], model: str) -> AsyncIterator[TextDelta | StreamEnd]:
@@ -337,14 +343,18 @@ def _redact(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _reason(exc: openai.OpenAIError) -> str:
-    """The upstream's own words for a rejected request, if it gave any."""
-    body = getattr(exc, "body", None)  # the SDK keeps the `error` object
+def _error_object(failure: http.Failure) -> dict[str, Any]:
+    """The JSON error a server sent (`{"error": {...}}`, or the object itself)."""
+    body = failure.body
     if isinstance(body, dict):
-        inner = body["error"] if isinstance(body.get("error"), dict) else body
-        if inner.get("message"):
-            return _redact(inner["message"])
-    return ""
+        return body["error"] if isinstance(body.get("error"), dict) else body
+    return {"message": body} if isinstance(body, str) else {}
+
+
+def _reason(failure: http.Failure) -> str:
+    """The upstream's own words for a rejected request, if it gave any."""
+    message = _error_object(failure).get("message")
+    return _redact(message) if message else ""
 
 
 @dataclass(frozen=True)
@@ -382,98 +392,90 @@ async def complete_chat(
         return Completion(text, Usage(prompt_tokens, estimate_tokens(text)), DEMO_MODEL)
     model = model or settings.OPENAI_MODEL
     key = (settings.OPENAI_BASE_URL, model)
-    extra: dict[str, Any] = {}
-    if json_object and key not in _no_json_output:
-        extra["response_format"] = {"type": "json_object"}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": list(messages),
+        "max_tokens": max_tokens,
+        "temperature": 0.2,
+    }
+    asked_json = json_object and key not in _no_json_output
     try:
         try:
-            response = await _get_client().chat.completions.create(
-                model=model, messages=list(messages), max_tokens=max_tokens, temperature=0.2, **extra
+            response = await http.post(
+                _endpoint(),
+                "/chat/completions",
+                {**body, "response_format": {"type": "json_object"}} if asked_json else body,
             )
-        except openai.BadRequestError:
-            if not extra:
+        except http.Failure as exc:
+            if not asked_json or exc.status != 400:
                 raise
             log.info("%s refused JSON output; asking in plain text from now on", model)
             _no_json_output.add(key)
-            response = await _get_client().chat.completions.create(
-                model=model, messages=list(messages), max_tokens=max_tokens, temperature=0.2
-            )
-    except openai.OpenAIError as exc:
-        raise _map_error(exc, model) from exc
-    choice = response.choices[0] if response.choices else None
-    text = (choice.message.content if choice and choice.message else None) or ""
-    usage = _usage(response.usage) if response.usage is not None else None
-    return Completion(text.strip(), usage, getattr(response, "model", None) or model)
+            response = await http.post(_endpoint(), "/chat/completions", body)
+        reply = await http.read_json(response)
+    except http.Failure as exc:
+        raise _map_failure(exc, model) from exc
+    if not isinstance(reply, dict):
+        raise LLMError("The model service answered with something that is not a completion.")
+    choices = reply.get("choices") or []
+    message = (choices[0].get("message") if choices and isinstance(choices[0], dict) else None) or {}
+    text = message.get("content") if isinstance(message, dict) else None
+    usage = _usage(reply["usage"]) if isinstance(reply.get("usage"), dict) else None
+    return Completion((text if isinstance(text, str) else "").strip(), usage, reply.get("model") or model)
 
 
-def _usage(raw: Any) -> Usage:
-    """From the SDK's object or a raw chunk's dict."""
-    if isinstance(raw, dict):
-        details = raw.get("prompt_tokens_details") or {}
-        return Usage(
-            prompt_tokens=raw.get("prompt_tokens") or 0,
-            completion_tokens=raw.get("completion_tokens") or 0,
-            cached_tokens=(details.get("cached_tokens") if isinstance(details, dict) else 0) or 0,
-        )
-    details = getattr(raw, "prompt_tokens_details", None)
-    cached = getattr(details, "cached_tokens", None) or 0
+def _usage(raw: dict[str, Any]) -> Usage:
+    """From a chunk's or a completion's `usage`."""
+    details = raw.get("prompt_tokens_details") or {}
     return Usage(
-        prompt_tokens=raw.prompt_tokens or 0,
-        completion_tokens=raw.completion_tokens or 0,
-        cached_tokens=cached,
+        prompt_tokens=raw.get("prompt_tokens") or 0,
+        completion_tokens=raw.get("completion_tokens") or 0,
+        cached_tokens=(details.get("cached_tokens") if isinstance(details, dict) else 0) or 0,
     )
 
 
-def _map_error(exc: openai.OpenAIError, model: str = "") -> LLMError:
+def _map_failure(failure: http.Failure, model: str = "") -> LLMError:
     """The error to show for a failed call; the upstream's reason goes to
     the log for staff and, where the person can act on it, to the page."""
-    status = getattr(exc, "status_code", None)
-    reason = _reason(exc)
+    status = failure.status
+    reason = _reason(failure)
     log.warning(
         "model call failed: %s%s%s",
-        type(exc).__name__,
-        f" (HTTP {status})" if status else "",
+        str(failure) if not status else "",
+        f"HTTP {status}" if status else "",
         f": {reason}" if reason else "",
     )
-    if isinstance(exc, openai.APITimeoutError):
-        return UpstreamUnavailable("The model service timed out.")
-    if isinstance(exc, openai.APIConnectionError):
+    if not status:
+        if failure.timeout:
+            return UpstreamUnavailable("The model service timed out.")
         return UpstreamUnavailable("Could not connect to the model service.")
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+    if status in (401, 403):
         return UpstreamAuthError()
-    if isinstance(exc, openai.RateLimitError):
-        return UpstreamRateLimited(retry_after=_retry_after(exc))
-    if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
-        if _is_context_error(exc):
+    if status == 429:
+        return UpstreamRateLimited(retry_after=http.retry_after(failure.headers))
+    if status in (400, 422):
+        if _is_context_error(failure):
             return ContextTooLong()
         if reason:
             rejected = f"The model service rejected the request: {reason}"
             return UpstreamBadRequest(reason, user_message=rejected)
         return UpstreamBadRequest()
-    if isinstance(exc, openai.NotFoundError):
+    if status == 404:
         known = f"the model “{model}”" if model else "this model"
         unknown = f"The model service does not know {known}. An administrator must pick another model."
         error = UpstreamBadRequest(reason or "model not found", user_message=unknown)
         error.fallback = True
         return error
-    if isinstance(exc, openai.APIStatusError) and exc.status_code >= 500:
+    if status >= 500:
         return UpstreamUnavailable(
-            f"The model service failed (HTTP {exc.status_code}).", retry_after=_retry_after(exc)
+            f"The model service failed (HTTP {status}).", retry_after=http.retry_after(failure.headers)
         )
     return LLMError()
 
 
-def _retry_after(exc: openai.APIStatusError) -> float | None:
-    value = exc.response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _is_context_error(exc: openai.APIStatusError) -> bool:
-    code = getattr(exc, "code", None) or ""
-    text = f"{code} {exc.message}".lower()
+def _is_context_error(failure: http.Failure) -> bool:
+    error = _error_object(failure)
+    text = f"{error.get('code') or ''} {error.get('message') or ''}".lower()
     return "context_length" in text or "context length" in text or "maximum context" in text
 
 
