@@ -3,7 +3,8 @@
 - `events`: the contract's events and payloads;
 - `turns`: accepting a turn with every rule (ownership, idempotency, rate
   limit, one streaming answer per conversation, budget) and its history;
-- `intake`: sends that arrive together, accepted in one database call;
+- `batches`: database work that arrives together (sends, ends, titles),
+  done in one call;
 - `runner`: running an answer, its checkpoints, stop and finish;
 - `fanout`: the answer's log and how frames reach every follower, in this
   process and in other workers;
@@ -21,11 +22,18 @@ from __future__ import annotations
 from .database import in_database
 from .events import Frame, conversation_payload, finished_event, message_payload, user_topic
 from .fanout import Snapshot, get_hub, tell
-from .intake import accept_send
 from .ledger import price_of
 from .process import draining, sweep_dead, this_worker
 from .recovery import WORKER_ID, sweep_interrupted
-from .runner import Generation, last_answer_finished, launch, release_connections, request_stop, wait_all
+from .runner import (
+    Generation,
+    accept_send,
+    last_answer_finished,
+    launch,
+    release_connections,
+    request_stop,
+    wait_all,
+)
 from .titles import clean_title, make_title
 from .turns import (
     CONTINUE_INSTRUCTION,

@@ -56,6 +56,7 @@ LOG_MAXLEN = 100_000  # deltas kept per answer (about 4 MB of text at the defaul
 LOG_TTL = 24 * 3600  # s: the log of an answer that never finished (its worker died)
 FINISHED_LOG_TTL = 300  # s: a late follower of a finished answer reads the database
 CONTROL_CHANNEL = "chat:ctl"
+MAX_PIPELINE = 500  # Redis commands per round trip of the writer
 SOCKET_TTL = 90.0  # s: a socket's entry in its user's count lives this long unless refreshed
 SOCKET_REFRESH = 30.0  # s
 RECONNECT_DELAY = (0.1, 0.5, 1.0, 2.0)
@@ -267,7 +268,10 @@ class RedisLink:
         self.origin = WORKER_ID.encode()
         self._queue: list[tuple[Any, ...]] = []
         self._wake = asyncio.Event()
-        self._flushed: list[asyncio.Future[None]] = []
+        # Flushes waiting: (how many commands had been queued then, its future).
+        self._flushed: list[tuple[int, asyncio.Future[None]]] = []
+        self._queued = 0  # commands ever queued
+        self._written = 0  # commands ever written (or given up on)
         self._writer: asyncio.Task[None] | None = None
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
@@ -319,6 +323,7 @@ class RedisLink:
 
     def _enqueue(self, *commands: tuple[Any, ...]) -> None:
         self._queue.extend(commands)
+        self._queued += len(commands)
         self._wake_writer()
 
     def _wake_writer(self) -> None:
@@ -356,7 +361,7 @@ class RedisLink:
         if not self._queue and (self._writer is None or self._writer.done()):
             return
         done = asyncio.get_running_loop().create_future()
-        self._flushed.append(done)
+        self._flushed.append((self._queued, done))
         self._wake_writer()
         await done
 
@@ -364,10 +369,17 @@ class RedisLink:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._queue = self._queue, []
-            waiting, self._flushed = self._flushed, []
+            # At most MAX_PIPELINE commands a round trip: packing and parsing
+            # thousands at once held the event loop for 100-300 ms (every
+            # socket's frames waited).
+            batch, self._queue = self._queue[:MAX_PIPELINE], self._queue[MAX_PIPELINE:]
+            if self._queue:
+                self._wake.set()
             if batch or self._lost:
                 await self._write(batch)
+            self._written += len(batch)
+            waiting = [done for upto, done in self._flushed if upto <= self._written]
+            self._flushed = [(upto, done) for upto, done in self._flushed if upto > self._written]
             for done in waiting:
                 if not done.done():
                     done.set_result(None)

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Sum
+from django.db.models import Case, CharField, Sum, TextField, Value, When
 from django.utils import timezone
 
 from accounts import quotas
@@ -16,7 +16,7 @@ from accounts import quotas
 from .. import llm
 from ..history import messages_tokens
 from ..models import Conversation, Message, ModelPrice, TokenUsage
-from ..rendering import render_markdown_cached
+from ..rendering import render_many, render_markdown_cached
 from .events import NO_COST, usage_payload
 
 
@@ -219,3 +219,94 @@ def save_answer(
     if not called:
         return usage_payload(0, 0, NO_COST), html, False
     return usage_payload(usage.prompt_tokens, usage.completion_tokens, cost), html, wants_title
+
+
+def save_answers(ends: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str, bool] | Exception]:
+    """`save_answer(**end)` for each end, answers that ended together (a
+    burst's): one transaction, and for the usual end (a streaming answer,
+    one model call, no budget to settle) one UPDATE of the answers, one of
+    their conversations and one INSERT of their ledger rows, however many.
+    Every other end is saved by `save_answer` itself, in the same call."""
+    results: list[tuple[dict[str, Any], str, bool] | Exception | None] = [None] * len(ends)
+    usual = [
+        i
+        for i, end in enumerate(ends)
+        if end["called"] and end["reservation"] is None and not end.get("tool_rounds")
+    ]
+    if len(usual) > 1:
+        with transaction.atomic():
+            ids = [ends[i]["answer"].pk for i in usual]
+            streaming = set(
+                Message.objects.select_for_update()
+                .filter(pk__in=ids, status=Message.Status.STREAMING)
+                .values_list("pk", flat=True)
+            )
+            together = [i for i in usual if ends[i]["answer"].pk in streaming]
+            if together:
+                _save_together([ends[i] for i in together])
+        htmls = render_many([ends[i]["content"] for i in together]) if together else []
+        for i, html in zip(together, htmls, strict=True):
+            end = ends[i]
+            usage, cost = end["_usage"], end["_cost"]
+            wants_title = end.get("first_of_chat", False) and end["status"] in (
+                Message.Status.COMPLETE,
+                Message.Status.TRUNCATED,
+            )
+            results[i] = (
+                usage_payload(usage.prompt_tokens, usage.completion_tokens, cost),
+                html,
+                wants_title,
+            )
+    for i, end in enumerate(ends):
+        if results[i] is None:
+            try:
+                results[i] = save_answer(**{k: v for k, v in end.items() if not k.startswith("_")})
+            except Exception as exc:  # this one's caller hears it (and retries if the database was away)
+                results[i] = exc
+    return results  # type: ignore[return-value]
+
+
+def _save_together(ends: list[dict[str, Any]]) -> None:
+    """The usual ends of streaming answers, in the caller's transaction."""
+    now = timezone.now()
+    by_pk = {end["answer"].pk: end for end in ends}
+
+    def per_answer(name: str, field: Any) -> Any:
+        """The column's new value for each answer: one value when they all
+        share it (the status, the model: a CASE costs the ORM ~50 µs a row)."""
+        values = {pk: end.get(name, "") for pk, end in by_pk.items()}
+        if len(set(values.values())) == 1:
+            return next(iter(values.values()))
+        return Case(*(When(pk=pk, then=Value(value)) for pk, value in values.items()), output_field=field)
+
+    Message.objects.filter(pk__in=list(by_pk), status=Message.Status.STREAMING).update(
+        content=per_answer("content", TextField()),
+        status=per_answer("status", CharField()),
+        finish_reason=per_answer("finish_reason", CharField()),
+        model=per_answer("model", CharField()),
+        error=per_answer("error", TextField()),
+        worker="",
+        accounting=None,
+        tool_rounds=None,
+        updated_at=now,
+    )
+    Conversation.objects.filter(pk__in={end["answer"].conversation_id for end in ends}).update(updated_at=now)
+    rows = []
+    for end in ends:
+        usage, estimated = _usage_or_estimate(end["usage"], end["messages"], end["content"])
+        end["_usage"], end["_cost"] = usage, price_of(end["model"], usage)
+        rows.append(
+            TokenUsage(
+                user_id=end["owner_id"],
+                conversation_id=end["answer"].conversation_id,
+                message_id=end["answer"].pk,
+                kind=TokenUsage.Kind.ANSWER,
+                model=end["model"],
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                cost=end["_cost"],
+                estimated=estimated,
+            )
+        )
+    TokenUsage.objects.bulk_create(rows)

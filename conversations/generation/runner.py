@@ -34,17 +34,29 @@ from ..history import with_tool_rounds
 from ..models import Message, TokenUsage
 from ..rendering import render_markdown_cached
 from . import summaries
+from .batches import batches_of
 from .database import in_database
 from .events import conversation_payload, finished_event, message_payload, user_topic
 from .fanout import get_hub
-from .ledger import record_model_call, save_answer, stored_usage
+from .ledger import record_model_call, save_answers, stored_usage
 from .titles import make_title
-from .turns import Accepted
+from .turns import Accepted, Send, accept_messages
 
 log = logging.getLogger(__name__)
 
 _running: set[asyncio.Task[None]] = set()  # strong references: tasks outlive sockets
 TOOL_FRAME_CHARS = 2000  # of a tool call's arguments and result in its frame
+
+
+async def accept_send(**send: Any) -> Accepted:
+    """`turns.accept_message(**send)`, in one database call with the sends
+    that arrive meanwhile (batches.py). An answer whose socket went away
+    while it was being accepted is written all the same."""
+    return await batches_of(accept_messages, abandoned=_launch_abandoned).submit(Send(**send))
+
+
+async def _launch_abandoned(_send: Send, accepted: Accepted) -> None:
+    await launch(accepted)
 
 
 async def launch(accepted: Accepted) -> asyncio.Task[None]:
@@ -120,6 +132,7 @@ class Generation:
         self.last_frame = 0.0
         self.stopping = False
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when the timer should fire (loop time)
         self._reader: asyncio.Task[_Outcome] | None = None
         self._ending: asyncio.Future[tuple[str, bool]] | None = None
         self.messages = list(accepted.messages)  # what the next model call sends
@@ -301,7 +314,6 @@ class Generation:
         """Read one model call's stream; the first token goes out at once,
         then a frame per interval with whatever arrived meanwhile."""
         prompt = self.conversation.prompt
-        interval = settings.CHAT_DELTA_INTERVAL
         stream = llm.stream_chat(
             self.messages,
             model=None if llm.is_demo() else self.answer.model,
@@ -316,11 +328,17 @@ class Generation:
                 async for event in stream:
                     if type(event) is llm.TextDelta:
                         self.pending.append(event.text)
-                        if self.seq == 0 or time.monotonic() - self.last_frame >= interval:
+                        if self.seq == 0:  # the first token goes out at once, however busy
                             self._flush()
                         elif self._timer is None:
-                            loop = asyncio.get_running_loop()
-                            self._timer = loop.call_at(loop.time() + interval, self._flush)
+                            interval = _pace.interval()
+                            wait = self.last_frame + interval - time.monotonic()
+                            if wait <= 0:
+                                self._flush()
+                            else:
+                                loop = asyncio.get_running_loop()
+                                self._due = loop.time() + wait
+                                self._timer = loop.call_at(self._due, self._on_timer)
                     elif isinstance(event, llm.StreamEnd):
                         end = event
         except llm.LLMError as exc:
@@ -328,6 +346,11 @@ class Generation:
             return _Outcome(error=exc)
         self._flush()
         return _Outcome(end=end)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        _pace.observe(asyncio.get_running_loop().time() - self._due)
+        self._flush()
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -397,7 +420,8 @@ class Generation:
         return status, first_answer
 
     async def _save(self, **end: Any) -> tuple[dict[str, Any], str, bool]:
-        """`save_answer`, tried again while the database is away (restarted,
+        """`save_answer` (with the other answers ending now: batches.py),
+        tried again while the database is away (restarted,
         failed over): the answer's end is one transaction, so a retry
         stores it once. Its followers have every delta meanwhile; the
         `generation.finished` waits for the database."""
@@ -405,13 +429,38 @@ class Generation:
         delay = 0.2
         while True:
             try:
-                return await in_database(save_answer)(**end)
+                return await batches_of(save_answers).submit(end)
             except (OperationalError, InterfaceError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("answer %s: database away (%s); retry in %.1f s", self.answer_id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+class Pace:
+    """How often an answer sends a frame: every CHAT_DELTA_INTERVAL, and
+    less often while this process's event loop is late (its frame timers
+    fire late). Each frame costs the same whatever it holds, so a saturated
+    worker sends fewer, fuller frames instead of falling further behind:
+    the wait between two frames stays short, and the first token of a new
+    answer (always sent at once) is not queued behind a flood of small ones."""
+
+    SMOOTHING = 0.05  # of each timer's lateness, into the running average
+    MAX_INTERVAL = 0.08  # s
+
+    def __init__(self) -> None:
+        self.lateness = 0.0  # s, running average
+
+    def observe(self, late: float) -> None:
+        self.lateness += (max(0.0, late) - self.lateness) * self.SMOOTHING
+
+    def interval(self) -> float:
+        base = settings.CHAT_DELTA_INTERVAL
+        return min(max(base, self.MAX_INTERVAL), base + 2 * self.lateness)
+
+
+_pace = Pace()
 
 
 def _names(text: str) -> list[str]:

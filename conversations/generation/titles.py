@@ -8,13 +8,14 @@ import logging
 import re
 
 from django.db import transaction
+from django.db.models import Case, CharField, Value, When
 
 from .. import llm
 from ..models import Conversation, TokenUsage
-from .database import in_database
+from .batches import batches_of
 from .events import user_topic
 from .fanout import get_hub
-from .ledger import record_call
+from .ledger import price_of, record_call
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,63 @@ def clean_title(text: str) -> str:
     return title[:TITLE_CHARS].strip()
 
 
+def save_titles(items: list[tuple[Conversation, str, llm.Completion, bool]]) -> list[bool | Exception]:
+    """`_save_title` for each item (titles made together: a burst's): for the
+    users without limits, one INSERT of their ledger rows and one UPDATE of
+    the titles in one transaction; the others one by one."""
+    results: list[bool | Exception | None] = [None] * len(items)
+    usual = [i for i, item in enumerate(items) if not item[3]]
+    if len(usual) > 1:
+        with transaction.atomic():
+            rows = []
+            for i in usual:
+                conversation, title, completion, _limited = items[i]
+                usage = completion.usage or llm.Usage(0, llm.estimate_tokens(title))
+                rows.append(
+                    TokenUsage(
+                        user_id=conversation.owner_id,
+                        conversation_id=conversation.pk,
+                        kind=TokenUsage.Kind.TITLE,
+                        model=completion.model,
+                        prompt_tokens=usage.prompt_tokens,
+                        completion_tokens=usage.completion_tokens,
+                        cached_tokens=usage.cached_tokens,
+                        cost=price_of(completion.model, usage),
+                        estimated=completion.usage is None,
+                    )
+                )
+            TokenUsage.objects.bulk_create(rows)
+            # Only over the provisional title: a rename by the user wins.
+            provisional = {items[i][0].pk: items[i][0].title for i in usual}
+            unchanged = {
+                pk
+                for pk, title in Conversation.objects.select_for_update()
+                .filter(pk__in=list(provisional))
+                .values_list("pk", "title")
+                if title == provisional[pk]
+            }
+            if unchanged:
+                Conversation.objects.filter(pk__in=list(unchanged)).update(
+                    title=Case(
+                        *(
+                            When(pk=items[i][0].pk, then=Value(items[i][1]))
+                            for i in usual
+                            if items[i][0].pk in unchanged
+                        ),
+                        output_field=CharField(),
+                    )
+                )
+        for i in usual:
+            results[i] = items[i][0].pk in unchanged
+    for i, item in enumerate(items):
+        if results[i] is None:
+            try:
+                results[i] = _save_title(*item)
+            except Exception as exc:  # this one's caller hears it
+                results[i] = exc
+    return results  # type: ignore[return-value]
+
+
 def _save_title(conversation: Conversation, title: str, completion: llm.Completion, limited: bool) -> bool:
     usage = completion.usage or llm.Usage(0, llm.estimate_tokens(title))
     with transaction.atomic():
@@ -99,7 +157,12 @@ async def make_title(conversation: Conversation, question: str, answer: str, *, 
     title = title_of(completion.text)
     if not title:
         return
-    if await in_database(_save_title)(conversation, title, completion, limited):
+    try:
+        saved = await batches_of(save_titles).submit((conversation, title, completion, limited))
+    except Exception as exc:  # the database is away: the provisional title stays
+        log.warning("title for %s not saved: %s", conversation.pk, exc)
+        return
+    if saved:
         get_hub().publish(
             user_topic(conversation.owner_id),
             {"type": "conversation.updated", "conversation": {"id": str(conversation.pk), "title": title}},

@@ -127,12 +127,32 @@ def default_model() -> str:
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
+_endpoints: dict[tuple[Any, ...], http.Endpoint] = {}
+
+
 def _endpoint() -> http.Endpoint:
     """Where the model is and how to reach it, from the settings (and, as the
-    openai SDK does, OPENAI_ORG_ID and OPENAI_PROJECT_ID)."""
+    openai SDK does, OPENAI_ORG_ID, OPENAI_PROJECT_ID and the proxy
+    variables, read once)."""
+    config = (
+        settings.OPENAI_API_KEY,
+        settings.OPENAI_BASE_URL,
+        settings.OPENAI_TIMEOUT,
+        settings.OPENAI_CONNECT_TIMEOUT,
+        settings.OPENAI_MAX_RETRIES,
+    )
+    found = _endpoints.get(config)
+    if found is None:
+        found = _endpoints[config] = _make_endpoint(*config)
+    return found
+
+
+def _make_endpoint(
+    api_key: str, base_url: str, read_timeout: float, connect_timeout: float, retries: int
+) -> http.Endpoint:
     headers = {
         # Local servers (Ollama, vLLM, llama.cpp) need no key, but some want the header.
-        "Authorization": f"Bearer {settings.OPENAI_API_KEY or 'not-needed'}",
+        "Authorization": f"Bearer {api_key or 'not-needed'}",
         "Accept": "application/json",
         "User-Agent": f"django-chat (Python {platform.python_version()})",
     }
@@ -142,14 +162,16 @@ def _endpoint() -> http.Endpoint:
     ):
         if os.environ.get(variable):
             headers[header] = os.environ[variable]
+    url = (base_url or DEFAULT_BASE_URL).rstrip("/")
     return http.Endpoint(
-        base_url=(settings.OPENAI_BASE_URL or DEFAULT_BASE_URL).rstrip("/"),
+        base_url=url,
         headers=tuple(headers.items()),
-        read_timeout=settings.OPENAI_TIMEOUT,
-        connect_timeout=settings.OPENAI_CONNECT_TIMEOUT,
+        read_timeout=read_timeout,
+        connect_timeout=connect_timeout,
         # Only a failed request is tried again, before any body arrives:
         # once a token has streamed, nothing is retried.
-        retries=settings.OPENAI_MAX_RETRIES,
+        retries=retries,
+        proxy=http.proxy_for(url),
     )
 
 

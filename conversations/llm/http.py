@@ -19,6 +19,8 @@ import email.utils
 import json
 import random
 import time
+import urllib.parse
+import urllib.request
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,6 +41,19 @@ class Endpoint:
     read_timeout: float  # s between bytes
     connect_timeout: float
     retries: int
+    proxy: str | None = None  # from HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read once (`proxy_for`)
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTPS_PROXY, HTTP_PROXY,
+    ALL_PROXY, NO_PROXY), as the openai SDK honours them. Read once per
+    endpoint: aiohttp's `trust_env` reads the environment (and ~/.netrc) in
+    a thread on every request."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname or urllib.request.proxy_bypass_environment(parts.hostname):
+        return None
+    proxies = urllib.request.getproxies_environment()
+    return proxies.get(parts.scheme) or proxies.get("all") or None
 
 
 class Failure(Exception):
@@ -78,7 +93,6 @@ def _session(endpoint: Endpoint) -> aiohttp.ClientSession:
                 total=None, connect=endpoint.connect_timeout, sock_read=endpoint.read_timeout
             ),
             connector=aiohttp.TCPConnector(limit=1000, ttl_dns_cache=300),
-            trust_env=True,  # HTTPS_PROXY and friends, as the SDK honours them
             json_serialize=_dumps,
         )
     return session
@@ -103,7 +117,7 @@ async def post(endpoint: Endpoint, path: str, body: dict[str, Any]) -> aiohttp.C
     tries_left = endpoint.retries
     while True:
         try:
-            response = await session.post(url, json=body)
+            response = await session.post(url, json=body, proxy=endpoint.proxy)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             failure = Failure("The model service timed out.", timeout=True)
             failure.__cause__ = exc

@@ -1,11 +1,13 @@
-"""Sends accepted together (a burst): each gets exactly the outcome it
-would get alone, the rows are those of single turns, and the rate limit
-counts a burst as it counts sends one by one."""
+"""Database work done together (a burst): sends accepted together, answers'
+ends and titles saved together. Each gets exactly the outcome it would get
+alone, the rows are those of single turns, and the rate limit counts a
+burst as it counts sends one by one."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -14,11 +16,12 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from accounts import limits
-from accounts.models import Quota
-from conversations import generation
-from conversations.generation.titles import title_from
+from accounts.models import Quota, QuotaCounter
+from conversations import generation, llm
+from conversations.generation.ledger import save_answers
+from conversations.generation.titles import save_titles, title_from
 from conversations.generation.turns import Send, accept_messages
-from conversations.models import Conversation, Message, SystemPrompt
+from conversations.models import Conversation, Message, ModelPrice, SystemPrompt, TokenUsage
 from conversations.prompts import save_prompt
 from tests.factories import make_conversation, make_turn, make_user
 
@@ -169,13 +172,13 @@ async def test_sends_arriving_together_share_one_database_call(settings: Any, mo
     settings.CHAT_RATE_LIMIT = "100/h"
     users = [await sync_to_async(make_user)(f"together{i}") for i in range(20)]
     calls = []
-    original = generation.intake.accept_messages
+    original = generation.runner.accept_messages
 
     def counting(sends: list[Send]) -> Any:
         calls.append(len(sends))
         return original(sends)
 
-    monkeypatch.setattr(generation.intake, "accept_messages", counting)
+    monkeypatch.setattr(generation.runner, "accept_messages", counting)
     accepted = await asyncio.gather(
         *(
             generation.accept_send(user=user, conversation_id=None, content="Hi", client_id=uuid.uuid4())
@@ -186,3 +189,92 @@ async def test_sends_arriving_together_share_one_database_call(settings: Any, mo
     assert sorted(a.conversation.owner_id for a in accepted) == sorted(u.pk for u in users)
     assert sum(calls) == 20
     assert len(calls) <= 2  # the first alone, the rest together
+
+
+def _ended(accepted: Any, content: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "answer": accepted.answer,
+        "owner_id": accepted.conversation.owner_id,
+        "content": content,
+        "status": "complete",
+        "finish_reason": "stop",
+        "model": "fake-model",
+        "usage": llm.Usage(prompt_tokens=12, completion_tokens=5),
+        "messages": accepted.messages,
+        "called": True,
+        "reservation": accepted.reservation,
+        "first_of_chat": True,
+        "tool_rounds": [],
+        "error": "",
+        **fields,
+    }
+
+
+def test_answers_ending_together_are_saved_as_each_alone(settings: Any) -> None:
+    settings.CHAT_RATE_LIMIT = "100/h"
+    ModelPrice.objects.create(
+        model="fake-model", input_per_million=Decimal("1000"), output_per_million=Decimal("2000")
+    )
+    users = [make_user(f"ender{i}") for i in range(4)]
+    Quota.objects.create(user=users[3], tokens_per_day=100_000)
+    turns = [
+        generation.accept_message(user=u, conversation_id=None, content="Q", client_id=uuid.uuid4())
+        for u in users
+    ]
+    ends = [
+        _ended(turns[0], "**First** answer"),
+        _ended(turns[1], "Second answer", usage=None),  # estimated
+        _ended(turns[2], "Cut short", status="truncated", finish_reason="length"),
+        _ended(turns[3], "Limited user's answer"),  # settles a reservation: alone
+    ]
+
+    results = save_answers(ends)
+
+    assert [type(r).__name__ for r in results] == ["tuple"] * 4
+    (usage0, html0, title0), (usage1, _h, title1), (_u, _h2, title2), (usage3, _h3, title3) = results
+    assert usage0 == {"prompt_tokens": 12, "completion_tokens": 5, "cost": "0.022000"}
+    assert "<strong>First</strong>" in html0
+    assert (title0, title1, title2, title3) == (True, True, True, True)
+    for end in ends:
+        answer = Message.objects.get(pk=end["answer"].pk)
+        assert (answer.content, answer.status, answer.finish_reason) == (
+            end["content"],
+            end["status"],
+            end["finish_reason"],
+        )
+        assert (answer.worker, answer.accounting, answer.tool_rounds) == ("", None, None)
+        row = TokenUsage.objects.get(message_id=answer.pk)
+        assert (row.kind, row.user_id, row.conversation_id) == (
+            "answer",
+            end["owner_id"],
+            answer.conversation_id,
+        )
+    assert TokenUsage.objects.get(message_id=ends[1]["answer"].pk).estimated
+    assert usage1["completion_tokens"] == llm.estimate_tokens("Second answer")
+    assert usage3["prompt_tokens"] == 12
+    assert QuotaCounter.objects.get(user=users[3], window="day").tokens_reserved == 0
+
+    # The same ends again (a retry after a lost reply): nothing stored twice.
+    again = save_answers([{k: v for k, v in end.items() if not k.startswith("_")} for end in ends])
+    assert [type(r).__name__ for r in again] == ["tuple"] * 4
+    assert TokenUsage.objects.filter(kind="answer").count() == 4
+
+
+def test_titles_made_together_keep_a_rename_made_meanwhile(settings: Any) -> None:
+    settings.CHAT_RATE_LIMIT = "100/h"
+    users = [make_user(f"titled{i}") for i in range(3)]
+    turns = [
+        generation.accept_message(user=u, conversation_id=None, content="Q", client_id=uuid.uuid4())
+        for u in users
+    ]
+    Conversation.objects.filter(pk=turns[1].conversation.pk).update(title="Renamed by me")
+    completion = llm.Completion('{"title": "T"}', llm.Usage(30, 4), "fake-model")
+
+    saved = save_titles(
+        [(turn.conversation, f"Title {i}", completion, False) for i, turn in enumerate(turns)]
+    )
+
+    assert saved == [True, False, True]
+    titles = [Conversation.objects.get(pk=turn.conversation.pk).title for turn in turns]
+    assert titles == ["Title 0", "Renamed by me", "Title 2"]
+    assert TokenUsage.objects.filter(kind="title").count() == 3

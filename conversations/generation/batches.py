@@ -1,0 +1,92 @@
+"""Database work that arrives together is done together.
+
+A burst (a team opening new chats in the same second, and their answers
+ending together two seconds later) used to be one database call per turn
+and per end, each queued behind the others on the database threads, each
+paying its round trips and the ORM's Python alone, and all of them holding
+the GIL against the event loop that streams every other answer. Here the
+calls that arrive while a batch is in the database wait, and go together
+in the next one: one call, a few statements for the lot. A call that comes
+alone goes at once, as before.
+
+Three batches per process: accepting sends (`turns.accept_messages`),
+saving answers' ends (`ledger.save_answers`) and titles
+(`titles.save_titles`)."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from .database import in_database
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+MAX_BATCH = 100  # items per database call: a batch's transaction stays short
+WAKE_AT_ONCE = 10  # callers woken per turn of the event loop
+
+
+class Batches(Generic[Item, Result]):
+    """`run(items) -> [result or exception, one per item]`, on the database
+    thread, for items submitted together. `abandoned(item, result)`: what to
+    do with a result nobody waits for any more (its socket went away)."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Item]], list[Result | Exception]],
+        abandoned: Callable[[Item, Result], Awaitable[None]] | None = None,
+    ) -> None:
+        self.run = run
+        self.abandoned = abandoned
+        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> Result:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._waiting.append((item, future))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain(), name=f"batches-{self.run.__name__}")
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            try:
+                outcomes: list[Any] = await in_database(self.run)([item for item, _ in batch])
+            except Exception as exc:  # the database is away: every item of the batch hears it
+                outcomes = [exc] * len(batch)
+            for n, ((item, future), outcome) in enumerate(zip(batch, outcomes, strict=True)):
+                if n and n % WAKE_AT_ONCE == 0:
+                    # What each caller does next (start an answer, send its
+                    # end) runs in the next turn of the event loop: a hundred
+                    # at once held it for 150 ms, and every socket's frames
+                    # waited. A few callers per turn keep it moving.
+                    await asyncio.sleep(0)
+                if future.done():  # cancelled: its caller went away
+                    if self.abandoned is not None and not isinstance(outcome, Exception):
+                        await self.abandoned(item, outcome)
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+
+_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, Batches[Any, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def batches_of(
+    run: Callable[[list[Item]], list[Result | Exception]],
+    abandoned: Callable[[Item, Result], Awaitable[None]] | None = None,
+) -> Batches[Item, Result]:
+    """This event loop's batches of `run`."""
+    found = _batches.setdefault(asyncio.get_running_loop(), {})
+    if run not in found:
+        found[run] = Batches(run, abandoned)
+    return found[run]
