@@ -4,7 +4,9 @@
 one of this package's `LLMError`s. Everything the endpoint or the HTTP client
 can fail with is mapped here, so the rest of the project never sees an HTTP
 type. The requests are the Chat Completions API's, sent by `http` (aiohttp):
-the openai SDK's client cost most of a worker's CPU per answer under load.
+through the openai SDK's client, starting a stream cost 2.3 to 3 ms of CPU
+and reading 100 chunks 5.4 ms (here 0.3 to 0.6 and 1.3 ms), about a third
+of a worker's CPU per answer under load.
 
 Without an API key and without a base URL the offline demo model answers:
 a clearly labelled canned reply, streamed like a real one, no network.
