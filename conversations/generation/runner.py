@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, transaction
-from django.db.models import Case, Value, When
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from .. import llm, tools
@@ -539,17 +538,37 @@ def _write_tool_rounds(answer_id: Any, tool_rounds: list[dict[str, Any]]) -> Non
 
 
 def _write_checkpoints(grew: dict[Any, str], alive: list[Any]) -> None:
+    """One statement for the answers whose text grew, run once per answer
+    by the driver (`executemany`: compiled once; psycopg pipelines it), and
+    one UPDATE of the others' heartbeat. (A CASE over 200 answers cost the
+    ORM 30-40 ms of CPU each second, and the event loop waited on the GIL.)"""
     now = timezone.now()
     with transaction.atomic():
-        streaming = Message.objects.filter(status=Message.Status.STREAMING)
         if grew:
-            streaming.filter(pk__in=list(grew)).update(
-                content=Case(*(When(pk=pk, then=Value(text)) for pk, text in grew.items())),
-                updated_at=now,
-            )
+            table = connection.ops.quote_name(Message._meta.db_table)
+            column = {
+                name: connection.ops.quote_name(Message._meta.get_field(name).column)
+                for name in ("id", "content", "updated_at", "status")
+            }
+            pk_field = Message._meta.pk
+            updated_at = Message._meta.get_field("updated_at").get_db_prep_value(now, connection)
+            with connection.cursor() as cursor:
+                cursor.executemany(
+                    f"UPDATE {table} SET {column['content']} = %s, {column['updated_at']} = %s"
+                    f" WHERE {column['id']} = %s AND {column['status']} = %s",
+                    [
+                        (
+                            text,
+                            updated_at,
+                            pk_field.get_db_prep_value(pk, connection),
+                            Message.Status.STREAMING,
+                        )
+                        for pk, text in grew.items()
+                    ],
+                )
         rest = [pk for pk in alive if pk not in grew]
         if rest:
-            streaming.filter(pk__in=rest).update(updated_at=now)
+            Message.objects.filter(status=Message.Status.STREAMING, pk__in=rest).update(updated_at=now)
 
 
 _checkpointers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Checkpointer] = (

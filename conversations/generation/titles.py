@@ -7,8 +7,7 @@ import json
 import logging
 import re
 
-from django.db import transaction
-from django.db.models import Case, CharField, Value, When
+from django.db import connection, transaction
 
 from .. import llm
 from ..models import Conversation, TokenUsage
@@ -98,16 +97,18 @@ def save_titles(items: list[tuple[Conversation, str, llm.Completion, bool]]) -> 
                 if title == provisional[pk]
             }
             if unchanged:
-                Conversation.objects.filter(pk__in=list(unchanged)).update(
-                    title=Case(
-                        *(
-                            When(pk=items[i][0].pk, then=Value(items[i][1]))
+                quote = connection.ops.quote_name
+                table = quote(Conversation._meta.db_table)
+                title, pk = (quote(Conversation._meta.get_field(name).column) for name in ("title", "id"))
+                with connection.cursor() as cursor:
+                    cursor.executemany(
+                        f"UPDATE {table} SET {title} = %s WHERE {pk} = %s",
+                        [
+                            (items[i][1], Conversation._meta.pk.get_db_prep_value(items[i][0].pk, connection))
                             for i in usual
                             if items[i][0].pk in unchanged
-                        ),
-                        output_field=CharField(),
+                        ],
                     )
-                )
         for i in usual:
             results[i] = items[i][0].pk in unchanged
     for i, item in enumerate(items):
