@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
@@ -115,13 +116,24 @@ class _Following:
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
-    channel_layer_alias = "no channel layer"  # every frame comes through the hub
     """One browser tab. Frames from the answers it follows arrive through
     `deliver` (called by the hub, synchronously) and leave through one
     ordered, bounded outbox."""
 
+    channel_layer_alias = "no channel layer"  # every frame comes through the hub
     user: Any
     following: dict[str, _Following]
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' own, without its `close_old_connections` before every
+        message: a hop to the database thread per frame received (7% of a
+        worker's samples under a burst, queued behind the answers' database
+        work). Every database call here goes through `database_sync_to_async`
+        or `generation`, which close old connections themselves."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self) -> None:
         if generation.draining():
