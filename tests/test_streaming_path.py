@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,16 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-async def test_a_long_queue_goes_in_bounded_pipelines_and_flush_waits_for_all_of_it(
-    redis_server: RedisServer, settings: Any
-) -> None:
+@pytest.fixture
+async def hub(redis_server: RedisServer, settings: Any) -> AsyncIterator[fanout.Hub]:
     settings.REDIS_URL = redis_server.url
     hub = fanout.Hub()
+    assert hub.remote is not None
+    yield hub
+    await hub.remote.client.aclose()
+
+
+async def test_a_long_queue_goes_in_bounded_pipelines_and_flush_waits_for_all_of_it(hub: fanout.Hub) -> None:
     assert hub.remote is not None
     conversation, answer = str(uuid.uuid4()), str(uuid.uuid4())
     sizes: list[int] = []
@@ -71,7 +76,6 @@ async def test_a_long_queue_goes_in_bounded_pipelines_and_flush_waits_for_all_of
     assert sum(sizes) >= 2 * deltas
     entries = await hub.remote.client.xrange(f"chat:answer:{answer}")
     assert fanout.log_text(entries) == "".join(f"w{seq} " for seq in range(1, deltas + 1))
-    await hub.remote.client.aclose()
 
 
 async def test_a_flush_ends_while_other_answers_keep_publishing(
@@ -100,4 +104,3 @@ async def test_a_flush_ends_while_other_answers_keep_publishing(
         flood.cancel()
         with pytest.raises(asyncio.CancelledError):
             await flood
-    await hub.remote.client.aclose()
