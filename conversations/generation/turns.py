@@ -312,11 +312,12 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
     gives it alone: an `Accepted`, or the exception it would raise.
 
     New conversations of users without a quota are stored together: one
-    query for the resent ones, one for each system prompt, one INSERT of the
-    conversations and one of their questions and answers, however many
-    there are (alone, each costs eight round trips and their Python). Every
-    other send (an existing conversation, a limited user, a model to check)
-    is accepted on its own."""
+    query for the resent ones, one for the users' limits, two for each
+    system prompt (and its version), one INSERT of the conversations and one
+    of their questions and answers, the rate limit in one cache round trip,
+    however many there are (alone, each costs eight round trips and their
+    Python). Every other send (an existing conversation, a limited user, a
+    model to check) is accepted on its own, in the same call."""
     results: list[Accepted | Exception | None] = [None] * len(sends)
     sent = _sent_by_client_id([send.client_id for send in sends])
     limits = quotas.limits_for_many([send.user for send in sends])
@@ -337,8 +338,9 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
         seen.add(send.client_id)
     # A user's sends count against their rate limit in the order they came:
     # one with a send that goes alone has all of them go alone.
+    candidate = set(candidates)
     alone = {
-        send.user.pk for index, send in enumerate(sends) if results[index] is None and index not in candidates
+        send.user.pk for index, send in enumerate(sends) if results[index] is None and index not in candidate
     }
     together = [index for index in candidates if sends[index].user.pk not in alone]
     if together:
@@ -347,7 +349,7 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
                 together, _accept_new_together([sends[i] for i in together]), strict=True
             ):
                 results[index] = outcome
-        except IntegrityError:  # a client_id stored meanwhile by another worker: each on its own
+        except IntegrityError:  # not expected (new conversations): each goes alone, and hears its own error
             pass
     for index, send in enumerate(sends):
         if results[index] is None:
