@@ -6,6 +6,7 @@ burst as it counts sends one by one."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -18,6 +19,7 @@ from django.test.utils import CaptureQueriesContext
 from accounts import limits
 from accounts.models import Quota, QuotaCounter
 from conversations import generation, llm
+from conversations.generation.batches import Batches
 from conversations.generation.ledger import save_answers
 from conversations.generation.titles import save_titles, title_from
 from conversations.generation.turns import Send, accept_messages
@@ -278,3 +280,27 @@ def test_titles_made_together_keep_a_rename_made_meanwhile(settings: Any) -> Non
     titles = [Conversation.objects.get(pk=turn.conversation.pk).title for turn in turns]
     assert titles == ["Title 0", "Renamed by me", "Title 2"]
     assert TokenUsage.objects.filter(kind="title").count() == 3
+
+
+async def test_a_cancelled_batch_leaves_nobody_waiting_and_later_calls_go_alone() -> None:
+    release = threading.Event()
+
+    def double(items: list[int]) -> list[int | Exception]:
+        release.wait(10)
+        return [item * 2 for item in items]
+
+    batches: Batches[int, int] = Batches(double)
+    first = asyncio.ensure_future(batches.submit(1))
+    await asyncio.sleep(0)  # its batch is in the database
+    second = asyncio.ensure_future(batches.submit(2))  # waits for the next batch
+    await asyncio.sleep(0)
+    assert batches._task is not None
+    batches._task.cancel()  # the event loop is going down
+    late = asyncio.ensure_future(batches.submit(3))  # an answer's last save, meanwhile
+    release.set()
+
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert await late == 6

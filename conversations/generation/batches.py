@@ -46,6 +46,13 @@ class Batches(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         loop = asyncio.get_running_loop()
+        if self._task is not None and self._task.cancelling():
+            # The loop is going down and the batches with it: an answer's
+            # last save (settled `interrupted`) still goes, alone.
+            outcome = (await in_database(self.run)([item]))[0]
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
         future: asyncio.Future[Result] = loop.create_future()
         self._waiting.append((item, future))
         if self._task is None or self._task.done():
@@ -53,27 +60,36 @@ class Batches(Generic[Item, Result]):
         return await future
 
     async def _drain(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-            try:
-                outcomes: list[Any] = await in_database(self.run)([item for item, _ in batch])
-            except Exception as exc:  # the database is away: every item of the batch hears it
-                outcomes = [exc] * len(batch)
-            for n, ((item, future), outcome) in enumerate(zip(batch, outcomes, strict=True)):
-                if n and n % WAKE_AT_ONCE == 0:
-                    # What each caller does next (start an answer, send its
-                    # end) runs in the next turn of the event loop: a hundred
-                    # at once held it for 150 ms, and every socket's frames
-                    # waited. A few callers per turn keep it moving.
-                    await asyncio.sleep(0)
-                if future.done():  # cancelled: its caller went away
-                    if self.abandoned is not None and not isinstance(outcome, Exception):
-                        await self.abandoned(item, outcome)
-                    continue
-                if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+        batch: list[tuple[Item, asyncio.Future[Result]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+                try:
+                    outcomes: list[Any] = await in_database(self.run)([item for item, _ in batch])
+                except Exception as exc:  # the database is away: every item of the batch hears it
+                    outcomes = [exc] * len(batch)
+                for n, ((item, future), outcome) in enumerate(zip(batch, outcomes, strict=True)):
+                    if n and n % WAKE_AT_ONCE == 0:
+                        # What each caller does next (start an answer, send
+                        # its end) runs in the next turn of the event loop: a
+                        # hundred at once held it for 150 ms, and every
+                        # socket's frames waited. A few per turn keep it moving.
+                        await asyncio.sleep(0)
+                    if future.done():  # cancelled: its caller went away
+                        if self.abandoned is not None and not isinstance(outcome, Exception):
+                            await self.abandoned(item, outcome)
+                        continue
+                    if isinstance(outcome, Exception):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        except asyncio.CancelledError:
+            # Nobody waits forever on a batch that will not come: they hear
+            # the cancellation (the loop is going down).
+            for _item, future in [*batch, *self._waiting]:
+                future.cancel()
+            self._waiting = []
+            raise
 
 
 _batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, Batches[Any, Any]]] = (

@@ -366,6 +366,15 @@ class RedisLink:
         await done
 
     async def _write_loop(self) -> None:
+        try:
+            await self._write_rounds()
+        except asyncio.CancelledError:
+            for _upto, done in self._flushed:  # nobody waits on a writer that is gone
+                done.cancel()
+            self._flushed = []
+            raise
+
+    async def _write_rounds(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
