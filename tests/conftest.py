@@ -313,3 +313,20 @@ def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[N
             close_pool = getattr(conn, "close_pool", None)
             if close_pool is not None:
                 close_pool()
+
+
+# --- Browser tests: one Chromium per module, fresh tabs per test --------------------
+
+
+@pytest.fixture(scope="module", name="browser")
+def _browser() -> Iterator[Any]:
+    from tests.test_browser import launch_browser  # Playwright only where a browser test runs
+
+    yield from launch_browser()
+
+
+@pytest.fixture(name="tabs")
+def _tabs(browser: Any, daphne_server: LiveServer) -> Iterator[Any]:
+    from tests.test_browser import open_tabs
+
+    yield from open_tabs(browser, daphne_server)

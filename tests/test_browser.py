@@ -123,17 +123,6 @@ def open_tabs(browser: Browser, server: LiveServer) -> Iterator[Tabs]:
     assert tabs.dialogs == []
 
 
-# Other browser modules declare the same two fixtures over these functions.
-@pytest.fixture(scope="module", name="browser")
-def _browser() -> Iterator[Browser]:
-    yield from launch_browser()
-
-
-@pytest.fixture(name="tabs")
-def _tabs(browser: Browser, daphne_server: LiveServer) -> Iterator[Tabs]:
-    yield from open_tabs(browser, daphne_server)
-
-
 # --- Helpers ---------------------------------------------------------------------------
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.utils import timezone
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import expect
 
 from conversations.models import Conversation, Message, SystemPrompt
 from tests.conftest import LiveServer
@@ -27,23 +26,11 @@ from tests.test_browser import (
     composer,
     finished,
     in_thread,
-    launch_browser,
     make_conversation,
     open_chat,
-    open_tabs,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture(scope="module", name="browser")
-def _browser() -> Iterator[Browser]:
-    yield from launch_browser()
-
-
-@pytest.fixture(name="tabs")
-def _tabs(browser: Browser, daphne_server: LiveServer) -> Iterator[Tabs]:
-    yield from open_tabs(browser, daphne_server)
 
 
 XSS_ANSWER = (

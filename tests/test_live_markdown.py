@@ -7,27 +7,16 @@ runs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Page, expect
 
 from tests.conftest import LiveServer
 from tests.fake_llm import Reply
-from tests.test_browser import SHOTS, Tabs, ask, finished, launch_browser, open_chat, open_tabs
+from tests.test_browser import SHOTS, Tabs, ask, finished, open_chat
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture(scope="module", name="browser")
-def _browser() -> Iterator[Browser]:
-    yield from launch_browser()
-
-
-@pytest.fixture(name="tabs")
-def _tabs(browser: Browser, daphne_server: LiveServer) -> Iterator[Tabs]:
-    yield from open_tabs(browser, daphne_server)
 
 
 RICH_CHUNKS = [

@@ -11,7 +11,7 @@ their round trips overlap."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import wraps
 from typing import Any, TypeVar
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from asgiref.sync import SyncToAsync
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 
 T = TypeVar("T")
 
@@ -54,3 +54,36 @@ def in_database(function: Callable[..., T]) -> Callable[..., Awaitable[T]]:
     if _executor is None:
         _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="answer-db")
     return SyncToAsync(_fresh_connections(function), thread_sensitive=False, executor=_executor)
+
+
+def update_each(model: Any, fields: Sequence[str], rows: Iterable[Sequence[Any]], **where: Any) -> None:
+    """For each row `(pk, value, ...)`: UPDATE `fields` of that row (only
+    where the `where` columns hold their values), as one statement the driver
+    runs once per row (`executemany`: compiled once, pipelined by psycopg).
+    A CASE per column for many rows cost the ORM ~50 µs a row of CPU, held
+    against the event loop. None is SQL NULL, as in `QuerySet.update`."""
+    meta = model._meta
+    quote = connection.ops.quote_name
+    columns = [meta.get_field(name) for name in fields]
+    conditions = [(meta.get_field(name), value) for name, value in where.items()]
+    sql = (
+        f"UPDATE {quote(meta.db_table)} SET "
+        + ", ".join(f"{quote(field.column)} = %s" for field in columns)
+        + f" WHERE {quote(meta.pk.column)} = %s"
+        + "".join(f" AND {quote(field.column)} = %s" for field, _ in conditions)
+    )
+
+    def prep(field: Any, value: Any) -> Any:
+        return None if value is None else field.get_db_prep_value(value, connection)
+
+    params = [
+        (
+            *(prep(field, value) for field, value in zip(columns, values, strict=True)),
+            prep(meta.pk, pk),
+            *(prep(field, value) for field, value in conditions),
+        )
+        for pk, *values in rows
+    ]
+    if params:
+        with connection.cursor() as cursor:
+            cursor.executemany(sql, params)

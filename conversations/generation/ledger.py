@@ -7,7 +7,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -17,6 +17,7 @@ from .. import llm
 from ..history import messages_tokens
 from ..models import Conversation, Message, ModelPrice, TokenUsage
 from ..rendering import render_many, render_markdown_cached
+from .database import update_each
 from .events import NO_COST, usage_payload
 
 
@@ -271,30 +272,13 @@ def _save_together(ends: list[dict[str, Any]]) -> None:
     now = timezone.now()
     by_pk = {end["answer"].pk: end for end in ends}
 
-    # One statement run once per answer by the driver (`executemany`:
-    # compiled once, pipelined by psycopg); a CASE per column cost the ORM
-    # ~50 µs a row, holding the GIL against the event loop.
-    quote = connection.ops.quote_name
-    column = {f.name: quote(f.column) for f in Message._meta.concrete_fields}
     changed = ("content", "status", "finish_reason", "model", "error")
-    pk_field = Message._meta.pk
-    updated_at = Message._meta.get_field("updated_at").get_db_prep_value(now, connection)
-    with connection.cursor() as cursor:
-        cursor.executemany(
-            f"UPDATE {quote(Message._meta.db_table)} SET "
-            + ", ".join(f"{column[name]} = %s" for name in changed)
-            + f", {column['worker']} = '', {column['accounting']} = NULL, {column['tool_rounds']} = NULL"
-            + f", {column['updated_at']} = %s WHERE {column['id']} = %s AND {column['status']} = %s",
-            [
-                (
-                    *(end.get(name, "") for name in changed),
-                    updated_at,
-                    pk_field.get_db_prep_value(pk, connection),
-                    Message.Status.STREAMING,
-                )
-                for pk, end in by_pk.items()
-            ],
-        )
+    update_each(
+        Message,
+        (*changed, "worker", "accounting", "tool_rounds", "updated_at"),
+        [(pk, *(end.get(name, "") for name in changed), "", None, None, now) for pk, end in by_pk.items()],
+        status=Message.Status.STREAMING,
+    )
     Conversation.objects.filter(pk__in={end["answer"].conversation_id for end in ends}).update(updated_at=now)
     rows = []
     for end in ends:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from .. import llm, tools
@@ -34,7 +34,7 @@ from ..models import Message, TokenUsage
 from ..rendering import render_markdown_cached
 from . import summaries
 from .batches import batches_of
-from .database import in_database
+from .database import in_database, update_each
 from .events import conversation_payload, finished_event, message_payload, user_topic
 from .fanout import get_hub
 from .ledger import record_model_call, save_answers, stored_usage
@@ -538,34 +538,10 @@ def _write_tool_rounds(answer_id: Any, tool_rounds: list[dict[str, Any]]) -> Non
 
 
 def _write_checkpoints(grew: dict[Any, str], alive: list[Any]) -> None:
-    """One statement for the answers whose text grew, run once per answer
-    by the driver (`executemany`: compiled once; psycopg pipelines it), and
-    one UPDATE of the others' heartbeat. (A CASE over 200 answers cost the
-    ORM 30-40 ms of CPU each second, and the event loop waited on the GIL.)"""
     now = timezone.now()
     with transaction.atomic():
-        if grew:
-            table = connection.ops.quote_name(Message._meta.db_table)
-            column = {
-                name: connection.ops.quote_name(Message._meta.get_field(name).column)
-                for name in ("id", "content", "updated_at", "status")
-            }
-            pk_field = Message._meta.pk
-            updated_at = Message._meta.get_field("updated_at").get_db_prep_value(now, connection)
-            with connection.cursor() as cursor:
-                cursor.executemany(
-                    f"UPDATE {table} SET {column['content']} = %s, {column['updated_at']} = %s"
-                    f" WHERE {column['id']} = %s AND {column['status']} = %s",
-                    [
-                        (
-                            text,
-                            updated_at,
-                            pk_field.get_db_prep_value(pk, connection),
-                            Message.Status.STREAMING,
-                        )
-                        for pk, text in grew.items()
-                    ],
-                )
+        rows = [(pk, text, now) for pk, text in grew.items()]
+        update_each(Message, ("content", "updated_at"), rows, status=Message.Status.STREAMING)
         rest = [pk for pk in alive if pk not in grew]
         if rest:
             Message.objects.filter(status=Message.Status.STREAMING, pk__in=rest).update(updated_at=now)

@@ -7,11 +7,12 @@ import json
 import logging
 import re
 
-from django.db import connection, transaction
+from django.db import transaction
 
 from .. import llm
 from ..models import Conversation, TokenUsage
 from .batches import batches_of
+from .database import update_each
 from .events import user_topic
 from .fanout import get_hub
 from .ledger import price_of, record_call
@@ -96,19 +97,8 @@ def save_titles(items: list[tuple[Conversation, str, llm.Completion, bool]]) -> 
                 .values_list("pk", "title")
                 if title == provisional[pk]
             }
-            if unchanged:
-                quote = connection.ops.quote_name
-                table = quote(Conversation._meta.db_table)
-                title, pk = (quote(Conversation._meta.get_field(name).column) for name in ("title", "id"))
-                with connection.cursor() as cursor:
-                    cursor.executemany(
-                        f"UPDATE {table} SET {title} = %s WHERE {pk} = %s",
-                        [
-                            (items[i][1], Conversation._meta.pk.get_db_prep_value(items[i][0].pk, connection))
-                            for i in usual
-                            if items[i][0].pk in unchanged
-                        ],
-                    )
+            titles = [(items[i][0].pk, items[i][1]) for i in usual if items[i][0].pk in unchanged]
+            update_each(Conversation, ("title",), titles)
         for i in usual:
             results[i] = items[i][0].pk in unchanged
     for i, item in enumerate(items):
