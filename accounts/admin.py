@@ -11,6 +11,7 @@ from django.http import HttpRequest
 
 from . import security
 from .models import Quota, QuotaCounter
+from .signals import accounts_changed
 
 
 @admin.register(Quota)
@@ -54,9 +55,40 @@ class QuotaCounterAdmin(admin.ModelAdmin):
 User = get_user_model()
 
 
-@admin.action(description="Activate the selected users (approve their sign-up)")
+def _may_change(request: HttpRequest, queryset: Any) -> Any:
+    """The users of `queryset` this staff member may (de)activate: a
+    superuser's account only a superuser; never their own."""
+    allowed = queryset.exclude(pk=request.user.pk)
+    if not request.user.is_superuser:
+        allowed = allowed.exclude(is_superuser=True)
+    return allowed
+
+
+def _refused(
+    modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Any, allowed: Any, action: str
+) -> None:
+    left_out = queryset.exclude(pk__in=allowed.values("pk"))
+    names = [user.username for user in left_out]
+    if names:
+        security.event(
+            "admin_action_refused",
+            user=request.user,
+            address=security.request_address(request),
+            action=action,
+            targets=",".join(names)[:500],
+        )
+        modeladmin.message_user(
+            request,
+            f"Left as they are: {', '.join(names)} (your own account, or a superuser's).",
+            messages.WARNING,
+        )
+
+
+@admin.action(description="Activate the selected users (approve their sign-up)", permissions=["change"])
 def activate_users(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Any) -> None:
-    waiting = list(queryset.filter(is_active=False))
+    allowed = _may_change(request, queryset)
+    _refused(modeladmin, request, queryset.filter(is_active=False), allowed, "activate_users")
+    waiting = list(allowed.filter(is_active=False))
     queryset.filter(pk__in=[u.pk for u in waiting]).update(is_active=True)
     for user in waiting:
         security.event(
@@ -67,10 +99,22 @@ def activate_users(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset:
     )
 
 
-@admin.action(description="Deactivate the selected users (they can no longer log in)")
+@admin.action(description="Deactivate the selected users (they can no longer log in)", permissions=["change"])
 def deactivate_users(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Any) -> None:
-    count = queryset.exclude(pk=request.user.pk).filter(is_active=True).update(is_active=False)
-    modeladmin.message_user(request, f"{count} user(s) deactivated.", messages.SUCCESS)
+    allowed = _may_change(request, queryset)
+    _refused(modeladmin, request, queryset.filter(is_active=True), allowed, "deactivate_users")
+    active = list(allowed.filter(is_active=True).values_list("pk", "username"))
+    User.objects.filter(pk__in=[pk for pk, _ in active]).update(is_active=False)
+    for _pk, username in active:
+        security.event(
+            "user_deactivated",
+            user=username,
+            address=security.request_address(request),
+            by=request.user.username,
+        )
+    # Their open sockets close now (an UPDATE sends no post_save).
+    accounts_changed.send(sender=User, user_ids=[pk for pk, _ in active])
+    modeladmin.message_user(request, f"{len(active)} user(s) deactivated.", messages.SUCCESS)
 
 
 if admin.site.is_registered(User):
@@ -80,10 +124,25 @@ if admin.site.is_registered(User):
 @admin.register(User)
 class ChatUserAdmin(UserAdmin):
     """Django's user admin, with the sign-ups waiting for approval first and
-    an "Invite by e-mail" button."""
+    an "Invite by e-mail" button. Activating and deactivating need the
+    permission to change users (Django offers an action to whoever may see
+    the list unless it says which permission it needs)."""
 
     actions = [activate_users, deactivate_users]
     list_display = ("username", "email", "is_active", "is_staff", "date_joined", "last_login")
     list_filter = ("is_active", "is_staff", "is_superuser", "groups")
     ordering = ("is_active", "-date_joined")
     change_list_template = "admin/auth/user/change_list_invite.html"
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        action = request.POST.get("action", "") if request.method == "POST" else ""
+        if action and action not in self.get_actions(request):
+            # Django ignores an action it did not offer; the attempt is worth a line.
+            security.event(
+                "admin_action_refused",
+                user=request.user,
+                address=security.request_address(request),
+                action=action[:100],
+                why="no_permission",
+            )
+        return super().changelist_view(request, extra_context)

@@ -11,7 +11,9 @@ counted event until the minute's window ends.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import unicodedata
 from typing import Any
 
 from django.conf import settings
@@ -64,11 +66,21 @@ def scope_address(scope: dict[str, Any]) -> str:
     return client_address(client[0], forwarded)
 
 
+def _field(value: Any) -> str:
+    """A value as one token of a log line: what a client typed (a username,
+    an Origin) in quotes and escaped if it holds spaces, `=`, quotes or
+    control characters, so that it can never fake a field or a line."""
+    text = str(value)
+    if text and text.isprintable() and not any(c.isspace() or c in '="' for c in text):
+        return text
+    return json.dumps(text)
+
+
 def event(name: str, *, user: Any = None, address: str | None = None, **fields: Any) -> None:
     """One line on the `security` log: `login_failed user=alice address=…`."""
     who = getattr(user, "username", None) if user is not None and not isinstance(user, str) else user
-    parts = [name, f"user={who or '-'}", f"address={address or '-'}"]
-    parts += [f"{key}={value}" for key, value in fields.items()]
+    parts = [name, f"user={_field(who or '-')}", f"address={_field(address or '-')}"]
+    parts += [f"{key}={_field(value)}" for key, value in fields.items()]
     log.warning(" ".join(parts))
 
 
@@ -100,10 +112,18 @@ def _wait(usage: dict[str, Any] | None) -> int | None:
     return None
 
 
+def username_key(username: str) -> str:
+    """The one spelling of a username that its throttle counts under.
+    Django's login NFKC-normalises what was typed (fullwidth or
+    mathematical-bold letters log in as their plain `bob`), so the throttle
+    does too, then folds the case; it is the same for a name that exists
+    and one that does not, so it tells nothing."""
+    folded = unicodedata.normalize("NFKC", username.strip()).casefold()
+    return unicodedata.normalize("NFKC", folded)[:150]
+
+
 def _login_keys(request: Any, username: str) -> list[str]:
-    # The username as typed, case-folded: the throttle is the same for one
-    # that exists and one that does not, so it tells nothing.
-    return [f"addr:{request_address(request)}", f"user:{username.strip().casefold()[:150]}"]
+    return [f"addr:{request_address(request)}", f"user:{username_key(username)}"]
 
 
 def login_wait(request: Any, username: str) -> int | None:

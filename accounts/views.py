@@ -8,7 +8,6 @@ from django.contrib.auth import get_user_model, login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import AuthenticationForm
-from django.contrib.auth.tokens import default_token_generator
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -20,6 +19,7 @@ from django.views.decorators.debug import sensitive_post_parameters
 
 from . import security
 from .forms import InviteForm, SignupForm
+from .links import one_time_links
 from .quotas import usage_summary
 
 
@@ -98,6 +98,7 @@ class PasswordResetView(auth_views.PasswordResetView):
     """Django's password reset, its mails throttled per address. The page
     says the same whether the address has an account or not."""
 
+    token_generator = one_time_links
     template_name = "registration/password_reset_form.html"
     email_template_name = "registration/password_reset_email.txt"
     subject_template_name = "registration/password_reset_subject.txt"
@@ -113,32 +114,61 @@ class PasswordResetView(auth_views.PasswordResetView):
         return super().form_valid(form)
 
 
-class InvitationAcceptView(auth_views.PasswordResetConfirmView):
+class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
+    """The mailed link: a new password, for an active account only (the
+    token also hashes `is_active`: a link mailed before a deactivation is
+    dead)."""
+
+    token_generator = one_time_links
+    template_name = "registration/password_reset_set.html"
+    success_url = reverse_lazy("password_reset_complete")
+    refusal = "password_reset_refused"
+
+    def may_use_link(self, user: Any) -> bool:
+        return user.is_active
+
+    def get_user(self, uidb64: str) -> Any:
+        user = super().get_user(uidb64)
+        if user is not None and not self.may_use_link(user):
+            security.event(self.refusal, user=user, address=security.request_address(self.request))
+            return None  # the page says the link is no longer valid
+        return user
+
+
+class InvitationAcceptView(PasswordResetConfirmView):
     """An invitation's one-time link: the invited person sets a password and
-    is logged in. The link is a password-reset token (it stops working once
-    a password is set, and after PASSWORD_RESET_TIMEOUT)."""
+    is logged in. Only for what staff made it for: an active account that
+    never had a password (a password-reset link of any other account is
+    refused here); it stops working once a password is set, and after
+    PASSWORD_RESET_TIMEOUT."""
 
     template_name = "registration/invitation_accept.html"
     post_reset_login = True
     post_reset_login_backend = "django.contrib.auth.backends.ModelBackend"
     success_url = reverse_lazy("chat:new")
+    refusal = "invitation_refused"
+
+    def may_use_link(self, user: Any) -> bool:
+        return user.is_active and not user.has_usable_password()
 
     def form_valid(self, form: Any) -> HttpResponse:
-        form.user.is_active = True
         security.event("invitation_accepted", user=form.user, address=security.request_address(self.request))
         return super().form_valid(form)
 
 
 @staff_member_required
 def invite(request: HttpRequest) -> HttpResponse:
-    """Staff invite someone by e-mail: an active account without a password,
-    and a one-time link that sets one."""
+    """Staff who may add users invite someone by e-mail: an active account
+    without a password, and a one-time link that sets one."""
+    if not request.user.has_perm("auth.add_user"):
+        security.event("invite_refused", user=request.user, address=security.request_address(request))
+        return render(request, "accounts/invite.html", {"refused": True}, status=403)
     form = InviteForm(request.POST or None)
     sent = None
     if request.method == "POST" and form.is_valid():
         user = form.save()
         uid = urlsafe_base64_encode(force_bytes(user.pk))
-        token = default_token_generator.make_token(user)
+        token = one_time_links.make_token(user)
         link = request.build_absolute_uri(
             reverse("invitation_accept", kwargs={"uidb64": uid, "token": token})
         )

@@ -3,14 +3,14 @@ the field, never an exception."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
-from conversations import tools
+from conversations import inputs, tools
 
 from .errors import ApiError, bad_request
 
@@ -21,14 +21,22 @@ RESPONSE_FORMATS = {"text", "json_object", "json_schema"}
 
 
 def body_of(request: HttpRequest) -> dict[str, Any]:
-    if len(request.body) > MAX_BODY_BYTES:
-        raise ApiError(
-            413, f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB.", "too_large"
-        )
+    """The request's JSON object: 413 past MAX_BODY_BYTES (also when Django
+    refuses to read it: DATA_UPLOAD_MAX_MEMORY_SIZE), 400 for anything that
+    is not JSON, nested too deeply or holds a string that is not text."""
+    too_large = ApiError(
+        413, f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB.", "too_large"
+    )
     try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
-        raise bad_request("The request body must be JSON.") from None
+        raw = request.body
+    except RequestDataTooBig:
+        raise too_large from None
+    if len(raw) > MAX_BODY_BYTES:
+        raise too_large
+    try:
+        body = inputs.load_json(raw or b"{}")
+    except inputs.BadInput as exc:
+        raise bad_request(str(exc)) from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     return body
@@ -112,12 +120,17 @@ def number(body: dict[str, Any], name: str, low: float, high: float) -> float | 
 
 
 def max_tokens_of(body: dict[str, Any]) -> int | None:
+    """The longest answer asked for: at most OPENAI_MAX_TOKENS, this
+    server's ceiling (the budget reserves that much before the answer)."""
+    ceiling = settings.OPENAI_MAX_TOKENS
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad_request(f"`{name}` must be a positive integer.", name)
+        if value > ceiling:
+            raise bad_request(f"`{name}` is {value}; this server allows at most {ceiling}.", name)
         return value
     return None
 

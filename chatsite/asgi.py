@@ -1,5 +1,6 @@
-"""ASGI entry point: HTTP goes to Django; websockets pass the origin check,
-then session authentication, then the router."""
+"""ASGI entry point: HTTP goes to Django; websockets pass the origin check
+(chatsite/origin.py: scheme, host and port, as Django's CSRF check), then
+session authentication, then the router."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from chatsite.origin import SameOriginValidator  # noqa: E402
 from chatsite.startup import SweepOnStartup  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 
@@ -29,7 +30,7 @@ application = SweepOnStartup(
     ProtocolTypeRouter(
         {
             "http": django_asgi_app,
-            "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+            "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     )
 )

@@ -120,6 +120,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer and cache ------------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
+# Every key and pub/sub channel of this site in Redis starts with it (the
+# answers' logs, the live tail, socket counts, the cache): two sites can
+# share one Redis server with prefixes of their own.
+REDIS_PREFIX = env.str("REDIS_PREFIX", default="chat")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -137,7 +141,7 @@ if REDIS_URL:
         "default": {
             "BACKEND": "chatsite.cache.SharedPoolRedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="chatsite"),
+            "KEY_PREFIX": REDIS_PREFIX,
         }
     }
 else:
@@ -237,6 +241,10 @@ CHAT_TRUSTED_PROXIES = env.int("CHAT_TRUSTED_PROXIES", default=0)
 CHAT_MAX_SOCKETS_PER_USER = env.int("CHAT_MAX_SOCKETS_PER_USER", default=20)
 CHAT_MAX_BAD_FRAMES = env.int("CHAT_MAX_BAD_FRAMES", default=50)
 CHAT_JOIN_RATE = env.int("CHAT_JOIN_RATE", default=60)
+# A socket asks again whether its sign-in is still good (not logged out, the
+# account active, the password unchanged) before it acts, if its last answer
+# is older than this (s); a logout or a deactivation closes it at once anyway.
+CHAT_SESSION_RECHECK = env.float("CHAT_SESSION_RECHECK", default=5.0)
 
 # E-mail (invitations, password resets): django-environ's EMAIL_URL, e.g.
 # smtp+tls://user:password@smtp.example.com:587; by default the console (the

@@ -1,14 +1,18 @@
 """Work to do once per process before it serves anyone, and what runs for
 the life of the process.
 
-Daphne has no lifespan events, so the first connection of any kind (a load
-balancer's `/healthz` probe, usually) runs it.
+Daphne has no lifespan events, but its process has a start: when the
+application is loaded by daphne, this runs as soon as daphne's reactor
+runs, before any request (a worker that nobody has reached yet, just
+restarted or the quiet one, settles a dead worker's answers all the same).
+Under another ASGI server, the first connection of any kind runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -27,6 +31,7 @@ class SweepOnStartup:
         self.app = app
         self._done = False
         self._lock: asyncio.Lock | None = None
+        _when_daphne_runs(self._run_once)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         if not self._done and scope["type"] in ("http", "websocket"):
@@ -45,3 +50,17 @@ class SweepOnStartup:
                 log.exception("start-up sweep of streaming answers failed")
             this_worker().start()
             self._done = True
+
+
+def _when_daphne_runs(start: Any) -> None:
+    """Run `start()` (a coroutine function) on daphne's event loop as soon as
+    its reactor runs, if this process is daphne's."""
+    if "daphne.server" not in sys.modules:
+        return  # a test, a command, another server: the first connection runs it
+    from twisted.internet import reactor
+
+    def schedule() -> None:
+        # The reactor is starting; its asyncio loop runs from the next tick.
+        reactor.callLater(0, lambda: asyncio.ensure_future(start()))
+
+    reactor.callWhenRunning(schedule)

@@ -7,10 +7,22 @@ class ConversationsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.contrib.auth import get_user_model
+        from django.contrib.auth.signals import user_logged_out
+
+        from accounts.signals import accounts_changed
+
+        from . import signins
         from .models import ModelPrice, forget_prices
 
         post_save.connect(forget_prices, sender=ModelPrice, dispatch_uid="forget_prices_on_save")
         post_delete.connect(forget_prices, sender=ModelPrice, dispatch_uid="forget_prices_on_delete")
+        # A socket lives no longer than its sign-in.
+        user = get_user_model()
+        user_logged_out.connect(signins.on_logged_out, dispatch_uid="sockets_on_logout")
+        post_save.connect(signins.on_user_saved, sender=user, dispatch_uid="sockets_on_user_saved")
+        post_delete.connect(signins.on_user_deleted, sender=user, dispatch_uid="sockets_on_user_deleted")
+        accounts_changed.connect(signins.accounts_changed, dispatch_uid="sockets_on_accounts_changed")
         _reconnect_steadily()
 
 

@@ -7,6 +7,8 @@ turns frames into calls and channel-layer events into frames.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import logging
 import time
@@ -23,8 +25,9 @@ from django.db import InterfaceError, OperationalError
 
 from accounts import security
 
-from . import generation
+from . import generation, inputs, signins
 from .generation import Frame
+from .generation.batches import batches_of
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,21 @@ def _uuid(frame: dict[str, Any], name: str, *, optional: bool = False) -> uuid.U
         raise FrameError("invalid_request", f"`{name}` must be a UUID string.") from None
 
 
+def _about(frame: dict[str, Any]) -> dict[str, Any]:
+    """The ids an error about `frame` carries, where they are ids."""
+    return {k: frame[k] for k in ("client_id", "conversation") if _clean_id(frame.get(k))}
+
+
+def _clean_id(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _model(frame: dict[str, Any]) -> str | None:
     """A new conversation's model, by name (optional)."""
     value = frame.get("model")
@@ -90,6 +108,9 @@ def _content(frame: dict[str, Any], extra: dict[str, Any]) -> str:
         raise FrameError(
             "invalid_request", f"The message is too long ({len(content)} > {limit} characters).", **extra
         )
+    problem = inputs.text_problem(content)
+    if problem:
+        raise FrameError("invalid_request", f"The message {problem}.", **extra)
     return content
 
 
@@ -158,6 +179,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_TOO_MANY_SOCKETS)
             return
         self.user = user
+        session_key = getattr(self.scope.get("session"), "session_key", None)
+        self.sign_in = (session_key, user.pk)  # asked again before acting (signins.py)
+        self._session_digest = signins.session_digest(session_key) if session_key else ""
+        self._signed_in_checked = time.monotonic()
         self.following = {}
         self._bad: deque[float] = deque()  # when the last bad frames came
         self._joins: deque[float] = deque()  # when the last conversation.join frames came
@@ -179,9 +204,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         proxy, to another worker and re-joins its conversation."""
         await self.close(code=CLOSE_SERVICE_RESTART)
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' consumer, and whatever ends it (a close, a crash, a
+        cancellation), the socket is uncounted and unfollowed: a socket
+        that died of an exception kept its slot in the user's count."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._forget()
+
     async def disconnect(self, code: int) -> None:
-        if not hasattr(self, "user"):
+        await self._forget()
+
+    async def _forget(self) -> None:
+        if not hasattr(self, "user") or getattr(self, "_forgotten", False):
             return
+        self._forgotten = True
         self._sender.cancel()
         generation.this_worker().sockets.discard(self)
         await self.hub.close_socket(self.user.pk, self.socket_id)
@@ -209,6 +247,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             }.get(frame.get("type"))
             if handler is None:
                 raise FrameError("invalid_request", f"Unknown frame type: {frame.get('type')!r}.")
+            if not await self._still_signed_in():
+                return
             await handler(frame)
         except FrameError as exc:
             if exc.code in ("invalid_request", "not_found", "rate_limited_join"):
@@ -226,16 +266,56 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except (OperationalError, InterfaceError) as exc:
             # The database is away (restarting): nothing was stored; say so.
             log.warning("frame refused, database unavailable: %s", exc)
-            about = {k: frame[k] for k in ("client_id", "conversation") if isinstance(frame.get(k), str)}
             self._emit(
                 {
                     "type": "error",
                     "code": "unavailable",
                     "message": "The service is briefly unavailable; try again in a moment.",
                     "retry_after": 2,
-                    **about,
+                    **_about(frame),
                 }
             )
+        except Exception:
+            # A fault of ours: this frame is refused, the socket lives on
+            # (and still counts its bad frames: a frame that keeps finding
+            # the fault cannot keep the worker busy).
+            log.exception("frame of type %r failed", frame.get("type"))
+            if await self._bad_frame():
+                return
+            self._emit(
+                {
+                    "type": "error",
+                    "code": "internal_error",
+                    "message": "Something went wrong on our side with that request; try again.",
+                    **_about(frame),
+                }
+            )
+
+    async def _still_signed_in(self, *, now: bool = False) -> bool:
+        """Is the sign-in this socket was opened with still good (not logged
+        out, the account active, its password unchanged)? Asked again when
+        the last answer is older than CHAT_SESSION_RECHECK (or `now`); if
+        not, the socket is closed with 4401 and False returned."""
+        if self._closing:
+            return False
+        checked = time.monotonic()
+        if not now and checked - self._signed_in_checked < settings.CHAT_SESSION_RECHECK:
+            return True
+        good = await batches_of(signins.still_signed_in).submit(self.sign_in)
+        if good:
+            self._signed_in_checked = checked
+            return True
+        self._closing = True
+        await self._close_signed_out("sign_in_ended")
+        return False
+
+    async def _close_signed_out(self, why: str) -> None:
+        security.event("socket_signed_out", user=self.user, address=self.address, why=why)
+        await self.close(code=CLOSE_UNAUTHENTICATED)
+
+    async def _check_sign_in_now(self) -> None:
+        with contextlib.suppress(Exception):  # the database away: the next frame asks again
+            await self._still_signed_in(now=True)
 
     async def _bad_frame(self) -> bool:
         """Count a bad frame (malformed, unknown, someone else's conversation,
@@ -257,9 +337,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if len(raw) > MAX_FRAME_BYTES or len(raw.encode("utf-8", "replace")) > MAX_FRAME_BYTES:
             raise FrameError("invalid_request", "Frame too large.")
         try:
-            frame = json.loads(raw)
-        except ValueError:
-            raise FrameError("invalid_request", "Frames must be JSON objects.") from None
+            frame = inputs.load_json(raw, what="The frame")
+        except inputs.BadInput as exc:
+            if exc.parsed is None:  # not JSON, or nested too deeply
+                raise FrameError("invalid_request", str(exc)) from None
+            # Parsed, but a string in it cannot be stored: the error names
+            # the send it refuses, so that the page can show it there.
+            about = _about(exc.parsed) if isinstance(exc.parsed, dict) else {}
+            raise FrameError("invalid_request", str(exc), **about) from None
         if not isinstance(frame, dict):
             raise FrameError("invalid_request", "Frames must be JSON objects.")
         return frame
@@ -528,7 +613,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await asyncio.sleep(delay)
 
     def _spawn(self, work: Any) -> None:
-        task = asyncio.ensure_future(work)
+        # A context of its own: `deliver` runs in whoever published's (a view's
+        # `async_to_sync`, whose database thread ends with it).
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -576,8 +663,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     await outbox_send({"type": "websocket.send", "text": part})
 
     def _user_event(self, frame: Frame) -> None:
-        """conversation.created / updated / deleted, for all of a user's tabs."""
+        """conversation.created / updated / deleted, for all of a user's tabs;
+        and, never shown to them, that a sign-in of theirs ended."""
         kind = frame.data["type"]
+        if kind == signins.SESSION_ENDED:
+            if (
+                self._session_digest
+                and frame.data.get("session") == self._session_digest
+                and not self._closing
+            ):
+                self._closing = True  # no frame of this socket is acted on from now
+                self._spawn(self._close_signed_out("logged_out"))
+            return
+        if kind == signins.SESSION_CHECK:
+            self._spawn(self._check_sign_in_now())
+            return
         if kind == "conversation.created" and frame.data["conversation"]["id"] in self._announced:
             return  # this tab had it already, before its answer's first frame
         if kind == "conversation.deleted":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
@@ -45,11 +46,16 @@ def _encode_cursor(conversation: Conversation) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """What `_encode_cursor` wrote, or BadCursor for anything else (a
+    crafted cursor never reaches the query)."""
     try:
         updated_at, pk = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(updated_at), pk
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        moment = datetime.fromisoformat(updated_at)
+        if moment.tzinfo is None:
+            raise ValueError("a cursor's time has its offset")
+        return moment, uuid.UUID(pk)
+    except (ValueError, binascii.Error, UnicodeError) as exc:
         raise BadCursor("Bad cursor.") from exc
 
 

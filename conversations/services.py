@@ -8,7 +8,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django.db import transaction
 
-from . import generation
+from . import generation, inputs
 from .models import Conversation, Message
 
 MAX_TITLE_CHARS = 200
@@ -28,6 +28,9 @@ def conversation_rename(*, conversation: Conversation, title: str) -> Conversati
         raise InvalidTitle("The title is empty.")
     if len(title) > MAX_TITLE_CHARS:
         raise InvalidTitle(f"The title is longer than {MAX_TITLE_CHARS} characters.")
+    problem = inputs.text_problem(title)
+    if problem:
+        raise InvalidTitle(f"The title {problem}.")
     conversation.title = title
     conversation.save(update_fields=["title"])
     payload = {"id": str(conversation.pk), "title": title}

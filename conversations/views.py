@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -13,7 +12,7 @@ from django.utils.text import slugify
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from . import llm, selectors, services
+from . import inputs, llm, selectors, services
 from .health import health_report
 from .models import ChatModel, Conversation, SystemPrompt
 
@@ -137,8 +136,8 @@ def conversation_delete(request: HttpRequest, conversation_id: uuid.UUID) -> Htt
 def _posted(request: HttpRequest) -> dict[str, Any]:
     if request.content_type == "application/json":
         try:
-            body = json.loads(request.body or b"{}")
-        except ValueError:
+            body = inputs.load_json(request.body or b"{}")
+        except inputs.BadInput:
             return {}
         return body if isinstance(body, dict) else {}
     return request.POST.dict()

@@ -42,6 +42,7 @@ from django.conf import settings as django_settings
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
+from conversations.generation import identity
 from deploy.nginx import find_nginx, render, start_nginx, stop_nginx, wait_ok, write_config
 from tests.conftest import free_port
 
@@ -151,9 +152,9 @@ class Worker:
 
     @property
     def worker_id(self) -> str:
-        """The id its answers carry in `Message.worker` (host:pid of the running process)."""
+        """The id its answers carry in `Message.worker` (that of the running process)."""
         assert self.process is not None
-        return f"{socket.gethostname()}:{self.process.pid}"
+        return identity.worker_id(self.process.pid)
 
     @property
     def alive(self) -> bool:

@@ -173,9 +173,13 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def run_daphne(db_url: str, llm_base_url: str, log_path: Path, **env: str) -> Iterator[LiveServer]:
+def run_daphne(
+    db_url: str, llm_base_url: str, log_path: Path, *, probe: bool = True, **env: str
+) -> Iterator[LiveServer]:
     """daphne serving chatsite.asgi on a free port, on `db_url`, with the
-    fake model as its endpoint; `env` overrides its environment."""
+    fake model as its endpoint; `env` overrides its environment. Up once
+    its /healthz answers; without `probe`, once its port takes a connection
+    (a worker that must not have served a request yet)."""
     port = free_port()
     variables = {
         **os.environ,
@@ -218,7 +222,10 @@ def run_daphne(db_url: str, llm_base_url: str, log_path: Path, **env: str) -> It
     )
     server = LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", process, log_path)
     try:
-        _wait_until_up(server)
+        if probe:
+            _wait_until_up(server)
+        else:
+            _wait_for_port(server, port)
         yield server
     finally:
         process.terminate()
@@ -277,6 +284,20 @@ def _other_sessions_busy() -> bool:
         return cursor.fetchone()[0] > 0
 
 
+def _wait_for_port(server: LiveServer, port: int, timeout: float = 30.0) -> None:
+    """Until the port takes a TCP connection: no request reaches the application."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"daphne exited:\n{server.log()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"daphne did not listen:\n{server.log()}")
+
+
 def _wait_until_up(server: LiveServer, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -313,6 +334,13 @@ def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[N
             close_pool = getattr(conn, "close_pool", None)
             if close_pool is not None:
                 close_pool()
+
+
+@pytest.fixture(name="sockets")
+def _sockets() -> Iterator[contextlib.ExitStack]:
+    """Every socket a test opens is closed when it ends."""
+    with contextlib.ExitStack() as stack:
+        yield stack
 
 
 # --- Browser tests: one Chromium per module, fresh tabs per test --------------------

@@ -186,7 +186,12 @@ class FakeLLM:
                 failing = fake.failing_models.get(body.get("model", ""))
                 reply = failing or fake._next(stream=bool(body.get("stream")))
                 if reply.status != 200:
-                    self._json(reply.status, {"error": reply.error or {"message": "error"}}, reply.headers)
+                    error = dict(reply.error or {"message": "error"})
+                    # A server that quotes what it was sent back (some do, the key included).
+                    error["message"] = str(error.get("message", "")).replace(
+                        "{authorization}", self.headers.get("Authorization", "")
+                    )
+                    self._json(reply.status, {"error": error}, reply.headers)
                 elif body.get("stream"):
                     self._stream(reply, body)
                 else:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
@@ -240,8 +241,17 @@ def mailed_link(server: LiveServer, pattern: str) -> str:
     return links[-1]
 
 
+def staff_who_may(username: str, *permissions: str) -> Any:
+    """A staff member with these `auth` permissions (codenames) only."""
+    staff = make_user(username, is_staff=True)
+    staff.user_permissions.set(
+        Permission.objects.filter(content_type__app_label="auth", codename__in=permissions)
+    )
+    return staff
+
+
 def test_an_invitation_link_sets_a_password_once(daphne_server: LiveServer) -> None:
-    staff = make_user("staffer", is_staff=True)
+    staff = staff_who_may("staffer", "add_user", "view_user")
     admin = Visitor(daphne_server)
     admin.use_session_of(staff)
     status, _, page = admin.post("/accounts/invite/", {"username": "invitee", "email": "invitee@example.com"})
@@ -290,13 +300,6 @@ def test_a_forgotten_password_is_reset_through_a_mailed_link_once(daphne_server:
 
 
 # --- Sockets -----------------------------------------------------------------------------
-
-
-@pytest.fixture(name="sockets")
-def _sockets() -> Iterator[contextlib.ExitStack]:
-    """Every socket a test opens is closed when it ends."""
-    with contextlib.ExitStack() as stack:
-        yield stack
 
 
 def open_socket(server: LiveServer, cookie: str, stack: contextlib.ExitStack) -> Any:

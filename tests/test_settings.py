@@ -15,7 +15,7 @@ SECRET_KEY = "q3Vw9-Lx7Zp2Rk8Tn4Hs6Jd1Fg5Mb0Yc_Ua3Ei7Ow2Pl9Kz4Xv8Nr6Qt1Sy5"  # 6
 # Everything settings.py reads: stripped from the inherited environment so that
 # a CI job's DATABASE_URL or REDIS_URL does not leak into a case.
 CONFIG_PREFIXES = (
-    "DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "CSRF_", "DATABASE_", "REDIS_URL", "CACHE_KEY_PREFIX",
+    "DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "CSRF_", "DATABASE_", "REDIS_URL", "REDIS_PREFIX",
     "OPENAI_", "SECURE_", "SESSION_COOKIE_", "BEHIND_TLS_PROXY", "CHAT_",
 )  # fmt: skip
 

@@ -15,7 +15,8 @@ The running answers of this process are registered here too, so that a stop,
 a snapshot or a catch-up from a socket of this process reaches its answer
 directly.
 
-With REDIS_URL set (several workers), the hub also keeps:
+With REDIS_URL set (several workers), the hub also keeps (every key and
+channel under REDIS_PREFIX, `chat` by default: `RedisNames`):
 
 - the answer's log: every delta is XADDed to a Redis Stream per answer
   (`chat:answer:<id>`, entry id `<seq>-0`, fields `s` = seq and `t` = text,
@@ -37,9 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-import time
+import urllib.parse
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -48,14 +50,13 @@ from typing import Any, Protocol
 from django.conf import settings
 
 from .events import Frame
-from .recovery import WORKER_ID
+from .identity import WORKER_ID
 
 log = logging.getLogger(__name__)
 
 LOG_MAXLEN = 100_000  # deltas kept per answer (about 4 MB of text at the default frame rate)
 LOG_TTL = 24 * 3600  # s: the log of an answer that never finished (its worker died)
 FINISHED_LOG_TTL = 300  # s: a late follower of a finished answer reads the database
-CONTROL_CHANNEL = "chat:ctl"
 MAX_PIPELINE = 500  # Redis commands per round trip of the writer
 SOCKET_TTL = 90.0  # s: a socket's entry in its user's count lives this long unless refreshed
 SOCKET_REFRESH = 30.0  # s
@@ -88,19 +89,48 @@ class Snapshot:
     local: bool = True  # from this process's running answer; else from Redis
 
 
-TOPIC_PREFIX = "chat:topic:"
+@dataclass(frozen=True)
+class RedisNames:
+    """Every key and pub/sub channel of this site in Redis, under REDIS_PREFIX,
+    so that two sites can share one Redis server. Keys live in the
+    database of REDIS_URL; pub/sub channels are one namespace for the whole
+    server, so theirs also name that database (when it is not 0)."""
+
+    prefix: str
+    channel_prefix: str
+
+    @classmethod
+    def for_settings(cls) -> RedisNames:
+        return _names(settings.REDIS_PREFIX, settings.REDIS_URL)
+
+    def log(self, answer_id: str) -> str:
+        return f"{self.prefix}:answer:{answer_id}"
+
+    def running(self, conversation_id: str) -> str:
+        return f"{self.prefix}:running:{conversation_id}"
+
+    def sockets(self, user_id: Any) -> str:
+        return f"{self.prefix}:sockets:{user_id}"
+
+    @property
+    def topics(self) -> str:
+        return f"{self.channel_prefix}:topic:"
+
+    def topic(self, topic: str) -> str:
+        return self.topics + topic
+
+    @property
+    def control(self) -> str:
+        return f"{self.channel_prefix}:ctl"
 
 
-def _conv_channel(topic: str) -> str:
-    return TOPIC_PREFIX + topic
-
-
-def _log_key(answer_id: str) -> str:
-    return f"chat:answer:{answer_id}"
-
-
-def _running_key(conversation_id: str) -> str:
-    return f"chat:running:{conversation_id}"
+@functools.lru_cache(maxsize=8)
+def _names(prefix: str, url: str) -> RedisNames:
+    database = 0
+    with contextlib.suppress(ValueError):
+        path = urllib.parse.urlsplit(url).path.strip("/")
+        database = int(path or 0)
+    return RedisNames(prefix, prefix if database == 0 else f"{prefix}:db{database}")
 
 
 def log_text(entries: list[tuple[Any, dict[bytes, bytes]]]) -> str | None:
@@ -224,7 +254,7 @@ class Hub:
         if self.remote is None:
             return None
         try:
-            return log_text(await self.remote.client.xrange(_log_key(answer_id)))
+            return log_text(await self.remote.client.xrange(self.remote.names.log(answer_id)))
         except Exception as exc:
             log.warning("answer log of %s unreadable: %s", answer_id, exc)
             return None
@@ -243,10 +273,6 @@ class Hub:
             await self.remote.flush()
 
 
-def _sockets_key(user_id: Any) -> str:
-    return f"chat:sockets:{user_id}"
-
-
 class RedisLink:
     """The hub's side in Redis: the answers' logs, the live tail, stops, and
     each user's open sockets (a sorted set per user: socket id -> the time
@@ -260,6 +286,7 @@ class RedisLink:
         from redis.backoff import NoBackoff
 
         self.hub = hub
+        self.names = RedisNames.for_settings()
         # No silent retries inside redis-py: a Redis that restarted (empty)
         # must be seen here, so that the logs are rewritten (below).
         self.client = redis.Redis.from_url(
@@ -284,8 +311,14 @@ class RedisLink:
 
     # --- open sockets per user ---------------------------------------------------
 
+    async def _now(self) -> float:
+        """Redis's clock: the workers' hosts may disagree (an entry's expiry
+        written by one is judged by every other)."""
+        seconds, microseconds = await self.client.time()
+        return seconds + microseconds / 1e6
+
     async def open_socket(self, user_id: Any, socket_id: str, limit: int) -> bool:
-        key, now = _sockets_key(user_id), time.time()
+        key, now = self.names.sockets(user_id), await self._now()
         pipe = self.client.pipeline(transaction=True)
         pipe.zremrangebyscore(key, "-inf", now)
         pipe.zadd(key, {socket_id: now + SOCKET_TTL})
@@ -302,18 +335,18 @@ class RedisLink:
         return True
 
     async def close_socket(self, user_id: Any, socket_id: str) -> None:
-        await self.client.zrem(_sockets_key(user_id), socket_id)
+        await self.client.zrem(self.names.sockets(user_id), socket_id)
 
     async def _refresh_sockets(self) -> None:
         while True:
             await asyncio.sleep(SOCKET_REFRESH)
             try:
-                expires = time.time() + SOCKET_TTL
+                expires = await self._now() + SOCKET_TTL
                 pipe = self.client.pipeline(transaction=False)
                 for user_id, sockets in list(self.hub.sockets.items()):
                     if sockets:
-                        pipe.zadd(_sockets_key(user_id), dict.fromkeys(sockets, expires))
-                        pipe.expire(_sockets_key(user_id), int(SOCKET_TTL))
+                        pipe.zadd(self.names.sockets(user_id), dict.fromkeys(sockets, expires))
+                        pipe.expire(self.names.sockets(user_id), int(SOCKET_TTL))
                 await pipe.execute()
             except Exception as exc:  # Redis away: the next round tries again
                 _raise_if_cancelled()
@@ -341,20 +374,20 @@ class RedisLink:
         payload = WORKER_ID + "\n" + frame.text
         commands: list[tuple[Any, ...]] = []
         if kind == "generation.delta":
-            key, seq = _log_key(data["message"]), data["seq"]
+            key, seq = self.names.log(data["message"]), data["seq"]
             commands.append(("XADD", key, "MAXLEN", "~", LOG_MAXLEN, f"{seq}-0", "s", seq, "t", data["text"]))
             if data["seq"] == 1:
                 commands.append(("EXPIRE", key, LOG_TTL))
         elif kind == "generation.started":
-            commands.append(("SET", _running_key(conversation_id), data["message"], "EX", LOG_TTL))
+            commands.append(("SET", self.names.running(conversation_id), data["message"], "EX", LOG_TTL))
         elif kind == "generation.finished":
-            commands.append(("EXPIRE", _log_key(data["message"]), FINISHED_LOG_TTL))
-            commands.append(("DEL", _running_key(conversation_id)))
-        commands.append(("PUBLISH", _conv_channel(conversation_id), payload))
+            commands.append(("EXPIRE", self.names.log(data["message"]), FINISHED_LOG_TTL))
+            commands.append(("DEL", self.names.running(conversation_id)))
+        commands.append(("PUBLISH", self.names.topic(conversation_id), payload))
         self._enqueue(*commands)
 
     async def send_stop(self, conversation_id: str) -> None:
-        self._enqueue(("PUBLISH", CONTROL_CHANNEL, json.dumps({"stop": conversation_id})))
+        self._enqueue(("PUBLISH", self.names.control, json.dumps({"stop": conversation_id})))
         await self.flush()
 
     async def flush(self) -> None:
@@ -427,24 +460,24 @@ class RedisLink:
         commands: list[tuple[Any, ...]] = []
         rewritten = set()
         for conversation_id, answer in list(self.hub.running.items()):
-            key = _log_key(answer.answer_id)
+            key = self.names.log(answer.answer_id)
             rewritten.add(key)
             commands.append(("DEL", key))
             for seq, text in answer.deltas_after(0):
                 commands.append(("XADD", key, "MAXLEN", "~", LOG_MAXLEN, f"{seq}-0", "s", seq, "t", text))
             commands.append(("EXPIRE", key, LOG_TTL))
-            commands.append(("SET", _running_key(conversation_id), answer.answer_id, "EX", LOG_TTL))
+            commands.append(("SET", self.names.running(conversation_id), answer.answer_id, "EX", LOG_TTL))
         commands.extend(c for c in batch if not (c[0] == "XADD" and c[1] in rewritten))
         return commands
 
     # --- reads -------------------------------------------------------------------
 
     async def snapshot(self, conversation_id: str) -> Snapshot | None:
-        answer_id = await self.client.get(_running_key(conversation_id))
+        answer_id = await self.client.get(self.names.running(conversation_id))
         if answer_id is None:
             return None
         answer_id = answer_id.decode()
-        entries = await self.client.xrange(_log_key(answer_id))
+        entries = await self.client.xrange(self.names.log(answer_id))
         seq, parts = 0, []
         for _id, fields in entries:
             seq = int(fields[b"s"])
@@ -452,7 +485,7 @@ class RedisLink:
         return Snapshot(answer_id, seq, "".join(parts), local=False)
 
     async def deltas_after(self, answer_id: str, seq: int) -> list[tuple[int, str]]:
-        entries = await self.client.xrange(_log_key(answer_id))
+        entries = await self.client.xrange(self.names.log(answer_id))
         deltas = [(int(fields[b"s"]), fields[b"t"].decode()) for _id, fields in entries]
         return [(s, t) for s, t in deltas if s > seq]
 
@@ -470,20 +503,20 @@ class RedisLink:
         self._subscribed.add(conversation_id)
         await self._ensure_reader()
         with contextlib.suppress(Exception):  # the reader resubscribes after a reconnect
-            await self._pubsub.subscribe(_conv_channel(conversation_id))
+            await self._pubsub.subscribe(self.names.topic(conversation_id))
 
     async def unsubscribe(self, conversation_id: str) -> None:
         self._subscribed.discard(conversation_id)
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.unsubscribe(_conv_channel(conversation_id))
+                await self._pubsub.unsubscribe(self.names.topic(conversation_id))
 
     async def _read_loop(self) -> None:
         failures = 0
         while True:
             try:
                 self._pubsub = self.client.pubsub()
-                channels = [CONTROL_CHANNEL, *(_conv_channel(c) for c in self._subscribed)]
+                channels = [self.names.control, *(self.names.topic(c) for c in self._subscribed)]
                 await self._pubsub.subscribe(*channels)
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(None)
@@ -523,7 +556,7 @@ class RedisLink:
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         name = channel.decode()
-        if name == CONTROL_CHANNEL:
+        if name == self.names.control:
             try:
                 conversation_id = json.loads(data).get("stop", "")
             except (ValueError, AttributeError):
@@ -539,7 +572,7 @@ class RedisLink:
             event = json.loads(body)
         except ValueError:
             return
-        topic = name.removeprefix(TOPIC_PREFIX)
+        topic = name.removeprefix(self.names.topics)
         self.hub.deliver_local(topic, Frame(event, topic, body.decode()))
 
 

@@ -1,5 +1,5 @@
-"""This worker process: what it does besides serving, from its first request
-to its last.
+"""This worker process: what it does besides serving, from its start to its
+last request.
 
 - The caretaker: every CHAT_SWEEP_INTERVAL seconds it settles the answers
   whose worker is gone (recovery.py): at once for a process of this machine
@@ -33,6 +33,7 @@ from django.conf import settings
 
 from .database import in_database
 from .fanout import get_hub
+from .identity import WORKER_ID
 from .recovery import dead_answers, settle_dead
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Worker:
         if self._caretaker is None and _served_by_daphne():
             self._caretaker = self.loop.create_task(self._care(), name="caretaker")
             signal.signal(signal.SIGTERM, self._on_sigterm)
+            log.info("worker %s: caretaker started", WORKER_ID)
 
     # --- the caretaker -------------------------------------------------------------------
 

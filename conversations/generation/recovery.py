@@ -1,54 +1,34 @@
 """Answers whose worker died: found by their heartbeat (a live answer's
 `updated_at` is refreshed every CHAT_CHECKPOINT_INTERVAL by its worker, see
-runner.Checkpointer) or by their worker id (a process of this machine that no
-longer exists), and settled as `interrupted` by whichever worker finds them
-first: the text as far as it was shown (the answer's log in Redis has every
-delta the sockets got; the database has the last checkpoint), the usage
-estimated into the ledger, the quota reservation released, every follower
-told. A live answer is never touched: its heartbeat is fresh."""
+runner.Checkpointer, with the database's clock) or by their worker id (a
+process of this machine that no longer exists: identity.py), and settled
+as `interrupted` by whichever worker finds them first: the text as far as
+it was shown (the answer's log in Redis has every delta the sockets got;
+the database has the last checkpoint), the usage estimated into the
+ledger, the quota reservation released, every follower told. A live answer
+is never touched: its heartbeat is fresh."""
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from .. import llm
 from ..models import Message, TokenUsage
 from ..rendering import render_markdown_cached
 from .events import NO_COST, finished_event, usage_payload
+from .identity import WORKER_ID, worker_dead
+
+__all__ = ["WORKER_ID", "dead_answers", "settle_dead", "sweep_interrupted"]
 
 log = logging.getLogger(__name__)
-
-# Which process runs an answer: lets a restarted process tell its own dead
-# answers from the live answers of another worker.
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:100]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _worker_dead(worker: str, *, include_self: bool) -> bool:
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another machine's worker: only its heartbeat can tell
-    if worker == WORKER_ID:
-        return include_self
-    return not _pid_alive(int(pid))
 
 
 @dataclass(frozen=True)
@@ -65,12 +45,13 @@ def dead_answers(*, stale_after: float | None, include_self: bool = False) -> li
     streaming = Message.objects.filter(status=Message.Status.STREAMING)
     found: dict[Any, DeadAnswer] = {}
     if stale_after is not None:
-        cutoff = timezone.now() - timedelta(seconds=stale_after)
-        stale = streaming.filter(updated_at__lt=cutoff)
+        # The database's clock, as the heartbeats' (runner.Checkpointer): the
+        # workers' hosts may disagree by more than CHAT_STALE_AFTER.
+        stale = streaming.filter(updated_at__lt=Now() - timedelta(seconds=stale_after))
         for pk, conversation_id in stale.values_list("pk", "conversation_id"):
             found[pk] = DeadAnswer(pk, conversation_id)
     for pk, conversation_id, worker in streaming.values_list("pk", "conversation_id", "worker"):
-        if pk not in found and _worker_dead(worker, include_self=include_self):
+        if pk not in found and worker_dead(worker, include_self=include_self):
             found[pk] = DeadAnswer(pk, conversation_id)
     return list(found.values())
 
@@ -151,12 +132,12 @@ def shown_text(answer_id: Any) -> str | None:
         return None
     import redis
 
-    from .fanout import log_text
+    from .fanout import RedisNames, log_text
 
     try:
         client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
         try:
-            return log_text(client.xrange(f"chat:answer:{answer_id}"))
+            return log_text(client.xrange(RedisNames.for_settings().log(str(answer_id))))
         finally:
             client.close()
     except Exception as exc:  # Redis away: the checkpoint is what we have

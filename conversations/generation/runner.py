@@ -26,7 +26,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
-from django.utils import timezone
+from django.db.models.functions import Now
 
 from .. import llm, tools
 from ..history import with_tool_rounds
@@ -538,13 +538,12 @@ def _write_tool_rounds(answer_id: Any, tool_rounds: list[dict[str, Any]]) -> Non
 
 
 def _write_checkpoints(grew: dict[Any, str], alive: list[Any]) -> None:
-    now = timezone.now()
+    """The texts that grew, and every running answer's heartbeat, stamped
+    with the database's clock (recovery.py compares it with the database's
+    clock too: the hosts of the workers may disagree)."""
     with transaction.atomic():
-        rows = [(pk, text, now) for pk, text in grew.items()]
-        update_each(Message, ("content", "updated_at"), rows, status=Message.Status.STREAMING)
-        rest = [pk for pk in alive if pk not in grew]
-        if rest:
-            Message.objects.filter(status=Message.Status.STREAMING, pk__in=rest).update(updated_at=now)
+        update_each(Message, ("content",), grew.items(), status=Message.Status.STREAMING)
+        Message.objects.filter(status=Message.Status.STREAMING, pk__in=alive).update(updated_at=Now())
 
 
 _checkpointers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Checkpointer] = (

@@ -10,6 +10,7 @@ an answer costs one round trip from the event loop before it streams."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -17,17 +18,20 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from accounts import quotas
 from accounts.limits import take_send, take_sends
 
-from .. import llm, prompts
+from .. import inputs, llm, prompts
 from ..history import History, fit_history, messages_tokens, plan_history
 from ..models import ChatModel, Conversation, Message, SystemPrompt
 from ..selectors import NotFound, conversation_for_user
-from .recovery import WORKER_ID
+from .identity import WORKER_ID
 from .titles import title_from
+
+log = logging.getLogger(__name__)
 
 CONTINUE_INSTRUCTION = "Continue exactly where your last answer stopped, without repeating anything."
 
@@ -90,6 +94,14 @@ def find_sent(*, user: Any, client_id: uuid.UUID) -> Message | None:
         return None
     sent = Message.objects.filter(client_id=client_id).select_related("conversation").first()
     return sent if sent is not None and sent.conversation.owner_id == user.pk else None
+
+
+def _refuse_unstorable(content: str) -> None:
+    """Every interface refuses such text as it parses; this rule makes sure
+    none reaches a batch (a lone surrogate or a NUL failed every send of it)."""
+    problem = inputs.text_problem(content)
+    if problem:
+        raise Refused(f"The message {problem}.")
 
 
 def _refuse_resent(user: Any, client_id: uuid.UUID) -> None:
@@ -161,6 +173,13 @@ def _new_answer(conversation: Conversation, **fields: Any) -> Message:
     )
 
 
+def _first_heartbeat(answer_ids: list[Any]) -> None:
+    """A new answer's heartbeat (`updated_at`) in the database's clock, like
+    every later one: stamped with this host's, a host whose clock is behind
+    would have its new answers look dead to the other workers' caretakers."""
+    Message.objects.filter(pk__in=answer_ids).update(updated_at=Now())
+
+
 def _history(accepted: Accepted) -> History:
     if accepted.conversation_created:  # nothing to read: the prompt and the question
         messages = fit_history(
@@ -218,6 +237,7 @@ def _atomic_turn(user: Any, build: Any) -> Accepted:
             # Inserted last: the partial unique index refuses a second
             # streaming answer here (Busy), and everything rolls back with it.
             accepted.answer.save(force_insert=True)
+            _first_heartbeat([accepted.answer.pk])
             if not accepted.conversation_created:  # a new one has just been stamped
                 Conversation.objects.filter(pk=accepted.conversation.pk).update(updated_at=timezone.now())
             retry_after = take_send(user)
@@ -250,6 +270,7 @@ def accept_message(
     there (the question is then not stored either), RateLimited, OverQuota;
     Refused for a model users may not pick.
     """
+    _refuse_unstorable(content)
     _refuse_resent(user, client_id)
     if model and conversation_id is None and not ChatModel.is_pickable(model):
         raise Refused(f"The model “{model[:100]}” is not available.")
@@ -325,6 +346,8 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
     seen: set[uuid.UUID] = set()
     for index, send in enumerate(sends):
         earlier = sent.get(send.client_id)
+        if inputs.text_problem(send.content):
+            continue  # goes alone, to be refused there, before anything is stored
         if earlier is not None and earlier.conversation.owner_id == send.user.pk:
             results[index] = Resent(earlier)
         elif (
@@ -349,13 +372,17 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
                 together, _accept_new_together([sends[i] for i in together]), strict=True
             ):
                 results[index] = outcome
-        except IntegrityError:  # not expected (new conversations): each goes alone, and hears its own error
-            pass
+        except Exception as exc:
+            # Not expected (the interfaces refuse text that cannot be
+            # stored): nothing of the batch was stored; each send goes alone
+            # and hears its own outcome, so that one person's send never
+            # fails another's.
+            log.warning("a batch of %d sends failed together (%r); each goes alone", len(together), exc)
     for index, send in enumerate(sends):
         if results[index] is None:
             try:
                 results[index] = send.accept()
-            except (Resent, NotFound, Busy, Refused, RateLimited, OverQuota) as exc:
+            except Exception as exc:  # a refusal, or this send's own fault: its caller hears it
                 results[index] = exc
     return results  # type: ignore[return-value]
 
@@ -417,6 +444,7 @@ def _accept_new_together(sends: list[Send]) -> list[Accepted | Exception]:
         Conversation.objects.bulk_create([turn.conversation for turn in turns])
         # The questions first: each is older than its answer.
         Message.objects.bulk_create([turn.question for turn in turns] + [turn.answer for turn in turns])
+        _first_heartbeat([turn.answer.pk for turn in turns])
         refused = []
         waits = take_sends([turn.conversation.owner for turn in turns])
         for (place, turn), retry_after in zip(accepted, waits, strict=True):
@@ -452,6 +480,7 @@ def accept_edit(
 ) -> Accepted:
     """Replace the last question with new text and answer it anew; the old
     question and its answers stay as replaced versions."""
+    _refuse_unstorable(content)
     _refuse_resent(user, client_id)
 
     def build() -> Accepted:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from django.conf import settings
 
 from . import http
+from .redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -349,22 +349,11 @@ def _add_tool_call_piece(calls: dict[int, dict[str, str]], piece: Any) -> None:
 
 def _stream_error(error: Any) -> LLMError:
     """An error event inside an otherwise good stream."""
-    message = _redact(error.get("message", "") if isinstance(error, dict) else str(error))
+    message = redact(error.get("message", "") if isinstance(error, dict) else str(error))
     log.warning("model stream sent an error: %s", message)
     if "context" in message.lower() and "length" in message.lower():
         return ContextTooLong()
     return LLMError(message, user_message=f"The model service reported an error: {message}")
-
-
-_SECRET = re.compile(r"\b(sk|key|api[_-]?key)[-_A-Za-z0-9*.]{6,}", re.IGNORECASE)
-
-
-def _redact(text: str, limit: int = 300) -> str:
-    """One line of an upstream's message, safe for a page and a log: no key
-    (servers quote the bad one back, partly masked), bounded."""
-    line = " ".join(str(text).split())
-    line = _SECRET.sub("[key]", line)
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _error_object(failure: http.Failure) -> dict[str, Any]:
@@ -378,7 +367,7 @@ def _error_object(failure: http.Failure) -> dict[str, Any]:
 def _reason(failure: http.Failure) -> str:
     """The upstream's own words for a rejected request, if it gave any."""
     message = _error_object(failure).get("message")
-    return _redact(message) if message else ""
+    return redact(message) if message else ""
 
 
 @dataclass(frozen=True)
@@ -465,7 +454,7 @@ def _map_failure(failure: http.Failure, model: str = "") -> LLMError:
     reason = _reason(failure)
     log.warning(
         "model call failed: %s%s%s",
-        str(failure) if not status else "",
+        redact(str(failure)) if not status else "",
         f"HTTP {status}" if status else "",
         f": {reason}" if reason else "",
     )

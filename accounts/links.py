@@ -1,0 +1,19 @@
+"""One-time links (invitations, password resets): Django's password-reset
+tokens, which also hash whether the account is active, so that a link made
+before staff deactivated someone stops working then (with Django's own, a
+banned user's old reset or invitation link set a password and, through the
+invitation, logged them in again)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.tokens import PasswordResetTokenGenerator
+
+
+class OneTimeLinks(PasswordResetTokenGenerator):
+    def _make_hash_value(self, user: Any, timestamp: int) -> str:
+        return f"{super()._make_hash_value(user, timestamp)}{int(user.is_active)}"
+
+
+one_time_links = OneTimeLinks()
