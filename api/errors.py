@@ -9,6 +9,7 @@ from typing import Any
 from django.http import JsonResponse
 
 from conversations import llm
+from conversations.generation.events import upstream_code
 
 TYPES = {
     400: "invalid_request_error",
@@ -70,5 +71,5 @@ def from_llm(exc: llm.LLMError) -> ApiError:
     if isinstance(exc, llm.UpstreamBadRequest) and not exc.fallback:
         return ApiError(400, exc.user_message, "upstream_rejected")
     if isinstance(exc, llm.UpstreamRateLimited | llm.UpstreamUnavailable):
-        return ApiError(503, exc.user_message, exc.code, retry_after=exc.retry_after)
-    return ApiError(502, exc.user_message, exc.code)
+        return ApiError(503, exc.user_message, upstream_code(exc), retry_after=exc.retry_after)
+    return ApiError(502, exc.user_message, upstream_code(exc))

@@ -125,10 +125,8 @@ class Conversation(models.Model):
         prompt's, else OPENAI_MODEL; the demo model in demo mode."""
         from . import llm
 
-        if llm.is_demo():
-            return llm.DEMO_MODEL
         prompt = self.prompt
-        return self.model or (prompt.model if prompt and prompt.model else "") or settings.OPENAI_MODEL
+        return llm.resolve_model(self.model, prompt.model if prompt else "")
 
 
 class Message(models.Model):

@@ -9,7 +9,6 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 
@@ -203,13 +202,12 @@ def export_json(conversation: Conversation) -> dict[str, Any]:
 
 
 def default_model() -> str:
-    """The model a chat gets when it picks none: the default prompt's, else OPENAI_MODEL."""
+    """The model a chat gets when it picks none: the default prompt's, else
+    OPENAI_MODEL (llm.resolve_model)."""
     from . import llm
 
-    if llm.is_demo():
-        return llm.DEMO_MODEL
     prompt = SystemPrompt.objects.filter(is_default=True).only("model").first()
-    return (prompt.model if prompt and prompt.model else "") or settings.OPENAI_MODEL
+    return llm.resolve_model(prompt_model=prompt.model if prompt else "")
 
 
 def usable_models() -> list[ChatModel]:

@@ -62,10 +62,7 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
     default_prompt = next((p for p in prompts if p.is_default), None)
     chat_models = ChatModel.choices()
     labels = {m.name: m.display for m in chat_models}
-    if llm.is_demo():
-        default_model = llm.DEMO_MODEL
-    else:
-        default_model = (default_prompt.model if default_prompt else "") or settings.OPENAI_MODEL
+    default_model = llm.resolve_model(prompt_model=default_prompt.model if default_prompt else "")
     shown_model = conversation.chosen_model if conversation else ""
     sidebar, next_cursor = selectors.sidebar_page(user=request.user)
     context = {

@@ -95,8 +95,7 @@ def _fresh_channel_layer_and_cache() -> Iterator[None]:
     quotas.forget_limits()  # likewise limits
     from conversations import llm
 
-    llm._no_json_output.clear()  # a server an earlier test scripted to refuse JSON output
-    llm._no_tools.clear()  # or tools
+    llm.forget_refusals()  # a server an earlier test scripted to refuse JSON output, or tools
     yield
     channel_layers.backends.clear()
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from conversations import llm
+from conversations.generation.events import upstream_code
 from conversations.llm import (
     ContextTooLong,
     IncompleteStream,
@@ -120,7 +121,7 @@ async def test_auth_refusal_maps_to_upstream_auth_error(fake_llm: FakeLLM, statu
 
     assert events == []
     assert type(error) is UpstreamAuthError
-    assert error.code == "upstream_error"
+    assert upstream_code(error) == "upstream_error"
 
 
 async def test_rate_limit_maps_to_upstream_rate_limited_with_retry_after(fake_llm: FakeLLM) -> None:
@@ -130,7 +131,7 @@ async def test_rate_limit_maps_to_upstream_rate_limited_with_retry_after(fake_ll
 
     assert type(error) is UpstreamRateLimited
     assert error.retry_after == 7.0
-    assert error.code == "upstream_unavailable"
+    assert upstream_code(error) == "upstream_unavailable"
 
 
 async def test_server_error_maps_to_upstream_unavailable(fake_llm: FakeLLM) -> None:
@@ -139,7 +140,7 @@ async def test_server_error_maps_to_upstream_unavailable(fake_llm: FakeLLM) -> N
     _, error = await collect_until_error()
 
     assert type(error) is UpstreamUnavailable
-    assert error.code == "upstream_unavailable"
+    assert upstream_code(error) == "upstream_unavailable"
 
 
 async def test_context_length_error_maps_to_context_too_long(fake_llm: FakeLLM) -> None:
@@ -153,7 +154,7 @@ async def test_context_length_error_maps_to_context_too_long(fake_llm: FakeLLM) 
 
     assert type(error) is ContextTooLong
     assert isinstance(error, UpstreamBadRequest)
-    assert error.code == "upstream_error"
+    assert upstream_code(error) == "upstream_error"
 
 
 async def test_other_bad_request_maps_to_upstream_bad_request(fake_llm: FakeLLM) -> None:
@@ -162,7 +163,7 @@ async def test_other_bad_request_maps_to_upstream_bad_request(fake_llm: FakeLLM)
     _, error = await collect_until_error()
 
     assert type(error) is UpstreamBadRequest
-    assert error.code == "upstream_error"
+    assert upstream_code(error) == "upstream_error"
 
 
 # --- Broken streams -------------------------------------------------------------------
@@ -279,18 +280,18 @@ async def test_api_key_never_appears_in_exception_messages(fake_llm: FakeLLM, re
 
 def test_demo_mode_is_on_without_key_and_base_url(demo_mode: None) -> None:
     assert llm.is_demo() is True
-    assert llm.default_model() == "demo"
+    assert llm.resolve_model() == "demo"
 
 
 def test_demo_mode_is_off_with_the_fake_server(fake_llm: FakeLLM) -> None:
     assert llm.is_demo() is False
-    assert llm.default_model() == "fake-model"
+    assert llm.resolve_model() == "fake-model"
 
 
 async def test_demo_stream_labels_itself_and_echoes_the_question(
     demo_mode: None, fake_llm_server: FakeLLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(llm, "DEMO_DELAY", 0)
+    monkeypatch.setattr(llm.demo, "DEMO_DELAY", 0)
     fake_llm_server.reset()
     question = [{"role": "user", "content": "What is the capital of Peru?"}]
 

@@ -237,7 +237,7 @@ async def test_a_failed_title_call_leaves_the_provisional_title(alice: Any, fake
 async def test_demo_model_titles_from_the_question(alice: Any, demo_mode: None, monkeypatch: Any) -> None:
     from conversations import llm
 
-    monkeypatch.setattr(llm, "DEMO_DELAY", 0)
+    monkeypatch.setattr(llm.demo, "DEMO_DELAY", 0)
     ws = await connect(alice)
     frames = await ask(ws, "how do owls see at night in the dark forest?")
     await ws.disconnect()
@@ -260,7 +260,7 @@ async def test_titles_are_asked_as_json_and_never_keep_markdown(alice: Any, fake
 async def test_a_server_without_json_output_is_asked_in_plain_text(alice: Any, fake_llm: Any) -> None:
     from conversations import llm
 
-    llm._no_json_output.clear()
+    llm.forget_refusals()
     fake_llm.script_completion(
         Reply.error_reply(400, "response_format is not supported", code="invalid_request_error"),
         Reply(chunks=["# Plain *owl* title"], usage=(20, 4)),

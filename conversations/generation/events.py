@@ -9,9 +9,19 @@ import json
 from decimal import Decimal
 from typing import Any
 
+from .. import llm
 from ..models import Conversation, Message
 
 NO_COST = Decimal("0.000000")  # a model without a ModelPrice row
+
+# How a failed model call is named in the contract's `error` frame.
+UPSTREAM_CODES = {"rate_limited": "upstream_unavailable", "unavailable": "upstream_unavailable"}
+
+
+def upstream_code(error: llm.LLMError) -> str:
+    """The contract's error code of a failed model call: `upstream_unavailable`
+    (try again shortly) or `upstream_error`."""
+    return UPSTREAM_CODES.get(error.reason, "upstream_error")
 
 
 def user_topic(user_id: Any) -> str:

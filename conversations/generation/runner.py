@@ -35,7 +35,7 @@ from ..rendering import render_markdown_cached
 from . import summaries
 from .batches import batches_of
 from .database import in_database, update_each
-from .events import conversation_payload, finished_event, message_payload, user_topic
+from .events import conversation_payload, finished_event, message_payload, upstream_code, user_topic
 from .fanout import get_hub
 from .ledger import record_model_call, save_answers, stored_usage
 from .titles import make_title
@@ -229,7 +229,7 @@ class Generation:
         if history is not None and history.pending:
             await self._summarize(history)
         prompt = self.conversation.prompt
-        offered = [] if llm.is_demo() else tools.offered((prompt.tools if prompt else "") or None)
+        offered = tools.offered((prompt.tools if prompt else "") or None)
         offered_json = tools.openai_tools(offered) if offered else None  # once per answer
         rounds = 0
         while True:
@@ -315,7 +315,7 @@ class Generation:
         prompt = self.conversation.prompt
         stream = llm.stream_chat(
             self.messages,
-            model=None if llm.is_demo() else self.answer.model,
+            model=self.answer.model,
             temperature=prompt.temperature if prompt else None,
             max_tokens=prompt.max_tokens if prompt else None,
             tools=offer,
@@ -395,7 +395,7 @@ class Generation:
             self._publish(
                 {
                     "type": "error",
-                    "code": outcome.error.code,
+                    "code": upstream_code(outcome.error),
                     "message": outcome.error.user_message,  # for a person, as in every error
                     "answer": self.answer_id,
                     "retry_after": outcome.error.retry_after,

@@ -89,7 +89,7 @@ async def run_call(call: Call) -> AsyncIterator[llm.TextDelta | llm.StreamEnd]:
             end: llm.StreamEnd | None = None
             stream = llm.stream_chat(
                 messages,
-                model=None if llm.is_demo() else call.model,
+                model=call.model,
                 temperature=call.temperature,
                 max_tokens=call.max_tokens,
                 tools=offer if rounds < settings.CHAT_TOOL_ROUNDS else call.client_tools or None,

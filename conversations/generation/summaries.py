@@ -67,7 +67,7 @@ async def refresh(
     try:
         completion = await llm.complete_chat(
             request,
-            model=None if llm.is_demo() else conversation.chosen_model,
+            model=conversation.chosen_model,
             max_tokens=max_tokens,
             demo_text=demo_summary(history.summary, history.pending, max_tokens),
         )

@@ -138,7 +138,7 @@ async def make_title(conversation: Conversation, question: str, answer: str, *, 
                 {"role": "user", "content": question[:2000]},
                 {"role": "assistant", "content": answer[:2000]},
             ],
-            model=None if llm.is_demo() else conversation.chosen_model,
+            model=conversation.chosen_model,
             max_tokens=40,
             json_object=True,
         )

@@ -1,0 +1,209 @@
+"""Streaming one chat completion: the request through the SDK
+(`with_streaming_response`: the raw server-sent lines, no object per chunk),
+the lines read here, the fallback models, and a server that refuses tools."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import openai
+from django.conf import settings
+
+from . import demo
+from .client import client
+from .errors import (
+    IncompleteStream,
+    LLMError,
+    UpstreamBadRequest,
+    from_broken_stream,
+    from_sdk,
+    from_stream_event,
+)
+from .types import ChatMessage, StreamEnd, StreamEvent, TextDelta, ToolCall, Usage
+
+log = logging.getLogger("conversations.llm")
+
+# Models whose server refused `tools` once: asked without tools since.
+no_tools: set[tuple[str, str]] = set()
+
+
+def is_demo() -> bool:
+    """True when no model endpoint is configured: the offline demo answers."""
+    return not (settings.OPENAI_API_KEY or settings.OPENAI_BASE_URL)
+
+
+async def stream_chat(
+    messages: Sequence[ChatMessage],
+    *,
+    model: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    fallbacks: Sequence[str] | None = None,
+    response_format: dict[str, Any] | None = None,
+) -> AsyncIterator[StreamEvent]:
+    """Stream one chat completion: `TextDelta`s, then exactly one `StreamEnd`,
+    or an LLMError. Closing the iterator closes the HTTP stream.
+    `tools`: the Chat Completions `tools` parameter; a model that calls them
+    ends with `StreamEnd.tool_calls`. `fallbacks`: the models to try when this
+    one fails before its first token (None: OPENAI_FALLBACK_MODELS).
+    `response_format`: passed on as it is (the HTTP API's clients). Without
+    a configured endpoint the demo model answers, whatever `model` says."""
+    if is_demo():
+        async for event in demo.stream(messages):
+            yield event
+        return
+
+    backups = settings.OPENAI_FALLBACK_MODELS if fallbacks is None else fallbacks
+    first, *rest = [model or settings.OPENAI_MODEL, *backups]
+    models = [first, *(m for m in dict.fromkeys(rest) if m != first)]
+    attempt = 0
+    while True:
+        current = models[attempt]
+        key = (settings.OPENAI_BASE_URL, current)
+        offer = tools if tools and key not in no_tools else None
+        started = False
+        try:
+            async with contextlib.aclosing(
+                _stream_one(
+                    messages,
+                    current,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    tools=offer,
+                    response_format=response_format,
+                )
+            ) as events:  # closed at once when the caller stops: the HTTP stream ends
+                async for event in events:
+                    started = True
+                    yield event
+            return
+        except LLMError as exc:
+            refused_tools = type(exc) is UpstreamBadRequest and "tool" in str(exc).lower()
+            if not started and offer and refused_tools and not exc.fallback:
+                # A server without function calling refuses `tools`: ask
+                # again without them, and remember (a refusal costs nothing).
+                log.warning("%s refused a request with tools (%s); no tools from now on", current, exc)
+                no_tools.add(key)
+                continue
+            # Before its first token a failing model hands over to the next
+            # one of OPENAI_FALLBACK_MODELS; once text was shown, never.
+            if started or not exc.fallback or attempt == len(models) - 1:
+                raise
+            attempt += 1
+            log.warning(
+                "model %s failed before its first token (%s); trying %s", current, exc, models[attempt]
+            )
+
+
+async def _stream_one(
+    messages: Sequence[ChatMessage],
+    model: str,
+    *,
+    temperature: float | None,
+    max_tokens: int | None,
+    tools: Sequence[dict[str, Any]] | None,
+    response_format: dict[str, Any] | None = None,
+) -> AsyncIterator[StreamEvent]:
+    extra: dict[str, Any] = {}
+    if tools:
+        extra["tools"] = list(tools)
+    if response_format:
+        extra["response_format"] = response_format
+    request = client().chat.completions.with_streaming_response.create(
+        model=model,
+        messages=list(messages),  # type: ignore[arg-type]  # plain dicts, as the API takes them
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=max_tokens or settings.OPENAI_MAX_TOKENS,
+        temperature=settings.OPENAI_TEMPERATURE if temperature is None else temperature,
+        **extra,
+    )
+    try:
+        response = await request.__aenter__()
+    except openai.APIError as exc:
+        raise from_sdk(exc, model) from None  # its message quotes the body: never passed on
+    try:
+        async for event in _read_sse(response.iter_lines(), model):
+            yield event
+    except LLMError:
+        raise
+    except Exception as exc:  # the body broke off (httpx's errors, over aiohttp's)
+        raise from_broken_stream(exc) from None
+    finally:
+        # A stop closes the upstream's stream here (the connection is not
+        # reused when its body was not read to the end).
+        with contextlib.suppress(Exception):
+            await request.__aexit__(None, None, None)
+
+
+async def _read_sse(lines: AsyncIterator[str], model: str) -> AsyncIterator[StreamEvent]:
+    """Server-sent events of a Chat Completions stream: `data: {chunk}` lines
+    up to `data: [DONE]` (comments and other fields are skipped)."""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    served_model = model
+    calls: dict[int, dict[str, str]] = {}  # tool calls by index, as their deltas arrive
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise IncompleteStream("The stream sent a chunk that is not JSON.") from exc
+        if not isinstance(chunk, dict):
+            continue
+        if chunk.get("error"):
+            raise from_stream_event(chunk["error"])
+        served_model = chunk.get("model") or served_model
+        if chunk.get("usage"):
+            usage = usage_of(chunk["usage"])
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                yield TextDelta(text)
+            for piece in delta.get("tool_calls") or ():
+                _add_tool_call_piece(calls, piece)
+            if choice.get("finish_reason"):
+                finish_reason = choice["finish_reason"]
+    if finish_reason is None:
+        raise IncompleteStream("The stream ended without a finish_reason.")
+    tool_calls = tuple(
+        ToolCall(id=call["id"] or f"call_{index}", name=call["name"], arguments=call["arguments"])
+        for index, call in sorted(calls.items())
+    )
+    yield StreamEnd(finish_reason=finish_reason, usage=usage, model=served_model, tool_calls=tool_calls)
+
+
+def _add_tool_call_piece(calls: dict[int, dict[str, str]], piece: Any) -> None:
+    """One streamed delta of a tool call: its id and name come first, its
+    arguments in pieces; `index` says which call (several may interleave)."""
+    if not isinstance(piece, dict):
+        return
+    index = piece.get("index") if isinstance(piece.get("index"), int) else len(calls)
+    call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+    if isinstance(piece.get("id"), str) and not call["id"]:
+        call["id"] = piece["id"]
+    function = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+    if isinstance(function.get("name"), str):
+        call["name"] += function["name"]
+    if isinstance(function.get("arguments"), str):
+        call["arguments"] += function["arguments"]
+
+
+def usage_of(raw: dict[str, Any]) -> Usage:
+    """From a chunk's or a completion's `usage`."""
+    details = raw.get("prompt_tokens_details") or {}
+    return Usage(
+        prompt_tokens=raw.get("prompt_tokens") or 0,
+        completion_tokens=raw.get("completion_tokens") or 0,
+        cached_tokens=(details.get("cached_tokens") if isinstance(details, dict) else 0) or 0,
+    )
