@@ -8,7 +8,7 @@ from typing import Any
 
 from django.http import JsonResponse
 
-from conversations import llm
+from conversations import llm, refusals
 from conversations.generation.events import upstream_code
 
 TYPES = {
@@ -57,6 +57,22 @@ class ApiError(Exception):
         if self.retry_after is not None:
             response["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         return response
+
+
+# A refusal of the rules (conversations/refusals.py) as OpenAI's clients expect it.
+REFUSALS = {
+    refusals.NOT_FOUND: (404, "not_found"),
+    refusals.RATE_LIMITED: (429, "rate_limit_exceeded"),
+    refusals.QUOTA_EXCEEDED: (429, "insufficient_quota"),
+    refusals.BUSY: (409, "busy"),
+    refusals.INVALID: (400, "invalid_request"),
+    refusals.RESENT: (409, "duplicate"),
+}
+
+
+def from_refusal(refusal: refusals.Refusal) -> ApiError:
+    status, code = REFUSALS[refusal.code]
+    return ApiError(status, refusal.message, code, retry_after=refusal.retry_after)
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:

@@ -17,12 +17,12 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from conversations import generation, llm, selectors
+from conversations import generation, llm, refusals, selectors
 from conversations.generation import stateless, turns
 from conversations.models import ChatModel, Conversation, SystemPrompt
 
 from . import parsing, tokens
-from .errors import ApiError, bad_request, from_llm
+from .errors import ApiError, bad_request, from_llm, from_refusal
 
 KEEP_ALIVE = 15.0  # seconds between SSE comments while nothing else is sent
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -47,18 +47,8 @@ def endpoint(*methods: str) -> Callable[[Any], Any]:
                 return await view(request, user, *args, **kwargs)
             except ApiError as exc:
                 return exc.response()
-            except generation.RateLimited as exc:
-                return ApiError(429, str(exc), "rate_limit_exceeded", retry_after=exc.retry_after).response()
-            except generation.OverQuota as exc:
-                return ApiError(429, str(exc), "insufficient_quota", retry_after=exc.retry_after).response()
-            except generation.NotFound as exc:
-                return ApiError(404, str(exc) or "No such conversation.", "not_found").response()
-            except generation.Busy:
-                return ApiError(
-                    409, "An answer is still being written in this conversation.", "busy"
-                ).response()
-            except generation.Refused as exc:
-                return bad_request(str(exc)).response()
+            except refusals.Refusal as refusal:
+                return from_refusal(refusal).response()
 
         return run
 
@@ -347,9 +337,11 @@ async def conversation_messages(request: HttpRequest, user: Any, conversation_id
         accepted = await generation.in_database(generation.accept_message)(
             user=user, conversation_id=conversation_id, content=content, client_id=client_id
         )
-    except generation.Resent as exc:
+    except refusals.Refusal as refusal:
         await hub.unfollow(topic, follower)
-        raise ApiError(409, "This client_id was sent already.", "duplicate", param="client_id") from exc
+        if refusal.code == refusals.RESENT:
+            raise ApiError(409, "This client_id was sent already.", "duplicate", param="client_id") from None
+        raise
     except BaseException:
         await hub.unfollow(topic, follower)
         raise

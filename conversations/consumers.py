@@ -25,7 +25,7 @@ from django.db import InterfaceError, OperationalError
 
 from accounts import security
 
-from . import generation, inputs, signins
+from . import generation, inputs, refusals, signins
 from .generation import Frame
 from .generation.batches import batches_of
 
@@ -60,6 +60,13 @@ class FrameError(Exception):
         self.code = code
         self.message = message
         self.extra = extra
+
+    @classmethod
+    def of(cls, refusal: refusals.Refusal, **extra: Any) -> FrameError:
+        """A refusal as an `error` frame: its code is the contract's."""
+        if refusal.retry_after is not None:
+            extra["retry_after"] = refusal.retry_after
+        return cls(refusal.code, refusal.message, **extra)
 
 
 def _uuid(frame: dict[str, Any], name: str, *, optional: bool = False) -> uuid.UUID | None:
@@ -402,29 +409,20 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         follow the conversation and start the answer. `accept`: awaitable."""
         try:
             accepted = await accept(user=self.user, **arguments)
-        except generation.Resent as exc:
-            # A frame sent again (after a reconnect): show what exists, create nothing.
-            await self._follow(str(exc.message.conversation_id))
-            self._emit(
-                {
-                    "type": "message.created",
-                    "message": generation.message_payload(exc.message),
-                    "client_id": str(exc.message.client_id),
-                }
-            )
-            return
-        except generation.RateLimited as exc:
-            raise FrameError("rate_limited", str(exc), retry_after=exc.retry_after, **extra) from None
-        except generation.NotFound as exc:
-            raise FrameError("not_found", str(exc) or "No such conversation.", **extra) from None
-        except generation.Busy:
-            raise FrameError(
-                "busy", "An answer is still being written in this conversation.", **extra
-            ) from None
-        except generation.Refused as exc:
-            raise FrameError("invalid_request", str(exc), **extra) from None
-        except generation.OverQuota as exc:
-            raise FrameError("quota_exceeded", str(exc), retry_after=exc.retry_after, **extra) from None
+        except refusals.Refusal as refusal:
+            if refusal.code == refusals.RESENT:
+                # A frame sent again (after a reconnect): show what exists, create nothing.
+                sent = refusal.sent
+                await self._follow(str(sent.conversation_id))
+                self._emit(
+                    {
+                        "type": "message.created",
+                        "message": generation.message_payload(sent),
+                        "client_id": str(sent.client_id),
+                    }
+                )
+                return
+            raise FrameError.of(refusal, **extra) from None
         await self._follow(str(accepted.conversation.id))
         await generation.launch(accepted)
 
@@ -433,11 +431,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await database_sync_to_async(generation.check_owner)(
                 user=self.user, conversation_id=conversation_id
             )
-        except generation.NotFound:
+        except refusals.Refusal as refusal:
             # Same answer for someone else's conversation: never reveal it exists.
-            raise FrameError(
-                "not_found", "No such conversation.", conversation=str(conversation_id)
-            ) from None
+            raise FrameError.of(refusal, conversation=str(conversation_id)) from None
 
     async def _generation_stop(self, frame: dict[str, Any]) -> None:
         conversation_id = _uuid(frame, "conversation")

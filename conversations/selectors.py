@@ -12,6 +12,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 
+from . import refusals
 from .models import ChatModel, Conversation, Message, SystemPrompt, TokenUsage
 from .rendering import render_many
 
@@ -23,21 +24,18 @@ class BadCursor(ValueError):
     pass
 
 
-class NotFound(Exception):
-    """No such conversation for this user (it may exist for someone else:
-    every interface answers the same, so as never to reveal that)."""
-
-
 def conversation_for_user(*, user: Any, conversation_id: Any, with_prompt: bool = False) -> Conversation:
-    """This user's conversation, or NotFound: the one answer to "may this
-    user see it" for views, sockets, the API and commands."""
+    """This user's conversation, or a `not_found` refusal (it may exist for
+    someone else: every interface answers the same, so as never to reveal
+    that): the one answer to "may this user see it" for views, sockets, the
+    API and commands."""
     conversations = Conversation.objects.filter(owner_id=getattr(user, "pk", None))
     if with_prompt:
         conversations = conversations.select_related("prompt")
     try:
         return conversations.get(pk=conversation_id)
     except (Conversation.DoesNotExist, ValueError, ValidationError):
-        raise NotFound("No such conversation.") from None
+        raise refusals.not_found() from None
 
 
 def _encode_cursor(conversation: Conversation) -> str:

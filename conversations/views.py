@@ -12,7 +12,7 @@ from django.utils.text import slugify
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from . import inputs, llm, selectors, services
+from . import inputs, llm, refusals, selectors, services
 from .health import health_report
 from .models import ChatModel, Conversation, SystemPrompt
 
@@ -33,8 +33,8 @@ def conversation_detail(request: HttpRequest, conversation_id: uuid.UUID) -> Htt
 def _own_or_404(request: HttpRequest, conversation_id: uuid.UUID) -> Conversation:
     try:
         return selectors.conversation_for_user(user=request.user, conversation_id=conversation_id)
-    except selectors.NotFound:
-        raise Http404("No such conversation.") from None
+    except refusals.Refusal as refusal:
+        raise Http404(refusal.message) from None
 
 
 # The page's script builds no address itself: "{id}" stands for a conversation.

@@ -37,7 +37,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from api import tokens
-from conversations import generation
+from conversations import generation, refusals
 from conversations.generation import fanout, identity, recovery, runner, turns
 from conversations.models import Conversation, Message
 from tests.conftest import LiveServer, connect, database_url, run_daphne
@@ -186,7 +186,8 @@ def test_a_batch_with_a_poisoned_send_gives_each_send_its_own_outcome(alice: Any
         turns.Send(bob, None, "clean two", uuid.uuid4()),
     ]
     outcomes = turns.accept_messages(sends)
-    assert [type(o).__name__ for o in outcomes] == ["Refused", "Accepted", "Refused", "Accepted"]
+    kinds = [o.code if isinstance(o, refusals.Refusal) else type(o).__name__ for o in outcomes]
+    assert kinds == ["invalid_request", "Accepted", "invalid_request", "Accepted"]
     assert "lone surrogate" in str(outcomes[0]) and "NUL" in str(outcomes[2])
     assert Message.objects.filter(role="user").count() == 2
 

@@ -18,7 +18,7 @@ from django.test.utils import CaptureQueriesContext
 
 from accounts import limits
 from accounts.models import Quota, QuotaCounter
-from conversations import generation, llm
+from conversations import generation, llm, refusals
 from conversations.generation.batches import Batches
 from conversations.generation.ledger import save_answers
 from conversations.generation.titles import save_titles, title_from
@@ -28,6 +28,11 @@ from conversations.prompts import save_prompt
 from tests.factories import make_conversation, make_turn, make_user
 
 pytestmark = pytest.mark.django_db
+
+
+def kind_of(outcome: Any) -> str:
+    """A refusal's code, else the outcome's type."""
+    return outcome.code if isinstance(outcome, refusals.Refusal) else type(outcome).__name__
 
 
 def send(user: Any, content: str = "Hello", **fields: Any) -> Send:
@@ -110,13 +115,13 @@ def test_each_send_of_a_mixed_burst_gets_what_it_would_get_alone(settings: Any) 
 
     outcomes = accept_messages(sends)
 
-    kinds = [type(outcome).__name__ for outcome in outcomes]
+    kinds = [kind_of(outcome) for outcome in outcomes]
     assert kinds == [
-        "Accepted", "Accepted", "RateLimited", "Resent", "Refused",
-        "NotFound", "OverQuota", "Accepted", "Resent", "NotFound",
+        "Accepted", "Accepted", "rate_limited", "resent", "invalid_request",
+        "not_found", "quota_exceeded", "Accepted", "resent", "not_found",
     ]  # fmt: skip
-    assert outcomes[3].message.pk == earlier.question.pk
-    assert outcomes[8].message.client_id == twice
+    assert outcomes[3].sent.pk == earlier.question.pk
+    assert outcomes[8].sent.client_id == twice
     assert outcomes[1].messages[-3:] == [
         {"role": "user", "content": "Earlier question"},
         {"role": "assistant", "content": "Earlier answer"},
@@ -137,12 +142,12 @@ def test_the_rate_limit_refuses_inside_a_burst_and_stores_nothing_for_it(setting
 
     outcomes = accept_messages([send(alice, f"Question {i}") for i in range(5)])
 
-    kinds = [type(outcome).__name__ for outcome in outcomes]
-    assert kinds == ["Accepted"] * 3 + ["RateLimited"] * 2
+    kinds = [kind_of(outcome) for outcome in outcomes]
+    assert kinds == ["Accepted"] * 3 + ["rate_limited"] * 2
     assert Conversation.objects.count() == conversations + 3
     assert Message.objects.filter(content__startswith="Question").count() == 3
     # The next one alone is refused too: the burst counted all five.
-    with pytest.raises(generation.RateLimited):
+    with pytest.raises(refusals.Refusal, match="Too many messages"):
         generation.accept_message(user=alice, conversation_id=None, content="Later", client_id=uuid.uuid4())
 
 

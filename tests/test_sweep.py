@@ -12,7 +12,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from conversations import generation
+from conversations import generation, refusals
 from conversations.models import Conversation, Message
 from tests.conftest import connect, dead_pid
 
@@ -77,7 +77,7 @@ async def test_first_connection_of_a_process_sweeps(alice: Any) -> None:
 
 def test_an_interrupted_conversation_accepts_new_messages(alice: Any) -> None:
     answer = streaming_answer(alice, f"{socket.gethostname()}:{dead_pid()}")
-    with pytest.raises(generation.Busy):
+    with pytest.raises(refusals.Refusal, match="still being written"):
         generation.accept_message(
             user=alice, conversation_id=answer.conversation_id, content="hi", client_id=uuid.uuid4()
         )

@@ -27,12 +27,11 @@ from django.db import transaction
 from accounts import quotas
 from accounts.limits import take_send
 
-from .. import llm, tools
+from .. import llm, refusals, tools
 from ..history import messages_tokens, with_tool_rounds
 from ..models import TokenUsage
 from .database import in_database
 from .ledger import record_model_call, release
-from .turns import OverQuota, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class Call:
 
 def accept_call(*, user: Any, call: Call) -> Call:
     """Reserve the call's budget and take one send from the rate limit, in
-    one transaction; RateLimited or OverQuota, with nothing reserved."""
+    one transaction; refused `rate_limited` or `quota_exceeded` with nothing reserved."""
     longest = call.max_tokens or settings.OPENAI_MAX_TOKENS
     try:
         with transaction.atomic():
@@ -64,9 +63,9 @@ def accept_call(*, user: Any, call: Call) -> Call:
             )
             retry_after = take_send(user)
             if retry_after is not None:
-                raise RateLimited(retry_after)
+                raise refusals.rate_limited(retry_after)
     except quotas.QuotaExceeded as exc:
-        raise OverQuota(exc.message, retry_after=exc.retry_after) from exc
+        raise refusals.over_quota(exc.message, exc.retry_after) from None
     call.limited = call.reservation is not None
     return call
 

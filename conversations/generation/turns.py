@@ -24,49 +24,16 @@ from django.utils import timezone
 from accounts import quotas
 from accounts.limits import take_send, take_sends
 
-from .. import inputs, llm, prompts
+from .. import inputs, llm, prompts, refusals
 from ..history import History, fit_history, messages_tokens, plan_history
 from ..models import ChatModel, Conversation, Message, SystemPrompt
-from ..selectors import NotFound, conversation_for_user
+from ..selectors import conversation_for_user
 from .identity import WORKER_ID
 from .titles import title_from
 
 log = logging.getLogger(__name__)
 
 CONTINUE_INSTRUCTION = "Continue exactly where your last answer stopped, without repeating anything."
-
-__all__ = ["NotFound"]
-
-
-class Busy(Exception):
-    """An answer is already streaming in this conversation."""
-
-
-class Refused(Exception):
-    """A well-formed request that cannot be done (nothing to regenerate...)."""
-
-
-class RateLimited(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"Too many messages. Try again in {retry_after} s.")
-        self.retry_after = retry_after
-
-
-class OverQuota(Exception):
-    """The user's budget does not cover another answer now."""
-
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class Resent(Exception):
-    """The same `client_id` again (a frame resent after a reconnect): nothing
-    new is stored; `message` is the question stored the first time."""
-
-    def __init__(self, message: Message) -> None:
-        super().__init__("Already sent.")
-        self.message = message
 
 
 @dataclass
@@ -101,13 +68,13 @@ def _refuse_unstorable(content: str) -> None:
     none reaches a batch (a lone surrogate or a NUL failed every send of it)."""
     problem = inputs.text_problem(content)
     if problem:
-        raise Refused(f"The message {problem}.")
+        raise refusals.invalid(f"The message {problem}.")
 
 
 def _refuse_resent(user: Any, client_id: uuid.UUID) -> None:
     sent = find_sent(user=user, client_id=client_id)
     if sent is not None:
-        raise Resent(sent)
+        raise refusals.resent(sent)
 
 
 def _client_id_seen(client_id: uuid.UUID) -> bool:
@@ -126,7 +93,7 @@ def _prompt_for_new_conversation(prompt_id: uuid.UUID | None) -> SystemPrompt | 
     if prompt_id is not None:
         prompt = SystemPrompt.objects.filter(pk=prompt_id).first()
         if prompt is None:
-            raise NotFound("No such system prompt.")
+            raise refusals.not_found("system prompt")
         return prompt
     return SystemPrompt.objects.filter(is_default=True).first()
 
@@ -242,13 +209,13 @@ def _atomic_turn(user: Any, build: Any) -> Accepted:
                 Conversation.objects.filter(pk=accepted.conversation.pk).update(updated_at=timezone.now())
             retry_after = take_send(user)
             if retry_after is not None:
-                raise RateLimited(retry_after)
-    except IntegrityError as exc:
+                raise refusals.rate_limited(retry_after)
+    except IntegrityError:
         # The partial unique index on streaming answers, or the same client_id
         # racing in on a second socket: either way, nothing was stored.
-        raise Busy(str(exc)) from exc
+        raise refusals.busy() from None
     except quotas.QuotaExceeded as exc:
-        raise OverQuota(exc.message, retry_after=exc.retry_after) from exc
+        raise refusals.over_quota(exc.message, exc.retry_after) from None
     return accepted
 
 
@@ -265,15 +232,16 @@ def accept_message(
     A new conversation gets `prompt_id`'s system prompt (else the default
     one) and `model` (one of the enabled ChatModels; else the prompt's).
 
-    Raises Resent for a `client_id` already stored, NotFound for a
-    conversation that is not the user's, Busy when an answer already streams
-    there (the question is then not stored either), RateLimited, OverQuota;
-    Refused for a model users may not pick.
+    Refuses (`refusals.Refusal`): `resent` for a `client_id` already stored,
+    `not_found` for a conversation that is not the user's, `busy` when an
+    answer already streams there (the question is then not stored either),
+    `rate_limited`, `quota_exceeded`; `invalid_request` for a model users may
+    not pick or text that cannot be stored.
     """
     _refuse_unstorable(content)
     _refuse_resent(user, client_id)
     if model and conversation_id is None and not ChatModel.is_pickable(model):
-        raise Refused(f"The model “{model[:100]}” is not available.")
+        raise refusals.invalid(f"The model “{model[:100]}” is not available.")
 
     def build() -> Accepted:
         if conversation_id is None:
@@ -349,7 +317,7 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
         if inputs.text_problem(send.content):
             continue  # goes alone, to be refused there, before anything is stored
         if earlier is not None and earlier.conversation.owner_id == send.user.pk:
-            results[index] = Resent(earlier)
+            results[index] = refusals.resent(earlier)
         elif (
             earlier is None
             and send.client_id not in seen
@@ -406,13 +374,13 @@ def _accept_new_together(sends: list[Send]) -> list[Accepted | Exception]:
             if send.prompt_id not in prompts_by_id:
                 try:
                     prompt = _prompt_for_new_conversation(send.prompt_id)
-                except NotFound as exc:
+                except refusals.Refusal as exc:
                     prompts_by_id[send.prompt_id] = exc
                 else:
                     version = prompts.version_for_new_conversation(prompt) if prompt else None
                     prompts_by_id[send.prompt_id] = (prompt, version)
             found = prompts_by_id[send.prompt_id]
-            if isinstance(found, NotFound):
+            if isinstance(found, refusals.Refusal):
                 outcomes.append(found)
                 continue
             prompt, version = found
@@ -450,7 +418,7 @@ def _accept_new_together(sends: list[Send]) -> list[Accepted | Exception]:
         for (place, turn), retry_after in zip(accepted, waits, strict=True):
             if retry_after is not None:
                 refused.append(turn.conversation.pk)
-                outcomes[place] = RateLimited(retry_after)
+                outcomes[place] = refusals.rate_limited(retry_after)
         if refused:
             Conversation.objects.filter(pk__in=refused).delete()
     return outcomes
@@ -465,9 +433,9 @@ def accept_regenerate(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
         old = _last_active(conversation, Message.Role.ASSISTANT)
         question = _last_active(conversation, Message.Role.USER)
         if old is None or question is None or old.created_at < question.created_at:
-            raise Refused("There is no answer to regenerate.")
+            raise refusals.invalid("There is no answer to regenerate.")
         if old.status == Message.Status.STREAMING:
-            raise Busy("The answer is still being written.")
+            raise refusals.busy()
         Message.objects.filter(pk=old.pk).update(is_active=False)
         answer = _new_answer(conversation, version_group=old.version_group)
         return Accepted(conversation, question, answer, question_created=False, replaces_answer=old)
@@ -487,12 +455,12 @@ def accept_edit(
         conversation = _own_conversation(user, conversation_id)
         old_question = _last_active(conversation, Message.Role.USER)
         if old_question is None or old_question.pk != message_id:
-            raise Refused("Only the last question can be edited.")
+            raise refusals.invalid("Only the last question can be edited.")
         old_answer = _last_active(conversation, Message.Role.ASSISTANT)
         if old_answer is not None and old_answer.created_at < old_question.created_at:
             old_answer = None
         if old_answer is not None and old_answer.status == Message.Status.STREAMING:
-            raise Busy("The answer is still being written.")
+            raise refusals.busy()
         Message.objects.filter(
             conversation=conversation, is_active=True, created_at__gte=old_question.created_at
         ).update(is_active=False)
@@ -521,7 +489,7 @@ def accept_continue(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
         truncated = _last_active(conversation, Message.Role.ASSISTANT)
         question = _last_active(conversation, Message.Role.USER)
         if truncated is None or truncated.status != Message.Status.TRUNCATED or question is None:
-            raise Refused("The last answer was not cut short: there is nothing to continue.")
+            raise refusals.invalid("The last answer was not cut short: there is nothing to continue.")
         answer = _new_answer(conversation)
         return Accepted(conversation, question, answer, question_created=False, continues=truncated)
 
@@ -529,7 +497,7 @@ def accept_continue(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
 
 
 def check_owner(*, user: Any, conversation_id: Any) -> None:
-    """NotFound unless the conversation is the user's (stop, join)."""
+    """A `not_found` refusal unless the conversation is the user's (stop, join)."""
     conversation_for_user(user=user, conversation_id=conversation_id)
 
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import httpx2
 import openai
 from django.conf import settings
 
@@ -62,15 +63,17 @@ async def complete_chat(
 
 
 async def _post(messages: Sequence[ChatMessage], model: str, max_tokens: int, *, json_output: bool) -> Any:
-    extra: dict[str, Any] = {"response_format": {"type": "json_object"}} if json_output else {}
-    response = await client().chat.completions.with_raw_response.create(
-        model=model,
-        messages=list(messages),  # type: ignore[arg-type]  # plain dicts, as the API takes them
-        max_tokens=max_tokens,
-        temperature=0.2,
-        **extra,
-    )
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": list(messages),
+        "max_tokens": max_tokens,
+        "temperature": 0.2,
+    }
+    if json_output:
+        body["response_format"] = {"type": "json_object"}
+    # The SDK's request, its raw answer (see streaming.py).
+    response = await client().post("/chat/completions", body=body, cast_to=httpx2.Response)
     try:
-        return json.loads(response.text)
+        return json.loads(response.content)
     except ValueError:
         raise LLMError("The model service answered with something that is not JSON.") from None

@@ -16,10 +16,10 @@ from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from conversations import generation
+from conversations import generation, refusals
 from conversations.models import ChatModel, Conversation, SystemPrompt
 from conversations.money import money
-from conversations.selectors import NotFound, conversation_for_user
+from conversations.selectors import conversation_for_user
 
 HELP_LINE = (
     "/new starts a new conversation, /clear clears the screen, /quit (or Ctrl+D) leaves; "
@@ -77,6 +77,14 @@ class Command(BaseCommand):
         asyncio.run(session.run())
 
 
+def refusal_line(refusal: refusals.Refusal) -> str:
+    """A refusal as the terminal says it: its words, and its code when the
+    person might look it up (limits)."""
+    if refusal.code in (refusals.QUOTA_EXCEEDED, refusals.RATE_LIMITED):
+        return f"{refusal.message} ({refusal.code})"
+    return refusal.message
+
+
 def _own_conversation(user: Any, conversation_id: str) -> Conversation:
     try:
         pk = uuid.UUID(conversation_id)
@@ -84,7 +92,7 @@ def _own_conversation(user: Any, conversation_id: str) -> Conversation:
         raise CommandError(f"Not a conversation id: {conversation_id!r}.") from exc
     try:
         return conversation_for_user(user=user, conversation_id=pk)
-    except NotFound:  # someone else's looks the same as none
+    except refusals.Refusal:  # someone else's looks the same as none
         raise CommandError(f"No such conversation: {conversation_id}.") from None
 
 
@@ -223,23 +231,10 @@ class ChatSession:
                 prompt_id=self.prompt.id if new and self.prompt else None,
                 model=self.model if new else None,
             )
-        except generation.NotFound:
-            self.write(self.style.ERROR("That conversation is gone."))
-            await self._follow(None)
-            return
-        except generation.Busy:
-            self.write(
-                self.style.ERROR("An answer is already being written in this conversation; try again.")
-            )
-            return
-        except generation.OverQuota as exc:
-            self.write(self.style.ERROR(f"{exc} (quota_exceeded)"))
-            return
-        except generation.RateLimited as exc:
-            self.write(self.style.ERROR(f"{exc} (rate_limited)"))
-            return
-        except generation.Refused as exc:
-            self.write(self.style.ERROR(str(exc)))
+        except refusals.Refusal as refusal:
+            self.write(self.style.ERROR(refusal_line(refusal)))
+            if refusal.code == refusals.NOT_FOUND:
+                await self._follow(None)
             return
         if new:
             # Follow the group BEFORE the answer starts: no delta is missed.
