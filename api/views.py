@@ -6,7 +6,6 @@ ledger as the page) and formats; authentication is a personal token
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -19,6 +18,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from conversations import generation, llm, refusals, selectors
 from conversations.generation import stateless, turns
+from conversations.generation.follow import Reader
 from conversations.models import ChatModel, Conversation, SystemPrompt
 
 from . import parsing, tokens
@@ -296,19 +296,6 @@ async def conversation(request: HttpRequest, user: Any, conversation_id: uuid.UU
     return JsonResponse(await generation.in_database(_conversation_detail)(user, conversation_id))
 
 
-class _Follower:
-    """A conversation's frames into a queue, for one HTTP response."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    def deliver(self, frame: generation.Frame) -> None:
-        self.queue.put_nowait(frame.data)
-
-    def resync(self, conversation_id: str) -> None:
-        self.queue.put_nowait({"type": "_resync"})
-
-
 def _wants_events(request: HttpRequest) -> bool:
     return "text/event-stream" in request.headers.get("Accept", "")
 
@@ -329,25 +316,23 @@ async def conversation_messages(request: HttpRequest, user: Any, conversation_id
     body = parsing.body_of(request)
     content = parsing.content_of(body)
     client_id = parsing.optional_uuid(body, "client_id") or uuid.uuid4()
-    hub = generation.get_hub()
-    follower = _Follower()
     topic = str(conversation_id)
-    await hub.follow(topic, follower)  # before the answer starts: nothing is missed
+    reader = await Reader(topic).open()  # before the answer starts: nothing is missed
     try:
-        accepted = await generation.in_database(generation.accept_message)(
+        accepted = await generation.accept_send(
             user=user, conversation_id=conversation_id, content=content, client_id=client_id
         )
     except refusals.Refusal as refusal:
-        await hub.unfollow(topic, follower)
+        await reader.close()
         if refusal.code == refusals.RESENT:
             raise ApiError(409, "This client_id was sent already.", "duplicate", param="client_id") from None
         raise
     except BaseException:
-        await hub.unfollow(topic, follower)
+        await reader.close()
         raise
     await generation.launch(accepted)
     answer_id = str(accepted.answer.id)
-    events = _answer_events(topic, follower, answer_id)
+    events = reader.answer_events(answer_id, keep_alive=KEEP_ALIVE)
     if _wants_events(request):
         return StreamingHttpResponse(
             (_sse(event) async for event in events), content_type="text/event-stream", headers=SSE_HEADERS
@@ -373,66 +358,6 @@ async def conversation_messages(request: HttpRequest, user: Any, conversation_id
     )
 
 
-async def _answer_events(
-    topic: str,
-    follower: _Follower,
-    answer_id: str | None,
-    *,
-    after: int = 0,
-    first: list[dict[str, Any]] | None = None,
-) -> AsyncIterator[dict[str, Any]]:
-    """The frames of one conversation's answer until its `generation.finished`
-    (deltas in `seq` order, none twice, a gap filled from the answer's log),
-    with SSE keep-alives as `{"type": "_keepalive"}`. Unfollows when closed."""
-    hub = generation.get_hub()
-    seq = after
-    try:
-        for event in first or ():
-            yield event
-            if event["type"] == "generation.finished":
-                return
-        while True:
-            try:
-                event = await asyncio.wait_for(follower.queue.get(), KEEP_ALIVE)
-            except TimeoutError:
-                yield {"type": "_keepalive"}
-                continue
-            kind = event["type"]
-            if kind == "_resync" and answer_id is not None:
-                for s, text in await hub.deltas_after(topic, answer_id, seq):
-                    seq = s
-                    yield _delta(topic, answer_id, s, text)
-                ended = await generation.in_database(generation.last_answer_finished)(topic)
-                if ended is not None and ended["message"] == answer_id:
-                    yield ended
-                    return
-                continue
-            if kind.startswith("_") or kind in ("conversation.created",):
-                continue
-            if answer_id is None and kind == "generation.started":
-                answer_id = event["message"]
-            if event.get("message") != answer_id and kind.startswith("generation."):
-                continue
-            if kind == "generation.delta":
-                if event["seq"] <= seq:
-                    continue
-                if event["seq"] > seq + 1:  # missed some: the log has them
-                    for s, text in await hub.deltas_after(topic, answer_id, seq):
-                        if s < event["seq"]:
-                            seq = s
-                            yield _delta(topic, answer_id, s, text)
-                seq = event["seq"]
-            yield event
-            if kind == "generation.finished" and event.get("message") == answer_id:
-                return
-    finally:
-        await hub.unfollow(topic, follower)
-
-
-def _delta(topic: str, answer_id: str, seq: int, text: str) -> dict[str, Any]:
-    return {"type": "generation.delta", "conversation": topic, "message": answer_id, "seq": seq, "text": text}
-
-
 @endpoint("GET")
 async def conversation_stream(request: HttpRequest, user: Any, conversation_id: uuid.UUID) -> HttpResponse:
     """Follow the conversation's streaming answer (its events as SSE), from
@@ -444,12 +369,10 @@ async def conversation_stream(request: HttpRequest, user: Any, conversation_id: 
     except ValueError:
         raise bad_request("`Last-Event-ID` must be a seq (an integer).") from None
     await generation.in_database(generation.check_owner)(user=user, conversation_id=conversation_id)
-    hub = generation.get_hub()
     topic = str(conversation_id)
-    follower = _Follower()
-    await hub.follow(topic, follower)
+    reader = await Reader(topic).open()
     try:
-        snapshot = await hub.snapshot(topic)
+        snapshot = await reader.hub.snapshot(topic)
         first: list[dict[str, Any]] = []
         if snapshot is None:
             ended = await generation.in_database(generation.last_answer_finished)(topic)
@@ -457,16 +380,13 @@ async def conversation_stream(request: HttpRequest, user: Any, conversation_id: 
                 raise ApiError(404, "This conversation has no answer.", "not_found")
             first.append(ended)
             answer_id: str | None = ended["message"]
-            seq = after
         else:
             answer_id = snapshot.answer_id
-            deltas = await hub.deltas_after(topic, answer_id, after)
-            first += [_delta(topic, answer_id, s, text) for s, text in deltas]
-            seq = deltas[-1][0] if deltas else after
+            await reader.resume(answer_id, after)  # the deltas after `after`, then live ones
     except BaseException:
-        await hub.unfollow(topic, follower)
+        await reader.close()
         raise
-    events = _answer_events(topic, follower, answer_id, after=seq, first=first)
+    events = reader.answer_events(answer_id, first=first, keep_alive=KEEP_ALIVE)
     return StreamingHttpResponse(
         (_sse(event) async for event in events), content_type="text/event-stream", headers=SSE_HEADERS
     )

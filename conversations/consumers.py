@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -26,8 +25,9 @@ from django.db import InterfaceError, OperationalError
 from accounts import security
 
 from . import generation, inputs, refusals, signins
-from .generation import Frame
+from .generation import Frame, events
 from .generation.batches import batches_of
+from .generation.follow import Follow
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,6 @@ MAX_OUTBOX = 2000  # frames queued for one socket before its deltas are cut back
 # answer, a snapshot) goes as consecutive `frame.part` messages whose `data`
 # joined is the frame's JSON. 100k characters stay under 1 MiB escaped.
 MAX_MESSAGE_CHARS = 100_000
-SNAPSHOT_RETRY = (0.05, 0.1, 0.2, 0.4, 0.8)  # s: an answer just started elsewhere shows up in its log
-CATCH_UP_RETRY = (0.2, 0.5, 1.0, 2.0, 4.0)  # s: while Redis restarts
 
 
 class FrameError(Exception):
@@ -134,15 +132,6 @@ def frame_parts(text: str) -> list[str]:
     ]
 
 
-@dataclass
-class _Following:
-    """What this socket has shown of one conversation."""
-
-    holding: bool = False  # a snapshot or catch-up is on its way: deltas wait for it
-    held: list[Frame] = field(default_factory=list)
-    last_seq: dict[str, int] = field(default_factory=dict)  # per answer: the last delta shown
-
-
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     """One browser tab. Frames from the answers it follows arrive through
     `deliver` (called by the hub, synchronously) and leave through one
@@ -150,7 +139,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     channel_layer_alias = "no channel layer"  # every frame comes through the hub
     user: Any
-    following: dict[str, _Following]
+    following: dict[str, Follow]
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels' own, without its `close_old_connections` before every
@@ -232,7 +221,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.hub.close_socket(self.user.pk, self.socket_id)
         await self.hub.unfollow(self.user_topic, self)
         following, self.following = self.following, {}
-        for conversation_id in following:
+        for conversation_id, follow in following.items():
+            follow.ended = True
             await self.hub.unfollow(conversation_id, self)
         # Any answer this socket started runs on: it is not ours to stop.
 
@@ -269,18 +259,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 if await self._bad_frame():
                     return
             code = "rate_limited" if exc.code == "rate_limited_join" else exc.code
-            self._emit({"type": "error", "code": code, "message": exc.message, **exc.extra})
+            self._emit(events.error_event(code, exc.message, **exc.extra))
         except (OperationalError, InterfaceError) as exc:
             # The database is away (restarting): nothing was stored; say so.
             log.warning("frame refused, database unavailable: %s", exc)
             self._emit(
-                {
-                    "type": "error",
-                    "code": "unavailable",
-                    "message": "The service is briefly unavailable; try again in a moment.",
-                    "retry_after": 2,
+                events.error_event(
+                    "unavailable",
+                    "The service is briefly unavailable; try again in a moment.",
+                    retry_after=2,
                     **_about(frame),
-                }
+                )
             )
         except Exception:
             # A fault of ours: this frame is refused, the socket lives on
@@ -290,12 +279,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if await self._bad_frame():
                 return
             self._emit(
-                {
-                    "type": "error",
-                    "code": "internal_error",
-                    "message": "Something went wrong on our side with that request; try again.",
+                events.error_event(
+                    "internal_error",
+                    "Something went wrong on our side with that request; try again.",
                     **_about(frame),
-                }
+                )
             )
 
     async def _still_signed_in(self, *, now: bool = False) -> bool:
@@ -414,13 +402,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 # A frame sent again (after a reconnect): show what exists, create nothing.
                 sent = refusal.sent
                 await self._follow(str(sent.conversation_id))
-                self._emit(
-                    {
-                        "type": "message.created",
-                        "message": generation.message_payload(sent),
-                        "client_id": str(sent.client_id),
-                    }
-                )
+                self._emit(events.message_created(sent))
                 return
             raise FrameError.of(refusal, **extra) from None
         await self._follow(str(accepted.conversation.id))
@@ -454,159 +436,49 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
             raise FrameError("invalid_request", "`after` must be a non-negative integer.")
         await self._own(conversation_id)
+        follow = await self._follow(str(conversation_id))
         try:
-            await self._rejoin(str(conversation_id), missed_end=after is not None)
+            await follow.join(missed_end=after is not None)
         except Exception as exc:  # Redis or the database away: the socket stays; try again
             log.warning("join of %s failed (%s); trying again", conversation_id, exc)
-            self._spawn(self._patiently(self._rejoin, str(conversation_id), missed_end=True))
+            follow.resync()
 
-    async def _follow(self, conversation_id: str) -> _Following:
-        state = self.following.get(conversation_id)
-        if state is None:
-            state = self.following[conversation_id] = _Following()
+    async def _follow(self, conversation_id: str) -> Follow:
+        follow = self.following.get(conversation_id)
+        if follow is None:
+            follow = self.following[conversation_id] = Follow(
+                conversation_id, self._show(conversation_id), self._spawn, hub=self.hub
+            )
             await self.hub.follow(conversation_id, self)
-        return state
+        return follow
+
+    def _show(self, conversation_id: str) -> Any:
+        def show(frame: Frame) -> None:
+            if frame.data["type"] == "conversation.created":
+                self._announced.add(conversation_id)  # the user topic repeats it
+            self._queue(frame.data["type"], conversation_id, frame.text)
+
+        return show
 
     async def _rejoin(self, conversation_id: str, *, missed_end: bool) -> None:
-        """Follow a conversation and show where it stands: the streaming
-        answer's snapshot (then only newer deltas), or, for a follower that
-        may have missed the end, the last answer's `generation.finished`."""
-        state = await self._follow(conversation_id)
-        state.holding = True
-        snapshot = await self.hub.snapshot(conversation_id)
-        streaming = None
-        if snapshot is None or not snapshot.local:
-            # Redis's word is checked against the database: a log it kept of
-            # an answer whose end's writes were lost (Redis away) is no snapshot.
-            streaming = await database_sync_to_async(generation.streaming_answer_id)(conversation_id)
-            if snapshot is not None and snapshot.answer_id != streaming:
-                snapshot = None
-            if snapshot is None and streaming is not None:
-                snapshot = await self._snapshot_soon(conversation_id, streaming)
-        if self.following.get(conversation_id) is not state:
-            return  # unfollowed meanwhile (the conversation was deleted)
-        if snapshot is not None and state.holding:
-            state.last_seq[snapshot.answer_id] = max(state.last_seq.get(snapshot.answer_id, 0), snapshot.seq)
-            self._emit(
-                {
-                    "type": "generation.snapshot",
-                    "conversation": conversation_id,
-                    "message": snapshot.answer_id,
-                    "seq": snapshot.seq,
-                    "content": snapshot.content,
-                }
-            )
-        self._release(state, lenient=True)
-        if snapshot is None:
-            await self._settle_missed(conversation_id, missed_end=missed_end, streaming=streaming)
-
-    async def _snapshot_soon(self, conversation_id: str, answer_id: str) -> generation.Snapshot | None:
-        """The database says an answer streams but no worker shows it yet: its
-        log in Redis may be a moment behind its start. Ask again, briefly."""
-        for delay in SNAPSHOT_RETRY:
-            await asyncio.sleep(delay)
-            snapshot = await self.hub.snapshot(conversation_id)
-            if snapshot is not None and snapshot.answer_id == answer_id:
-                return snapshot
-        return None
-
-    async def _settle_missed(self, conversation_id: str, *, missed_end: bool, streaming: str | None) -> None:
-        if streaming is not None:
-            # The database says streaming but no worker shows it: its process
-            # may have died. Sweep (a live answer is never touched), and if
-            # that settled it, say how it ended.
-            await generation.sweep_dead()
-            missed_end = True
-        if missed_end:
-            finished = await database_sync_to_async(generation.last_answer_finished)(conversation_id)
-            if finished is not None:
-                self._emit(finished)
+        follow = await self._follow(conversation_id)
+        await follow.join(missed_end=missed_end)
 
     def resync(self, conversation_id: str) -> None:
         """The hub's live tail was cut: frames may be missing; catch up."""
-        if conversation_id in self.following:
-            self._spawn(self._patiently(self._rejoin, conversation_id, missed_end=True))
+        follow = self.following.get(conversation_id)
+        if follow is not None:
+            follow.resync()
 
     # --- Answer frames (from the hub) -> client --------------------------------------
 
     def deliver(self, frame: Frame) -> None:
-        data = frame.data
         if frame.conversation == self.user_topic:
             self._user_event(frame)
             return
-        state = self.following.get(frame.conversation)
-        if state is None:
-            return
-        kind = data["type"]
-        if kind == "conversation.created":
-            self._announced.add(frame.conversation)  # the user topic repeats it
-        if kind == "generation.delta":
-            if state.holding:
-                state.held.append(frame)
-            else:
-                self._delta(state, frame, lenient=False)
-            return
-        if kind == "generation.started":
-            state.last_seq.setdefault(data["message"], 0)
-        elif kind == "generation.finished":
-            if state.holding:
-                # The answer ended before its snapshot came: the full text is here.
-                state.holding = False
-                state.held.clear()
-            state.last_seq.pop(data["message"], None)
-        self._queue(kind, frame.conversation, frame.text)
-
-    def _delta(self, state: _Following, frame: Frame, *, lenient: bool) -> None:
-        data = frame.data
-        answer, seq = data["message"], data["seq"]
-        last = state.last_seq.get(answer, 0)
-        if seq <= last:
-            return  # already covered by the snapshot
-        if seq > last + 1 and not lenient:
-            # A gap (the live tail from another worker dropped frames): fill
-            # it from the answer's log, holding what comes meanwhile.
-            state.holding = True
-            state.held.append(frame)
-            self._spawn(self._patiently(self._catch_up, data["conversation"], answer, last))
-            return
-        state.last_seq[answer] = seq
-        self._queue("generation.delta", frame.conversation, frame.text)
-
-    async def _catch_up(self, conversation_id: str, answer: str, after: int) -> None:
-        deltas = await self.hub.deltas_after(conversation_id, answer, after)
-        state = self.following.get(conversation_id)
-        if state is None or not state.holding or answer not in state.last_seq:
-            return  # ended meanwhile: its `generation.finished` has the whole text
-        for seq, text in deltas:
-            delta = {"type": "generation.delta", "conversation": conversation_id, "message": answer}
-            self._delta(state, Frame({**delta, "seq": seq, "text": text}, conversation_id), lenient=True)
-        self._release(state, lenient=True)
-
-    def _release(self, state: _Following, *, lenient: bool) -> None:
-        held, state.held = state.held, []
-        state.holding = False
-        for frame in held:
-            self._delta(state, frame, lenient=lenient)
-
-    async def _patiently(self, work: Any, conversation_id: str, *args: Any, **kwargs: Any) -> None:
-        """A catch-up from the answer's log, tried again while Redis is away
-        (restarting): the socket stays open and is shown everything once it
-        is back."""
-        for delay in (*CATCH_UP_RETRY, None):
-            if conversation_id not in self.following:
-                return  # unfollowed meanwhile (deleted)
-            try:
-                await work(conversation_id, *args, **kwargs)
-                return
-            except Exception as exc:
-                if delay is None:
-                    log.warning("catch-up of %s failed for good: %s", conversation_id, exc)
-                    state = self.following.get(conversation_id)
-                    if state is not None and state.holding:
-                        self._release(state, lenient=True)  # show what came, at least
-                    return
-                log.warning("catch-up of %s failed (%s); again in %.1f s", conversation_id, exc, delay)
-                await asyncio.sleep(delay)
+        follow = self.following.get(frame.conversation)
+        if follow is not None:
+            follow.take(frame)
 
     def _spawn(self, work: Any) -> None:
         # A context of its own: `deliver` runs in whoever published's (a view's
@@ -640,10 +512,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             "socket of user %s fell %d frames behind: cut back to a snapshot", self.user.pk, MAX_OUTBOX
         )
         for conversation_id in behind:
-            state = self.following.get(conversation_id)
-            if state is not None:
-                state.last_seq.clear()
-                self.resync(conversation_id)
+            follow = self.following.get(conversation_id)
+            if follow is not None:
+                follow.forget()
 
     async def _send_loop(self) -> None:
         outbox_send = self.base_send
@@ -662,7 +533,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         """conversation.created / updated / deleted, for all of a user's tabs;
         and, never shown to them, that a sign-in of theirs ended."""
         kind = frame.data["type"]
-        if kind == signins.SESSION_ENDED:
+        if kind == events.SESSION_ENDED:
             if (
                 self._session_digest
                 and frame.data.get("session") == self._session_digest
@@ -671,13 +542,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 self._closing = True  # no frame of this socket is acted on from now
                 self._spawn(self._close_signed_out("logged_out"))
             return
-        if kind == signins.SESSION_CHECK:
+        if kind == events.SESSION_CHECK:
             self._spawn(self._check_sign_in_now())
             return
         if kind == "conversation.created" and frame.data["conversation"]["id"] in self._announced:
             return  # this tab had it already, before its answer's first frame
         if kind == "conversation.deleted":
             conversation_id = frame.data["conversation"]
-            if self.following.pop(conversation_id, None) is not None:
+            follow = self.following.pop(conversation_id, None)
+            if follow is not None:
+                follow.ended = True
                 self._spawn(self.hub.unfollow(conversation_id, self))
         self._queue(kind, None, frame.text)

@@ -38,10 +38,9 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
-log = logging.getLogger(__name__)
+from .generation import events
 
-SESSION_ENDED = "session.ended"
-SESSION_CHECK = "session.check"
+log = logging.getLogger(__name__)
 
 
 def session_digest(session_key: str) -> str:
@@ -105,7 +104,7 @@ def _tell(user_id: Any, event: dict[str, Any]) -> None:
 def on_logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
     key = getattr(getattr(request, "session", None), "session_key", None)
     if user is not None and key:
-        _tell(user.pk, {"type": SESSION_ENDED, "session": session_digest(key)})
+        _tell(user.pk, events.session_ended(session_digest(key)))
 
 
 def on_user_saved(
@@ -130,6 +129,6 @@ def accounts_changed(user_ids: Sequence[Any], **kwargs: Any) -> None:
 
     def tell() -> None:
         for user_id in ids:
-            _tell(user_id, {"type": SESSION_CHECK})
+            _tell(user_id, events.session_check())
 
     transaction.on_commit(tell)

@@ -20,21 +20,13 @@ Knows nothing of websockets or HTTP: interfaces call the names below.
 from __future__ import annotations
 
 from .database import in_database
-from .events import Frame, conversation_payload, finished_event, message_payload, user_topic
-from .fanout import Snapshot, get_hub, tell
-from .ledger import price_of
-from .process import draining, sweep_dead, this_worker
-from .recovery import WORKER_ID, sweep_interrupted
-from .runner import (
-    Generation,
-    accept_send,
-    last_answer_finished,
-    launch,
-    release_connections,
-    request_stop,
-    wait_all,
-)
-from .titles import clean_title, make_title
+from .events import Frame, message_payload, user_topic
+from .fanout import get_hub, tell
+from .follow import last_answer_finished
+from .identity import WORKER_ID
+from .process import draining, this_worker
+from .recovery import sweep_interrupted
+from .runner import accept_send, launch, release_connections, request_stop, wait_all
 from .turns import (
     CONTINUE_INSTRUCTION,
     Accepted,
@@ -43,8 +35,6 @@ from .turns import (
     accept_message,
     accept_regenerate,
     check_owner,
-    find_sent,
-    streaming_answer_id,
 )
 
 __all__ = [
@@ -52,30 +42,20 @@ __all__ = [
     "WORKER_ID",
     "Accepted",
     "Frame",
-    "Generation",
-    "Snapshot",
     "accept_continue",
     "accept_edit",
     "accept_message",
     "accept_regenerate",
     "accept_send",
     "check_owner",
-    "clean_title",
-    "conversation_payload",
     "draining",
-    "find_sent",
-    "finished_event",
     "get_hub",
     "in_database",
     "last_answer_finished",
     "launch",
-    "make_title",
     "message_payload",
-    "price_of",
     "release_connections",
     "request_stop",
-    "streaming_answer_id",
-    "sweep_dead",
     "sweep_interrupted",
     "tell",
     "this_worker",

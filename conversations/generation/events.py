@@ -1,4 +1,6 @@
-"""The events of the websocket contract (DESIGN.md) and their payloads.
+"""Every event of the websocket contract (docs/architecture.md, README's
+"Websocket protocol") and its payloads: each is built here and nowhere else,
+for every interface (a socket's frames, the API's SSE, the terminal).
 
 A `Frame` is one event, encoded to JSON at most once however many sockets
 it goes to."""
@@ -101,3 +103,140 @@ def finished_event(
     if seq is not None:
         event["seq"] = seq  # the last delta's seq: a follower can tell it missed none
     return event
+
+
+# --- A conversation's events ------------------------------------------------------------
+
+Event = dict[str, Any]
+
+
+def conversation_created(conversation: Conversation) -> Event:
+    return {"type": "conversation.created", "conversation": conversation_payload(conversation)}
+
+
+def conversation_updated(conversation_id: Any, title: str) -> Event:
+    return {"type": "conversation.updated", "conversation": {"id": str(conversation_id), "title": title}}
+
+
+def conversation_deleted(conversation_id: Any) -> Event:
+    # A bare id, as the contract has always had it (created/updated carry an object).
+    return {"type": "conversation.deleted", "conversation": str(conversation_id)}
+
+
+def conversation_summary(conversation_id: str, through: Any, summary: str) -> Event:
+    return {
+        "type": "conversation.summary",
+        "conversation": conversation_id,
+        "through": str(through),
+        "summary": summary,
+    }
+
+
+def message_created(question: Message, *, replaces: Message | None = None) -> Event:
+    event = {
+        "type": "message.created",
+        "conversation": str(question.conversation_id),
+        "message": message_payload(question),
+        "client_id": str(question.client_id),
+    }
+    if replaces is not None:
+        event["replaces"] = str(replaces.id)  # an edit: the question it replaced
+    return event
+
+
+# --- An answer's events ------------------------------------------------------------------
+
+
+def generation_started(
+    answer: Message, *, replaces: Message | None = None, continues: Message | None = None
+) -> Event:
+    event = {
+        "type": "generation.started",
+        "conversation": str(answer.conversation_id),
+        "message": str(answer.id),
+        "version_group": str(answer.version_group),
+    }
+    if replaces is not None:
+        event["replaces"] = str(replaces.id)
+    if continues is not None:
+        event["continues"] = str(continues.id)
+    return event
+
+
+def delta_event(conversation_id: str, answer_id: str, seq: int, text: str) -> Event:
+    return {
+        "type": "generation.delta",
+        "conversation": conversation_id,
+        "message": answer_id,
+        "seq": seq,
+        "text": text,
+    }
+
+
+def snapshot_event(conversation_id: str, answer_id: str, seq: int, content: str) -> Event:
+    """All of a streaming answer's text up to `seq` (a socket that joined mid-answer)."""
+    return {
+        "type": "generation.snapshot",
+        "conversation": conversation_id,
+        "message": answer_id,
+        "seq": seq,
+        "content": content,
+    }
+
+
+TOOL_FRAME_CHARS = 2000  # of a tool call's arguments and result in its frame
+
+
+def tool_event(
+    conversation_id: str,
+    answer_id: str,
+    *,
+    call_id: str,
+    name: str,
+    summary: str,
+    ok: bool,
+    arguments: str,
+    result: str,
+) -> Event:
+    return {
+        "type": "generation.tool",
+        "conversation": conversation_id,
+        "message": answer_id,
+        "call_id": call_id,
+        "name": name,
+        "summary": summary,
+        "ok": ok,
+        "arguments": arguments[:TOOL_FRAME_CHARS],
+        "result": result[:TOOL_FRAME_CHARS],
+    }
+
+
+def error_event(code: str, message: str, **about: Any) -> Event:
+    """An `error`: `message` is for a person; `about` names what it is about
+    (`client_id`, `conversation`, `answer`) and `retry_after` (s)."""
+    return {"type": "error", "code": code, "message": message, **about}
+
+
+def answer_error(answer: Message, error: llm.LLMError) -> Event:
+    """A failed answer's `error` (its `generation.finished` follows)."""
+    return error_event(
+        upstream_code(error),
+        error.user_message,
+        conversation=str(answer.conversation_id),
+        answer=str(answer.id),
+        retry_after=error.retry_after,
+    )
+
+
+# --- Not shown to anyone: a user's sign-in ended (conversations/signins.py) ---------------
+
+SESSION_ENDED = "session.ended"  # `session`: the digest of the session that ended
+SESSION_CHECK = "session.check"  # the user's sockets ask again whether they are signed in
+
+
+def session_ended(session_digest: str) -> Event:
+    return {"type": SESSION_ENDED, "session": session_digest}
+
+
+def session_check() -> Event:
+    return {"type": SESSION_CHECK}

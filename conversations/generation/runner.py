@@ -31,20 +31,17 @@ from django.db.models.functions import Now
 from .. import llm, tools
 from ..history import with_tool_rounds
 from ..models import Message, TokenUsage
-from ..rendering import render_markdown_cached
-from . import summaries
+from . import events, summaries
 from .batches import batches_of
 from .database import in_database, update_each
-from .events import conversation_payload, finished_event, message_payload, upstream_code, user_topic
 from .fanout import get_hub
-from .ledger import record_model_call, save_answers, stored_usage
+from .ledger import record_model_call, save_answers
 from .titles import make_title
 from .turns import Accepted, Send, accept_messages
 
 log = logging.getLogger(__name__)
 
 _running: set[asyncio.Task[None]] = set()  # strong references: tasks outlive sockets
-TOOL_FRAME_CHARS = 2000  # of a tool call's arguments and result in its frame
 
 
 async def accept_send(**send: Any) -> Accepted:
@@ -63,24 +60,15 @@ async def launch(accepted: Accepted) -> asyncio.Task[None]:
     hub = get_hub()
     conversation_id = str(accepted.conversation.id)
     if accepted.conversation_created:
-        created = {
-            "type": "conversation.created",
-            "conversation": conversation_payload(accepted.conversation),
-        }
+        created = events.conversation_created(accepted.conversation)
         # To the socket that asked, in order with what follows; to the user's
         # other tabs on the user's topic (the asking tab skips the repeat).
         hub.publish(conversation_id, created)
-        hub.publish(user_topic(accepted.conversation.owner_id), created)
+        hub.publish(events.user_topic(accepted.conversation.owner_id), created)
     if accepted.question_created:
-        question: dict[str, Any] = {
-            "type": "message.created",
-            "conversation": conversation_id,
-            "message": message_payload(accepted.question),
-            "client_id": str(accepted.question.client_id),
-        }
-        if accepted.replaces_question is not None:
-            question["replaces"] = str(accepted.replaces_question.id)
-        hub.publish(conversation_id, question)
+        hub.publish(
+            conversation_id, events.message_created(accepted.question, replaces=accepted.replaces_question)
+        )
     generation = Generation(accepted)
     hub.register(conversation_id, generation)  # before any await: a stop or join finds it at once
     # A context of its own: an answer started by an HTTP request must not
@@ -172,7 +160,11 @@ class Generation:
 
     async def _answer(self) -> tuple[str, bool]:
         try:
-            self._publish(self._started_event())
+            self._publish(
+                events.generation_started(
+                    self.answer, replaces=self.accepted.replaces_answer, continues=self.accepted.continues
+                )
+            )
             checkpointer().add(self)
             outcome = await self._read_until_done()
             return await self._finish(outcome)
@@ -204,22 +196,8 @@ class Generation:
             self._reader.cancel()
             raise
 
-    def _publish(self, event: dict[str, Any]) -> None:
-        self.hub.publish(
-            self.conversation_id,
-            {"conversation": self.conversation_id, "message": self.answer_id, **event},
-        )
-
-    def _started_event(self) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "type": "generation.started",
-            "version_group": str(self.answer.version_group),
-        }
-        if self.accepted.replaces_answer is not None:
-            event["replaces"] = str(self.accepted.replaces_answer.id)
-        if self.accepted.continues is not None:
-            event["continues"] = str(self.accepted.continues.id)
-        return event
+    def _publish(self, event: events.Event) -> None:
+        self.hub.publish(self.conversation_id, event)
 
     async def _read(self) -> _Outcome:
         """The model's calls for this answer: each streams into the answer;
@@ -255,15 +233,7 @@ class Generation:
         if summary is None:
             return
         self.messages = history.with_summary(summary)
-        self.hub.publish(
-            self.conversation_id,
-            {
-                "type": "conversation.summary",
-                "conversation": self.conversation_id,
-                "through": str(history.through),
-                "summary": summary,
-            },
-        )
+        self._publish(events.conversation_summary(self.conversation_id, history.through, summary))
 
     async def _tool_round(self, end: llm.StreamEnd, text: str, offer: list[tools.Tool]) -> None:
         """Account the call, run the tools it asked for, show each result,
@@ -290,15 +260,16 @@ class Generation:
                  "arguments": call.arguments, "content": result.content}
             )  # fmt: skip
             self._publish(
-                {
-                    "type": "generation.tool",
-                    "call_id": call.id,
-                    "name": call.name,
-                    "summary": result.summary,
-                    "ok": result.ok,
-                    "arguments": call.arguments[:TOOL_FRAME_CHARS],
-                    "result": result.content[:TOOL_FRAME_CHARS],
-                }
+                events.tool_event(
+                    self.conversation_id,
+                    self.answer_id,
+                    call_id=call.id,
+                    name=call.name,
+                    summary=result.summary,
+                    ok=result.ok,
+                    arguments=call.arguments,
+                    result=result.content,
+                )
             )
         calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in end.tool_calls]
         round_ = {"text": text, "calls": calls, "results": results}
@@ -362,7 +333,7 @@ class Generation:
         self.seq += 1
         self.sent.append(text)
         self.last_frame = time.monotonic()
-        self._publish({"type": "generation.delta", "seq": self.seq, "text": text})
+        self._publish(events.delta_event(self.conversation_id, self.answer_id, self.seq, text))
 
     async def _finish(self, outcome: _Outcome) -> tuple[str, bool]:
         """Save and announce the end, once: a task of its own, so that a
@@ -392,18 +363,9 @@ class Generation:
             error=outcome.error.user_message if outcome.error is not None else "",
         )
         if outcome.error is not None:
-            self._publish(
-                {
-                    "type": "error",
-                    "code": upstream_code(outcome.error),
-                    "message": outcome.error.user_message,  # for a person, as in every error
-                    "answer": self.answer_id,
-                    "retry_after": outcome.error.retry_after,
-                }
-            )
-        self.hub.publish(
-            self.conversation_id,
-            finished_event(
+            self._publish(events.answer_error(self.answer, outcome.error))
+        self._publish(
+            events.finished_event(
                 self.answer,
                 status=status,
                 finish_reason=finish_reason,
@@ -557,29 +519,3 @@ def checkpointer() -> Checkpointer:
     if found is None:
         found = _checkpointers[loop] = Checkpointer()
     return found
-
-
-# --- A follower that missed the end -----------------------------------------------------
-
-
-def last_answer_finished(conversation_id: Any) -> dict[str, Any] | None:
-    """The `generation.finished` event of the conversation's latest answer, if it
-    has ended: for a socket that was following it and missed the end."""
-    answer = (
-        Message.objects.filter(conversation_id=conversation_id, role=Message.Role.ASSISTANT)
-        .order_by("-created_at")
-        .first()
-    )
-    if answer is None or answer.status == Message.Status.STREAMING:
-        return None
-    usage = stored_usage(answer)
-    return finished_event(
-        answer,
-        status=answer.status,
-        finish_reason=answer.finish_reason,
-        content=answer.content,
-        html=render_markdown_cached(answer.content),
-        model=answer.model,
-        usage=usage,
-        error=answer.error,
-    )

@@ -499,12 +499,3 @@ def accept_continue(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
 def check_owner(*, user: Any, conversation_id: Any) -> None:
     """A `not_found` refusal unless the conversation is the user's (stop, join)."""
     conversation_for_user(user=user, conversation_id=conversation_id)
-
-
-def streaming_answer_id(conversation_id: Any) -> str | None:
-    answer = (
-        Message.objects.filter(conversation_id=conversation_id, status=Message.Status.STREAMING)
-        .values_list("pk", flat=True)
-        .first()
-    )
-    return str(answer) if answer else None

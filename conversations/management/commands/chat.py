@@ -17,6 +17,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from conversations import generation, refusals
+from conversations.generation.follow import Reader
 from conversations.models import ChatModel, Conversation, SystemPrompt
 from conversations.money import money
 from conversations.selectors import conversation_for_user
@@ -156,22 +157,18 @@ class ChatSession:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGINT, self._on_interrupt)  # main thread only
         threading.Thread(target=self._read_stdin, args=(loop,), daemon=True, name="chat-stdin").start()
-        self.hub = generation.get_hub()
-        self.frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         try:
             await self._greet()
             await self._loop()
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGINT)
-            await self._follow(None)
             await generation.wait_all()  # an answer still running is saved before we go
             await generation.release_connections()
 
     async def _greet(self) -> None:
         self.write(f"Chatting as {self.user.get_username()}. {HELP_LINE}")
         if self.conversation_id is not None:
-            await self._follow(self.conversation_id)
             title = await database_sync_to_async(_title)(self.conversation_id)
             self.write(f"Continuing “{title}” ({self.conversation_id}).")
         if self.prompt is not None:
@@ -191,7 +188,7 @@ class ChatSession:
                 self.write("Bye.")
                 return
             if text == "/new":
-                await self._follow(None)
+                self.conversation_id = None
                 self.write("New conversation: your next message starts it.")
             elif text == "/clear":
                 if getattr(self.out, "isatty", lambda: False)():
@@ -204,21 +201,6 @@ class ChatSession:
                 self.write(f"Unknown command {text.split()[0]}. {HELP_LINE}")
             else:
                 await self._ask(text)
-
-    async def _follow(self, conversation_id: Any) -> None:
-        """Follow one conversation's answers (or none)."""
-        if self.conversation_id is not None:
-            await self.hub.unfollow(str(self.conversation_id), self)
-        self.conversation_id = conversation_id
-        if conversation_id is not None:
-            await self.hub.follow(str(conversation_id), self)
-
-    # The hub hands this session the frames of the conversation it follows.
-    def deliver(self, frame: generation.Frame) -> None:
-        self.frames.put_nowait(frame.data)
-
-    def resync(self, conversation_id: str) -> None:
-        pass  # the answer's end carries its whole text
 
     async def _ask(self, text: str) -> None:
         new = self.conversation_id is None
@@ -234,34 +216,30 @@ class ChatSession:
         except refusals.Refusal as refusal:
             self.write(self.style.ERROR(refusal_line(refusal)))
             if refusal.code == refusals.NOT_FOUND:
-                await self._follow(None)
+                self.conversation_id = None
             return
+        self.conversation_id = accepted.conversation.id
         if new:
-            # Follow the group BEFORE the answer starts: no delta is missed.
-            await self._follow(accepted.conversation.id)
             self.write(f"(new conversation {accepted.conversation.id}, model {accepted.answer.model})")
+        # Follow the conversation BEFORE the answer starts: no delta is missed.
+        reader = await Reader(str(accepted.conversation.id)).open()
         self.answering, self.stopping = True, False
         try:
             await generation.launch(accepted)
-            await asyncio.wait_for(self._stream(str(accepted.answer.id)), ANSWER_TIMEOUT)
+            await asyncio.wait_for(self._stream(reader, str(accepted.answer.id)), ANSWER_TIMEOUT)
         except TimeoutError:
             self.write(self.style.ERROR("\nNo end of the answer arrived; check `manage.py sweep_streaming`."))
         finally:
             self.answering = False
+            await reader.close()
 
-    async def _stream(self, answer_id: str) -> None:
+    async def _stream(self, reader: Reader, answer_id: str) -> None:
         self.write("assistant> ", ending="")
-        seq = 0
-        while True:
-            event = await self.frames.get()
+        async for event in reader.answer_events(answer_id, keep_alive=ANSWER_TIMEOUT):
             kind = event.get("type")
             if kind == "conversation.summary":
                 self.write(self.style.NOTICE("[older messages summarised]"), ending=" ")
-                continue
-            if event.get("answer" if kind == "error" else "message") != answer_id:
-                continue
-            if kind == "generation.delta" and event["seq"] > seq:
-                seq = event["seq"]
+            elif kind == "generation.delta":
                 if not self.stopping:  # after "stopping", nothing more of the answer is printed
                     self.write(event["text"], ending="")
             elif kind == "generation.tool":
