@@ -67,6 +67,7 @@ REFUSALS = {
     refusals.BUSY: (409, "busy"),
     refusals.INVALID: (400, "invalid_request"),
     refusals.RESENT: (409, "duplicate"),
+    refusals.SIGNED_OUT: (401, "invalid_api_key"),  # not for tokens; for completeness
 }
 
 

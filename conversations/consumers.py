@@ -22,9 +22,9 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from accounts import security
+from accounts import security, sessions
 
-from . import generation, inputs, refusals, signins
+from . import generation, inputs, refusals
 from .generation import Frame, events
 from .generation.batches import batches_of
 from .generation.follow import Follow
@@ -177,7 +177,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user = user
         session_key = getattr(self.scope.get("session"), "session_key", None)
         self.sign_in = (session_key, user.pk)  # asked again before acting (signins.py)
-        self._session_digest = signins.session_digest(session_key) if session_key else ""
+        self._session_digest = sessions.session_digest(session_key) if session_key else ""
         self._signed_in_checked = time.monotonic()
         self.following = {}
         self._bad: deque[float] = deque()  # when the last bad frames came
@@ -244,7 +244,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             }.get(frame.get("type"))
             if handler is None:
                 raise FrameError("invalid_request", f"Unknown frame type: {frame.get('type')!r}.")
-            if not await self._still_signed_in():
+            # A send asks in the same call that accepts it (`_message_send`).
+            if handler != self._message_send and not await self._still_signed_in():
                 return
             await handler(frame)
         except FrameError as exc:
@@ -296,7 +297,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         checked = time.monotonic()
         if not now and checked - self._signed_in_checked < settings.CHAT_SESSION_RECHECK:
             return True
-        good = await batches_of(signins.still_signed_in).submit(self.sign_in)
+        good = await batches_of(sessions.still_signed_in).submit(self.sign_in)
         if good:
             self._signed_in_checked = checked
             return True
@@ -353,6 +354,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if conversation_id is not None:
             extra["conversation"] = str(conversation_id)
         content = _content(frame, extra)
+        asked = time.monotonic()
+        due = asked - self._signed_in_checked >= settings.CHAT_SESSION_RECHECK
         await self._start(
             generation.accept_send,
             extra,
@@ -361,7 +364,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             client_id=client_id,
             prompt_id=prompt_id,
             model=model,
+            sign_in=self.sign_in if due else None,
         )
+        if due and not self._closing:
+            self._signed_in_checked = asked
 
     async def _message_edit(self, frame: dict[str, Any]) -> None:
         client_id = _uuid(frame, "client_id")
@@ -398,6 +404,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             accepted = await accept(user=self.user, **arguments)
         except refusals.Refusal as refusal:
+            if refusal.code == refusals.SIGNED_OUT:
+                self._closing = True
+                await self._close_signed_out("sign_in_ended")
+                return
             if refusal.code == refusals.RESENT:
                 # A frame sent again (after a reconnect): show what exists, create nothing.
                 sent = refusal.sent

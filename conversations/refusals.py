@@ -18,7 +18,8 @@ RATE_LIMITED = "rate_limited"
 BUSY = "busy"  # an answer is still being written in this conversation
 INVALID = "invalid_request"  # a well-formed request that cannot be done
 QUOTA_EXCEEDED = "quota_exceeded"
-CODES = (RESENT, NOT_FOUND, RATE_LIMITED, BUSY, INVALID, QUOTA_EXCEEDED)
+SIGNED_OUT = "signed_out"  # a socket's sign-in ended: the socket is closed (4401), no frame
+CODES = (RESENT, NOT_FOUND, RATE_LIMITED, BUSY, INVALID, QUOTA_EXCEEDED, SIGNED_OUT)
 
 
 class Refusal(Exception):
@@ -58,5 +59,5 @@ def over_quota(message: str, retry_after: int) -> Refusal:
     return Refusal(QUOTA_EXCEEDED, message, retry_after=retry_after)
 
 
-def is_refusal(outcome: Any, code: str) -> bool:
-    return isinstance(outcome, Refusal) and outcome.code == code
+def signed_out() -> Refusal:
+    return Refusal(SIGNED_OUT, "You are signed out. Log in again.")

@@ -9,6 +9,7 @@ from asgiref.sync import async_to_sync
 from django.db import transaction
 
 from . import generation, inputs
+from .generation import events
 from .models import Conversation, Message
 
 MAX_TITLE_CHARS = 200
@@ -33,10 +34,8 @@ def conversation_rename(*, conversation: Conversation, title: str) -> Conversati
         raise InvalidTitle(f"The title {problem}.")
     conversation.title = title
     conversation.save(update_fields=["title"])
-    payload = {"id": str(conversation.pk), "title": title}
-    transaction.on_commit(
-        lambda: _tell_user(conversation.owner_id, {"type": "conversation.updated", "conversation": payload})
-    )
+    updated = events.conversation_updated(conversation.pk, title)
+    transaction.on_commit(lambda: _tell_user(conversation.owner_id, updated))
     return conversation
 
 
@@ -52,6 +51,4 @@ def conversation_delete(*, conversation: Conversation) -> None:
         # delete collects it, or sees its message gone and keeps the row alone.
         list(Message.objects.select_for_update().filter(conversation=conversation).values_list("pk"))
         conversation.delete()
-    transaction.on_commit(
-        lambda: _tell_user(owner_id, {"type": "conversation.deleted", "conversation": str(conversation_id)})
-    )
+    transaction.on_commit(lambda: _tell_user(owner_id, events.conversation_deleted(conversation_id)))

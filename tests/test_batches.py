@@ -20,8 +20,8 @@ from accounts import limits
 from accounts.models import Quota, QuotaCounter
 from conversations import generation, llm, refusals
 from conversations.generation.batches import Batches
-from conversations.generation.ledger import save_answers
-from conversations.generation.titles import save_titles, title_from
+from conversations.generation.ledger import AnswerEnd, save_answers
+from conversations.generation.titles import NewTitle, save_titles, title_from
 from conversations.generation.turns import Send, accept_messages
 from conversations.models import Conversation, Message, ModelPrice, SystemPrompt, TokenUsage
 from conversations.prompts import save_prompt
@@ -198,8 +198,8 @@ async def test_sends_arriving_together_share_one_database_call(settings: Any, mo
     assert len(calls) <= 2  # the first alone, the rest together
 
 
-def _ended(accepted: Any, content: str, **fields: Any) -> dict[str, Any]:
-    return {
+def _ended(accepted: Any, content: str, **fields: Any) -> AnswerEnd:
+    end = {
         "answer": accepted.answer,
         "owner_id": accepted.conversation.owner_id,
         "content": content,
@@ -215,6 +215,7 @@ def _ended(accepted: Any, content: str, **fields: Any) -> dict[str, Any]:
         "error": "",
         **fields,
     }
+    return AnswerEnd(**end)
 
 
 def test_answers_ending_together_are_saved_as_each_alone(settings: Any) -> None:
@@ -237,33 +238,33 @@ def test_answers_ending_together_are_saved_as_each_alone(settings: Any) -> None:
 
     results = save_answers(ends)
 
-    assert [type(r).__name__ for r in results] == ["tuple"] * 4
+    assert [type(r).__name__ for r in results] == ["Saved"] * 4
     (usage0, html0, title0), (usage1, _h, title1), (_u, _h2, title2), (usage3, _h3, title3) = results
     assert usage0 == {"prompt_tokens": 12, "completion_tokens": 5, "cost": "0.022000"}
     assert "<strong>First</strong>" in html0
     assert (title0, title1, title2, title3) == (True, True, True, True)
     for end in ends:
-        answer = Message.objects.get(pk=end["answer"].pk)
+        answer = Message.objects.get(pk=end.answer.pk)
         assert (answer.content, answer.status, answer.finish_reason) == (
-            end["content"],
-            end["status"],
-            end["finish_reason"],
+            end.content,
+            end.status,
+            end.finish_reason,
         )
         assert (answer.worker, answer.accounting, answer.tool_rounds) == ("", None, None)
         row = TokenUsage.objects.get(message_id=answer.pk)
         assert (row.kind, row.user_id, row.conversation_id) == (
             "answer",
-            end["owner_id"],
+            end.owner_id,
             answer.conversation_id,
         )
-    assert TokenUsage.objects.get(message_id=ends[1]["answer"].pk).estimated
+    assert TokenUsage.objects.get(message_id=ends[1].answer.pk).estimated
     assert usage1["completion_tokens"] == llm.estimate_tokens("Second answer")
     assert usage3["prompt_tokens"] == 12
     assert QuotaCounter.objects.get(user=users[3], window="day").tokens_reserved == 0
 
     # The same ends again (a retry after a lost reply): nothing stored twice.
-    again = save_answers([{k: v for k, v in end.items() if not k.startswith("_")} for end in ends])
-    assert [type(r).__name__ for r in again] == ["tuple"] * 4
+    again = save_answers(ends)
+    assert [type(r).__name__ for r in again] == ["Saved"] * 4
     assert TokenUsage.objects.filter(kind="answer").count() == 4
 
 
@@ -278,7 +279,7 @@ def test_titles_made_together_keep_a_rename_made_meanwhile(settings: Any) -> Non
     completion = llm.Completion('{"title": "T"}', llm.Usage(30, 4), "fake-model")
 
     saved = save_titles(
-        [(turn.conversation, f"Title {i}", completion, False) for i, turn in enumerate(turns)]
+        [NewTitle(turn.conversation, f"Title {i}", completion, False) for i, turn in enumerate(turns)]
     )
 
     assert saved == [True, False, True]

@@ -19,6 +19,16 @@ from tests.conftest import connect, dead_pid
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+def save_one(**end: Any) -> Any:
+    """One answer's end, saved as every end is (a batch of one)."""
+    from conversations.generation.ledger import AnswerEnd, save_answers
+
+    (saved,) = save_answers([AnswerEnd(**end)])
+    if isinstance(saved, Exception):
+        raise saved
+    return saved
+
+
 def streaming_answer(owner: Any, worker: str, age: float = 0) -> Message:
     conversation = Conversation.objects.create(owner=owner)
     answer = Message.objects.create(
@@ -161,14 +171,13 @@ def test_an_answer_taken_for_dead_that_ends_after_all_keeps_its_real_end(alice: 
     it gets through, its real end replaces the sweep's estimate, once."""
     from accounts.models import Quota, QuotaCounter
     from conversations import llm
-    from conversations.generation.ledger import save_answer
     from conversations.models import TokenUsage
 
     Quota.objects.create(user=alice, tokens_per_day=100_000)
     accepted = _accepted_then_orphaned(alice)
     generation.recovery.settle_dead(accepted.answer.pk, shown="Once upon a time")
 
-    save_answer(
+    save_one(
         answer=accepted.answer,
         owner_id=alice.pk,
         content="Once upon a time, the end.",
@@ -194,7 +203,6 @@ def test_an_end_saved_twice_is_accounted_once(alice: Any) -> None:
     connection) stores nothing more: one ledger row, the hold released once."""
     from accounts.models import Quota, QuotaCounter
     from conversations import llm
-    from conversations.generation.ledger import save_answer
     from conversations.models import TokenUsage
 
     Quota.objects.create(user=alice, tokens_per_day=100_000)
@@ -213,8 +221,8 @@ def test_an_end_saved_twice_is_accounted_once(alice: Any) -> None:
         "called": True,
         "reservation": accepted.reservation,
     }
-    first = save_answer(**end)
-    again = save_answer(**end)
+    first = save_one(**end)
+    again = save_one(**end)
 
     assert first[0] == again[0]
     assert TokenUsage.objects.filter(message_id=accepted.answer.pk).count() == 1

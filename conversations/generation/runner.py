@@ -35,7 +35,7 @@ from . import events, summaries
 from .batches import batches_of
 from .database import in_database, update_each
 from .fanout import get_hub
-from .ledger import record_model_call, save_answers
+from .ledger import AnswerEnd, Saved, record_model_call, save_answers
 from .titles import make_title
 from .turns import Accepted, Send, accept_messages
 
@@ -239,7 +239,7 @@ class Generation:
         """Account the call, run the tools it asked for, show each result,
         and add the round to what the next call sends."""
         # Its own ledger row (the answer's final call is recorded by
-        # `save_answer`, which settles the reservation).
+        # `save_answers`, which settles the reservation).
         await in_database(record_model_call)(
             user_id=self.conversation.owner_id,
             kind=TokenUsage.Kind.ANSWER,
@@ -348,19 +348,21 @@ class Generation:
         status, finish_reason = outcome.status()
         model = outcome.end.model if outcome.end else self.answer.model
         usage, html, first_answer = await self._save(
-            answer=self.answer,
-            owner_id=self.conversation.owner_id,
-            content=content,
-            status=status,
-            finish_reason=finish_reason,
-            model=model,
-            usage=outcome.end.usage if outcome.end else None,
-            messages=self.messages,
-            tool_rounds=self.tool_rounds,
-            called=outcome.called(content),
-            reservation=self.accepted.reservation,
-            first_of_chat=self.accepted.first_turn,
-            error=outcome.error.user_message if outcome.error is not None else "",
+            AnswerEnd(
+                answer=self.answer,
+                owner_id=self.conversation.owner_id,
+                content=content,
+                status=status,
+                finish_reason=finish_reason,
+                model=model,
+                usage=outcome.end.usage if outcome.end else None,
+                messages=self.messages,
+                tool_rounds=self.tool_rounds,
+                called=outcome.called(content),
+                reservation=self.accepted.reservation,
+                first_of_chat=self.accepted.first_turn,
+                error=outcome.error.user_message if outcome.error is not None else "",
+            )
         )
         if outcome.error is not None:
             self._publish(events.answer_error(self.answer, outcome.error))
@@ -380,8 +382,8 @@ class Generation:
         log.info("answer %s %s: %d chars, %d frames", self.answer_id, status, len(content), self.seq)
         return status, first_answer
 
-    async def _save(self, **end: Any) -> tuple[dict[str, Any], str, bool]:
-        """`save_answer` (with the other answers ending now: batches.py),
+    async def _save(self, end: AnswerEnd) -> Saved:
+        """`save_answers` (with the other answers ending now: batches.py),
         tried again while the database is away (restarted,
         failed over): the answer's end is one transaction, so a retry
         stores it once. Its followers have every delta meanwhile; the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 
 from django.db import transaction
 
@@ -13,9 +14,9 @@ from .. import llm
 from ..models import Conversation, TokenUsage
 from .batches import batches_of
 from .database import update_each
-from .events import user_topic
+from .events import conversation_updated, user_topic
 from .fanout import get_hub
-from .ledger import price_of, record_call
+from .ledger import price_of, record_call, usage_row
 
 log = logging.getLogger(__name__)
 
@@ -62,70 +63,87 @@ def clean_title(text: str) -> str:
     return title[:TITLE_CHARS].strip()
 
 
-def save_titles(items: list[tuple[Conversation, str, llm.Completion, bool]]) -> list[bool | Exception]:
-    """`_save_title` for each item (titles made together: a burst's): for the
-    users without limits, one INSERT of their ledger rows and one UPDATE of
-    the titles in one transaction; the others one by one."""
+@dataclass
+class NewTitle:
+    """A title the model made for a conversation, and its call."""
+
+    conversation: Conversation
+    title: str
+    completion: llm.Completion
+    limited: bool  # the user had limits when the answer was accepted
+
+    def usage(self) -> llm.Usage:
+        return self.completion.usage or llm.Usage(0, llm.estimate_tokens(self.title))
+
+    def ledger_row(self) -> TokenUsage:
+        usage = self.usage()
+        return usage_row(
+            user_id=self.conversation.owner_id,
+            conversation_id=self.conversation.pk,
+            kind=TokenUsage.Kind.TITLE,
+            model=self.completion.model,
+            usage=usage,
+            cost=price_of(self.completion.model, usage),
+            estimated=self.completion.usage is None,
+        )
+
+
+def save_titles(items: list[NewTitle]) -> list[bool | Exception]:
+    """Each title and its ledger row; whether it was kept (only over the
+    provisional title: a rename by the user wins). One is a batch of one.
+    The titles of users without limits (a burst's) go together: one INSERT
+    of their ledger rows and one UPDATE of the titles in one transaction;
+    the others, whose calls settle counters, one by one."""
     results: list[bool | Exception | None] = [None] * len(items)
-    usual = [i for i, item in enumerate(items) if not item[3]]
-    if len(usual) > 1:
-        with transaction.atomic():
-            rows = []
+    usual = [i for i, item in enumerate(items) if not item.limited]
+    if len(usual) > 1:  # alone, `_save_title` takes a statement fewer
+        try:
+            with transaction.atomic():
+                TokenUsage.objects.bulk_create([items[i].ledger_row() for i in usual])
+                provisional = {items[i].conversation.pk: items[i].conversation.title for i in usual}
+                unchanged = {
+                    pk
+                    for pk, title in Conversation.objects.select_for_update()
+                    .filter(pk__in=list(provisional))
+                    .values_list("pk", "title")
+                    if title == provisional[pk]
+                }
+                titles = [
+                    (items[i].conversation.pk, items[i].title)
+                    for i in usual
+                    if items[i].conversation.pk in unchanged
+                ]
+                update_each(Conversation, ("title",), titles)
+        except Exception as exc:  # the database is away: each hears it
             for i in usual:
-                conversation, title, completion, _limited = items[i]
-                usage = completion.usage or llm.Usage(0, llm.estimate_tokens(title))
-                rows.append(
-                    TokenUsage(
-                        user_id=conversation.owner_id,
-                        conversation_id=conversation.pk,
-                        kind=TokenUsage.Kind.TITLE,
-                        model=completion.model,
-                        prompt_tokens=usage.prompt_tokens,
-                        completion_tokens=usage.completion_tokens,
-                        cached_tokens=usage.cached_tokens,
-                        cost=price_of(completion.model, usage),
-                        estimated=completion.usage is None,
-                    )
-                )
-            TokenUsage.objects.bulk_create(rows)
-            # Only over the provisional title: a rename by the user wins.
-            provisional = {items[i][0].pk: items[i][0].title for i in usual}
-            unchanged = {
-                pk
-                for pk, title in Conversation.objects.select_for_update()
-                .filter(pk__in=list(provisional))
-                .values_list("pk", "title")
-                if title == provisional[pk]
-            }
-            titles = [(items[i][0].pk, items[i][1]) for i in usual if items[i][0].pk in unchanged]
-            update_each(Conversation, ("title",), titles)
-        for i in usual:
-            results[i] = items[i][0].pk in unchanged
+                results[i] = exc
+        else:
+            for i in usual:
+                results[i] = items[i].conversation.pk in unchanged
     for i, item in enumerate(items):
         if results[i] is None:
             try:
-                results[i] = _save_title(*item)
+                results[i] = _save_title(item)
             except Exception as exc:  # this one's caller hears it
                 results[i] = exc
     return results  # type: ignore[return-value]
 
 
-def _save_title(conversation: Conversation, title: str, completion: llm.Completion, limited: bool) -> bool:
-    usage = completion.usage or llm.Usage(0, llm.estimate_tokens(title))
+def _save_title(item: NewTitle) -> bool:
+    conversation = item.conversation
     with transaction.atomic():
         record_call(
             user_id=conversation.owner_id,
             kind=TokenUsage.Kind.TITLE,
-            model=completion.model,
-            usage=usage,
-            estimated=completion.usage is None,
+            model=item.completion.model,
+            usage=item.usage(),
+            estimated=item.completion.usage is None,
             reservation=None,
             conversation_id=conversation.pk,
-            limited=limited,
+            limited=item.limited,
         )
-        # Only over the provisional title: a rename by the user wins.
         return bool(
-            Conversation.objects.filter(pk=conversation.pk, title=conversation.title).update(title=title)
+            Conversation.objects.filter(pk=conversation.pk, title=conversation.title).update(title=item.title)
         )
 
 
@@ -149,12 +167,9 @@ async def make_title(conversation: Conversation, question: str, answer: str, *, 
     if not title:
         return
     try:
-        saved = await batches_of(save_titles).submit((conversation, title, completion, limited))
+        saved = await batches_of(save_titles).submit(NewTitle(conversation, title, completion, limited))
     except Exception as exc:  # the database is away: the provisional title stays
         log.warning("title for %s not saved: %s", conversation.pk, exc)
         return
     if saved:
-        get_hub().publish(
-            user_topic(conversation.owner_id),
-            {"type": "conversation.updated", "conversation": {"id": str(conversation.pk), "title": title}},
-        )
+        get_hub().publish(user_topic(conversation.owner_id), conversation_updated(conversation.pk, title))

@@ -21,7 +21,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from accounts import quotas
+from accounts import quotas, sessions
 from accounts.limits import take_send, take_sends
 
 from .. import inputs, llm, prompts, refusals
@@ -104,13 +104,29 @@ def new_conversation(
     """A conversation of `user` with `prompt` (the version it starts with is
     recorded) and `model` (already checked with `ChatModel.is_pickable`)."""
     version = prompts.version_for_new_conversation(prompt) if prompt else None
-    return Conversation.objects.create(
+    conversation = _conversation_row(user, prompt, version, model=model, title=title)
+    conversation.save(force_insert=True)
+    return conversation
+
+
+def _conversation_row(
+    user: Any, prompt: SystemPrompt | None, version: Any, *, model: str | None = None, title: str = ""
+) -> Conversation:
+    """A new conversation, unsaved."""
+    return Conversation(
         owner=user,
         title=title,
         prompt=prompt,
         prompt_version=version,
         prompt_text=version.text if version else "",
         model=model or "",
+    )
+
+
+def _question_row(conversation: Conversation, content: str, client_id: uuid.UUID, **fields: Any) -> Message:
+    """A new question, unsaved."""
+    return Message(
+        conversation=conversation, role=Message.Role.USER, content=content, client_id=client_id, **fields
     )
 
 
@@ -219,6 +235,20 @@ def _atomic_turn(user: Any, build: Any) -> Accepted:
     return accepted
 
 
+@dataclass
+class Send:
+    """One `message.send`. `sign_in`: a socket's (session key, user id), to
+    be verified again in the same call (accounts/sessions.py), or None."""
+
+    user: Any
+    conversation_id: uuid.UUID | None
+    content: str
+    client_id: uuid.UUID
+    prompt_id: uuid.UUID | None = None
+    model: str | None = None
+    sign_in: tuple[str | None, Any] | None = None
+
+
 def accept_message(
     *,
     user: Any,
@@ -228,9 +258,10 @@ def accept_message(
     prompt_id: uuid.UUID | None = None,
     model: str | None = None,
 ) -> Accepted:
-    """Store the question and an empty `streaming` answer, in one transaction.
-    A new conversation gets `prompt_id`'s system prompt (else the default
-    one) and `model` (one of the enabled ChatModels; else the prompt's).
+    """Store the question and an empty `streaming` answer, in one transaction:
+    a batch of one (`accept_messages`). A new conversation gets `prompt_id`'s
+    system prompt (else the default one) and `model` (one of the enabled
+    ChatModels; else the prompt's).
 
     Refuses (`refusals.Refusal`): `resent` for a `client_id` already stored,
     `not_found` for a conversation that is not the user's, `busy` when an
@@ -238,18 +269,32 @@ def accept_message(
     `rate_limited`, `quota_exceeded`; `invalid_request` for a model users may
     not pick or text that cannot be stored.
     """
-    _refuse_unstorable(content)
-    _refuse_resent(user, client_id)
+    send = Send(user, conversation_id, content, client_id, prompt_id, model)
+    (outcome,) = accept_messages([send])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _accept_one(send: Send) -> Accepted:
+    """A send that goes on its own (an existing conversation, a limited user,
+    a model to check), in a transaction of its own."""
+    _refuse_unstorable(send.content)
+    _refuse_resent(send.user, send.client_id)  # also the same frame twice in one batch
+    model, conversation_id, content = send.model, send.conversation_id, send.content
     if model and conversation_id is None and not ChatModel.is_pickable(model):
         raise refusals.invalid(f"The model “{model[:100]}” is not available.")
 
     def build() -> Accepted:
         if conversation_id is None:
             conversation = new_conversation(
-                user, _prompt_for_new_conversation(prompt_id), model=model, title=title_from(content)
+                send.user,
+                _prompt_for_new_conversation(send.prompt_id),
+                model=model,
+                title=title_from(content),
             )
         else:
-            conversation = _own_conversation(user, conversation_id)
+            conversation = _own_conversation(send.user, conversation_id)
         # A conversation made empty (the HTTP API) gets its title from its first
         # question. (Every other one has a title: no query on a normal turn.)
         first_turn = conversation_id is None or (
@@ -258,41 +303,17 @@ def accept_message(
         if first_turn and not conversation.title:
             conversation.title = title_from(content)
             Conversation.objects.filter(pk=conversation.pk).update(title=conversation.title)
-        question = Message.objects.create(
-            conversation=conversation, role=Message.Role.USER, content=content, client_id=client_id
-        )
-        answer = _new_answer(conversation)
+        question = _question_row(conversation, content, send.client_id)
+        question.save(force_insert=True)
         return Accepted(
             conversation,
             question,
-            answer,
+            _new_answer(conversation),
             conversation_created=conversation_id is None,
             first_turn=first_turn,
         )
 
-    return _atomic_turn(user, build)
-
-
-@dataclass
-class Send:
-    """One `message.send`, as `accept_message` takes it."""
-
-    user: Any
-    conversation_id: uuid.UUID | None
-    content: str
-    client_id: uuid.UUID
-    prompt_id: uuid.UUID | None = None
-    model: str | None = None
-
-    def accept(self) -> Accepted:
-        return accept_message(
-            user=self.user,
-            conversation_id=self.conversation_id,
-            content=self.content,
-            client_id=self.client_id,
-            prompt_id=self.prompt_id,
-            model=self.model,
-        )
+    return _atomic_turn(send.user, build)
 
 
 def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
@@ -308,14 +329,20 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
     Python). Every other send (an existing conversation, a limited user, a
     model to check) is accepted on its own, in the same call."""
     results: list[Accepted | Exception | None] = [None] * len(sends)
+    checked = [index for index, send in enumerate(sends) if send.sign_in is not None]
+    if checked:  # a socket's sign-in may have ended (a logout, a deactivation)
+        good = sessions.still_signed_in([sends[index].sign_in for index in checked])  # type: ignore[misc]
+        for index, signed_in in zip(checked, good, strict=True):
+            if not signed_in:
+                results[index] = refusals.signed_out()
     sent = _sent_by_client_id([send.client_id for send in sends])
     limits = quotas.limits_for_many([send.user for send in sends])
     candidates: list[int] = []
     seen: set[uuid.UUID] = set()
     for index, send in enumerate(sends):
         earlier = sent.get(send.client_id)
-        if inputs.text_problem(send.content):
-            continue  # goes alone, to be refused there, before anything is stored
+        if results[index] is not None or inputs.text_problem(send.content):
+            continue  # refused, or goes alone to be refused there, before anything is stored
         if earlier is not None and earlier.conversation.owner_id == send.user.pk:
             results[index] = refusals.resent(earlier)
         elif (
@@ -349,7 +376,7 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
     for index, send in enumerate(sends):
         if results[index] is None:
             try:
-                results[index] = send.accept()
+                results[index] = _accept_one(send)
             except Exception as exc:  # a refusal, or this send's own fault: its caller hears it
                 results[index] = exc
     return results  # type: ignore[return-value]
@@ -384,20 +411,8 @@ def _accept_new_together(sends: list[Send]) -> list[Accepted | Exception]:
                 outcomes.append(found)
                 continue
             prompt, version = found
-            conversation = Conversation(
-                owner=send.user,
-                title=title_from(send.content),
-                prompt=prompt,
-                prompt_version=version,
-                prompt_text=version.text if version else "",
-                model="",
-            )
-            question = Message(
-                conversation=conversation,
-                role=Message.Role.USER,
-                content=send.content,
-                client_id=send.client_id,
-            )
+            conversation = _conversation_row(send.user, prompt, version, title=title_from(send.content))
+            question = _question_row(conversation, send.content, send.client_id)
             turn = Accepted(
                 conversation, question, _new_answer(conversation), conversation_created=True, first_turn=True
             )
@@ -464,13 +479,8 @@ def accept_edit(
         Message.objects.filter(
             conversation=conversation, is_active=True, created_at__gte=old_question.created_at
         ).update(is_active=False)
-        question = Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.USER,
-            content=content,
-            client_id=client_id,
-            version_group=old_question.version_group,
-        )
+        question = _question_row(conversation, content, client_id, version_group=old_question.version_group)
+        question.save(force_insert=True)
         answer = _new_answer(
             conversation, **({"version_group": old_answer.version_group} if old_answer else {})
         )
