@@ -29,9 +29,8 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.db.models.functions import Now
 
 from .. import llm, tools
-from ..history import with_tool_rounds
 from ..models import Message, TokenUsage
-from . import events, summaries
+from . import events, summaries, toolrounds
 from .batches import batches_of
 from .database import in_database, update_each
 from .fanout import get_hub
@@ -201,24 +200,20 @@ class Generation:
 
     async def _read(self) -> _Outcome:
         """The model's calls for this answer: each streams into the answer;
-        one that ends in tool calls runs them (a tool round) and asks again
-        with their results, at most CHAT_TOOL_ROUNDS times."""
+        one that ends in tool calls runs them (a tool round, toolrounds.py)
+        and asks again with their results."""
         history = self.accepted.history
         if history is not None and history.pending:
             await self._summarize(history)
         prompt = self.conversation.prompt
-        offered = tools.offered((prompt.tools if prompt else "") or None)
-        offered_json = tools.openai_tools(offered) if offered else None  # once per answer
-        rounds = 0
+        rounds = toolrounds.Rounds(tools.offered((prompt.tools if prompt else "") or None))
         while True:
-            offer = offered if rounds < settings.CHAT_TOOL_ROUNDS else []
             first_seq = self.seq
-            outcome = await self._read_call(offered_json if offer else None)
-            end = outcome.end
-            if end is None or not end.tool_calls or not offer:
+            outcome = await self._read_call(rounds.offer())
+            if not rounds.is_round(outcome.end):
                 return outcome
-            rounds += 1
-            await self._tool_round(end, "".join(self.sent[first_seq:]), offer)
+            assert outcome.end is not None
+            await self._tool_round(rounds, outcome.end, "".join(self.sent[first_seq:]))
 
     async def _summarize(self, history: Any) -> None:
         """A long chat: fold the turns that overflow into the conversation's
@@ -235,7 +230,7 @@ class Generation:
         self.messages = history.with_summary(summary)
         self._publish(events.conversation_summary(self.conversation_id, history.through, summary))
 
-    async def _tool_round(self, end: llm.StreamEnd, text: str, offer: list[tools.Tool]) -> None:
+    async def _tool_round(self, rounds: toolrounds.Rounds, end: llm.StreamEnd, text: str) -> None:
         """Account the call, run the tools it asked for, show each result,
         and add the round to what the next call sends."""
         # Its own ledger row (the answer's final call is recorded by
@@ -246,19 +241,13 @@ class Generation:
             model=end.model,
             usage=end.usage,
             messages=self.messages,
-            text=text + "".join(c.name + c.arguments for c in end.tool_calls),
+            text=toolrounds.spoken(text, end),
             limited=self.accepted.reservation is not None,
             conversation_id=self.answer.conversation_id,
             message_id=self.answer.pk,
         )
-        context = tools.ToolContext(user_id=self.conversation.owner_id, conversation_id=self.conversation_id)
-        results = []
-        for call in end.tool_calls:
-            result = await tools.call(call.name, call.arguments, context, tools=offer)
-            results.append(
-                {"call_id": call.id, "name": call.name, "summary": result.summary, "ok": result.ok,
-                 "arguments": call.arguments, "content": result.content}
-            )  # fmt: skip
+
+        def show(call: llm.ToolCall, result: tools.ToolResult) -> None:
             self._publish(
                 events.tool_event(
                     self.conversation_id,
@@ -271,10 +260,11 @@ class Generation:
                     result=result.content,
                 )
             )
-        calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in end.tool_calls]
-        round_ = {"text": text, "calls": calls, "results": results}
+
+        context = tools.ToolContext(user_id=self.conversation.owner_id, conversation_id=self.conversation_id)
+        round_ = await toolrounds.run_round(rounds, end, text, context, on_result=show)
         self.tool_rounds.append(round_)
-        self.messages = [*self.messages, *with_tool_rounds("", [round_])]
+        self.messages = [*self.messages, *toolrounds.messages_of(round_)]
         try:  # kept with the answer at once: a reload shows the chips, a dead worker's answer keeps them
             await in_database(_write_tool_rounds)(self.answer.pk, self.tool_rounds)
         except (OperationalError, InterfaceError) as exc:  # the answer's end stores them again

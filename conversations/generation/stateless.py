@@ -28,8 +28,9 @@ from accounts import quotas
 from accounts.limits import take_send
 
 from .. import llm, refusals, tools
-from ..history import messages_tokens, with_tool_rounds
+from ..history import messages_tokens
 from ..models import TokenUsage
+from . import toolrounds
 from .database import in_database
 from .ledger import record_model_call, release
 
@@ -76,9 +77,7 @@ async def run_call(call: Call) -> AsyncIterator[llm.TextDelta | llm.StreamEnd]:
     call is accounted, also when the client goes away mid-stream (an
     estimate of what was streamed); a refused call costs nothing."""
     messages = list(call.messages)
-    builtin = {tool.name: tool for tool in call.builtin}
-    offer = [*call.client_tools, *tools.openai_tools(call.builtin)] or None
-    rounds = 0
+    rounds = toolrounds.Rounds(call.builtin, passed_on=call.client_tools, answer_unknown=False)
     text: list[str] = []  # of the model call under way
     settled = False
     total = llm.Usage(0, 0)  # of every model call: what the client is told
@@ -91,7 +90,7 @@ async def run_call(call: Call) -> AsyncIterator[llm.TextDelta | llm.StreamEnd]:
                 model=call.model,
                 temperature=call.temperature,
                 max_tokens=call.max_tokens,
-                tools=offer if rounds < settings.CHAT_TOOL_ROUNDS else call.client_tools or None,
+                tools=rounds.offer(),
                 response_format=call.response_format,
             )
             async with aclosing(stream):
@@ -102,17 +101,16 @@ async def run_call(call: Call) -> AsyncIterator[llm.TextDelta | llm.StreamEnd]:
                     elif isinstance(event, llm.StreamEnd):
                         end = event
             assert end is not None
-            names = {c.name for c in end.tool_calls}
-            if end.tool_calls and names <= set(builtin) and rounds < settings.CHAT_TOOL_ROUNDS:
-                spoken = "".join(text) + "".join(c.name + c.arguments for c in end.tool_calls)
-                used = await in_database(_record)(call, end.model, end.usage, messages, spoken, final=False)
-                total = _plus(total, used)
-                messages = [*messages, *await _tool_round(call, end, "".join(text), builtin)]
-                rounds += 1
+            if rounds.is_round(end):
+                said = toolrounds.spoken("".join(text), end)
+                total += await in_database(_record)(call, end.model, end.usage, messages, said, final=False)
+                context = tools.ToolContext(user_id=call.user_id)
+                round_ = await toolrounds.run_round(rounds, end, "".join(text), context)
+                messages = [*messages, *toolrounds.messages_of(round_)]
                 continue
             used = await in_database(_record)(call, end.model, end.usage, messages, "".join(text), final=True)
             settled = True
-            yield dataclasses.replace(end, usage=_plus(total, used))
+            yield dataclasses.replace(end, usage=total + used)
             return
     finally:
         if not settled:
@@ -126,26 +124,6 @@ async def run_call(call: Call) -> AsyncIterator[llm.TextDelta | llm.StreamEnd]:
             )
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(ending)
-
-
-async def _tool_round(
-    call: Call, end: llm.StreamEnd, text: str, builtin: dict[str, tools.Tool]
-) -> list[llm.ChatMessage]:
-    context = tools.ToolContext(user_id=call.user_id)
-    results = []
-    for tool_call in end.tool_calls:
-        result = await tools.call(tool_call.name, tool_call.arguments, context, tools=list(builtin.values()))
-        results.append({"call_id": tool_call.id, "name": tool_call.name, "content": result.content})
-    calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in end.tool_calls]
-    return with_tool_rounds("", [{"text": text, "calls": calls, "results": results}])
-
-
-def _plus(a: llm.Usage, b: llm.Usage) -> llm.Usage:
-    return llm.Usage(
-        a.prompt_tokens + b.prompt_tokens,
-        a.completion_tokens + b.completion_tokens,
-        a.cached_tokens + b.cached_tokens,
-    )
 
 
 def _record(
