@@ -7,7 +7,6 @@ urlpatterns = [
     path("login/", views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),  # POST only
     path("signup/", views.signup, name="signup"),
-    path("usage/", views.usage, name="usage"),
     path("invite/", views.invite, name="invite"),
     path("invitation/<uidb64>/<token>/", views.InvitationAcceptView.as_view(), name="invitation_accept"),
     # Django's password reset, with this site's pages.

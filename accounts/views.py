@@ -6,13 +6,11 @@ from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import AuthenticationForm
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse, reverse_lazy
-from django.utils import timezone
 from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 from django.views.decorators.debug import sensitive_post_parameters
@@ -20,7 +18,6 @@ from django.views.decorators.debug import sensitive_post_parameters
 from . import security
 from .forms import InviteForm, SignupForm
 from .links import one_time_links
-from .quotas import usage_summary
 
 
 def _throttled(request: HttpRequest, template: str, context: dict[str, Any], wait: int) -> HttpResponse:
@@ -179,14 +176,3 @@ def invite(request: HttpRequest) -> HttpResponse:
         sent = user
         form = InviteForm()
     return render(request, "accounts/invite.html", {"form": form, "sent": sent})
-
-
-@login_required
-def usage(request: HttpRequest) -> HttpResponse:
-    """What the user spent today and this month, and what is left."""
-    limits, windows = usage_summary(request.user)
-    return render(
-        request,
-        "accounts/usage.html",
-        {"limits": limits, "windows": windows, "now": timezone.now()},
-    )

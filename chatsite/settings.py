@@ -112,7 +112,7 @@ elif _db["ENGINE"] == "django.db.backends.sqlite3":
     # it; one per test run, so that two runs never share it.
     _db["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"chatsite-test-{os.getpid()}.sqlite3")}
 
-# Threads for answers' database work (conversations/generation/database.py):
+# Threads for answers' database work (conversations/database.py):
 # 0 = automatic (4 on PostgreSQL, 1 on SQLite). Keep DATABASE_POOL_MAX above it.
 DATABASE_THREADS = env.int("DATABASE_THREADS", default=0)
 

@@ -3,7 +3,7 @@ from django.http import HttpRequest, HttpResponsePermanentRedirect
 from django.templatetags.static import static
 from django.urls import include, path
 
-from conversations.views import healthz
+from conversations.views import healthz, usage
 
 
 def favicon(request: HttpRequest) -> HttpResponsePermanentRedirect:
@@ -12,6 +12,7 @@ def favicon(request: HttpRequest) -> HttpResponsePermanentRedirect:
 
 urlpatterns = [
     path("", include("api.urls")),
+    path("accounts/usage/", usage, name="usage"),  # what the user spent, and what is left
     path("accounts/", include("accounts.urls")),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),

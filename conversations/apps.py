@@ -1,5 +1,5 @@
 from django.apps import AppConfig
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import m2m_changed, post_delete, post_save
 
 
 class ConversationsConfig(AppConfig):
@@ -10,13 +10,20 @@ class ConversationsConfig(AppConfig):
         from django.contrib.auth import get_user_model
         from django.contrib.auth.signals import user_logged_out
 
+        from accounts.models import Quota
         from accounts.signals import accounts_changed
 
         from . import signins
         from .models import ModelPrice, forget_prices
+        from .quotas import forget_limits
 
         post_save.connect(forget_prices, sender=ModelPrice, dispatch_uid="forget_prices_on_save")
         post_delete.connect(forget_prices, sender=ModelPrice, dispatch_uid="forget_prices_on_delete")
+        # A quota or a user's groups changed: this worker's cache of limits forgets.
+        post_save.connect(forget_limits, sender=Quota, dispatch_uid="forget_limits_on_save")
+        post_delete.connect(forget_limits, sender=Quota, dispatch_uid="forget_limits_on_delete")
+        groups = get_user_model().groups.through
+        m2m_changed.connect(forget_limits, sender=groups, dispatch_uid="forget_limits_on_groups")
         # A socket lives no longer than its sign-in.
         user = get_user_model()
         user_logged_out.connect(signins.on_logged_out, dispatch_uid="sockets_on_logout")

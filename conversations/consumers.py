@@ -25,9 +25,10 @@ from django.db import InterfaceError, OperationalError
 from accounts import security, sessions
 
 from . import generation, inputs, refusals
+from .batches import batches_of
 from .generation import Frame, events
-from .generation.batches import batches_of
 from .generation.follow import Follow
+from .sockets import socket_counts
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.hub = generation.get_hub()
         self.address = security.scope_address(self.scope)
         self.socket_id = uuid.uuid4().hex
-        if not await self.hub.open_socket(user.pk, self.socket_id, settings.CHAT_MAX_SOCKETS_PER_USER):
+        if not await socket_counts().open(user.pk, self.socket_id, settings.CHAT_MAX_SOCKETS_PER_USER):
             security.event(
                 "socket_refused", user=user, address=self.address, limit=settings.CHAT_MAX_SOCKETS_PER_USER
             )
@@ -218,7 +219,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self._forgotten = True
         self._sender.cancel()
         generation.this_worker().sockets.discard(self)
-        await self.hub.close_socket(self.user.pk, self.socket_id)
+        await socket_counts().close(self.user.pk, self.socket_id)
         await self.hub.unfollow(self.user_topic, self)
         following, self.following = self.following, {}
         for conversation_id, follow in following.items():

@@ -8,11 +8,12 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.text import slugify
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from . import inputs, llm, refusals, selectors, services
+from . import inputs, llm, quotas, refusals, selectors, services
 from .health import health_report
 from .models import ChatModel, Conversation, SystemPrompt
 
@@ -159,3 +160,14 @@ def conversation_export(request: HttpRequest, conversation_id: uuid.UUID, fmt: s
 async def healthz(request: HttpRequest) -> JsonResponse:
     report: dict[str, Any] = await health_report()
     return JsonResponse(report, status=200 if report["ok"] else 503)
+
+
+@login_required
+def usage(request: HttpRequest) -> HttpResponse:
+    """What the user spent today and this month, and what is left."""
+    limits, windows = quotas.usage_summary(request.user)
+    return render(
+        request,
+        "accounts/usage.html",
+        {"limits": limits, "windows": windows, "now": timezone.now()},
+    )

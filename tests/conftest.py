@@ -88,7 +88,8 @@ def _fresh_channel_layer_and_cache() -> Iterator[None]:
     from django.core.cache import cache
 
     cache.clear()
-    from accounts import limits, quotas
+    from accounts import limits
+    from conversations import quotas
 
     limits._blocked_until.clear()  # the process's memo of users over their limit
     forget_prices()  # a price cached by an earlier test's rolled-back rows

@@ -37,9 +37,10 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from api import tokens
-from conversations import generation, refusals
+from conversations import refusals
 from conversations.generation import fanout, identity, recovery, runner, turns
 from conversations.models import Conversation, Message
+from conversations.sockets import socket_counts
 from tests.conftest import LiveServer, connect, database_url, run_daphne
 from tests.factories import PASSWORD, make_conversation, make_user, session_cookie
 from tests.fake_llm import FakeLLM, Reply
@@ -480,13 +481,13 @@ async def test_a_socket_that_crashes_is_uncounted(alice: Any, monkeypatch: pytes
         raise RuntimeError("a bug")
 
     ws = await _connected(alice)
-    hub = generation.get_hub()
-    assert hub.sockets.get(alice.pk)
+    counts = socket_counts()
+    assert counts.local.get(alice.pk)
     monkeypatch.setattr(ChatConsumer, "receive", crash)
     await ws.send_to(text_data="{}")
     with pytest.raises(RuntimeError):
         await ws.receive_output(timeout=5)
-    assert not hub.sockets.get(alice.pk)
+    assert not counts.local.get(alice.pk)
 
 
 # --- 9. The websocket's Origin: scheme, host and port -------------------------------------------

@@ -19,7 +19,7 @@ from django.test.utils import CaptureQueriesContext
 from accounts import limits
 from accounts.models import Quota, QuotaCounter
 from conversations import generation, llm, refusals
-from conversations.generation.batches import Batches
+from conversations.batches import Batches
 from conversations.generation.ledger import AnswerEnd, save_answers
 from conversations.generation.titles import NewTitle, save_titles, title_from
 from conversations.generation.turns import Send, accept_messages

@@ -17,8 +17,8 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from accounts import quotas
 from accounts.models import Quota, QuotaCounter
+from conversations import quotas
 from conversations.models import ModelPrice, TokenUsage
 from tests.factories import make_user
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conversations.generation import fanout
+from conversations.generation import answer_log, fanout
 from conversations.generation.runner import Pace
 from tests.cluster import RedisServer, start_redis
 
@@ -75,7 +75,7 @@ async def test_a_long_queue_goes_in_bounded_pipelines_and_flush_waits_for_all_of
     assert max(sizes) <= fanout.MAX_PIPELINE
     assert sum(sizes) >= 2 * deltas
     entries = await hub.remote.client.xrange(f"chat:answer:{answer}")
-    assert fanout.log_text(entries) == "".join(f"w{seq} " for seq in range(1, deltas + 1))
+    assert answer_log.log_text(entries) == "".join(f"w{seq} " for seq in range(1, deltas + 1))
 
 
 async def test_a_flush_ends_while_other_answers_keep_publishing(

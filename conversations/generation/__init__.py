@@ -19,7 +19,7 @@ Knows nothing of websockets or HTTP: interfaces call the names below.
 
 from __future__ import annotations
 
-from .database import in_database
+from ..database import in_database
 from .events import Frame, message_payload, user_topic
 from .fanout import get_hub, tell
 from .follow import last_answer_finished

@@ -15,20 +15,15 @@ The running answers of this process are registered here too, so that a stop,
 a snapshot or a catch-up from a socket of this process reaches its answer
 directly.
 
-With REDIS_URL set (several workers), the hub also keeps (every key and
-channel under REDIS_PREFIX, `chat` by default: `RedisNames`):
+With REDIS_URL set (several workers), the hub also keeps:
 
-- the answer's log: every delta is XADDed to a Redis Stream per answer
-  (`chat:answer:<id>`, entry id `<seq>-0`, fields `s` = seq and `t` = text,
-  capped with MAXLEN): the id makes a write sent twice (a retry after a
-  broken connection) a refused no-op, never a duplicate;
-  and `chat:running:<conversation>` names the streaming answer. A follower in
-  another worker takes its snapshot there, and catches up after its last
-  `seq` when it missed something: nothing depends on a capacity;
-- the live tail: each frame is PUBLISHed on `chat:topic:<topic>`. One
+- the answer's log (answer_log.py: a Redis Stream per answer, the key of
+  each conversation's streaming answer), where a follower in another
+  worker takes its snapshot and catches up after its last `seq`;
+- the live tail: each frame is PUBLISHed on `<prefix>:topic:<topic>`. One
   pub/sub connection per process subscribes to the topics its sockets
-  follow (and to `chat:ctl`, on which stops travel) and hands what other
-  workers publish to its local followers;
+  follow (and to `<prefix>:ctl`, on which stops travel) and hands what
+  other workers publish to its local followers;
 - batched writes: frames published while the previous pipeline was in flight
   go together in the next one, so a busy worker makes a few Redis round
   trips per tick, not a few per frame.
@@ -38,28 +33,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
-import urllib.parse
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from django.conf import settings
 
+from . import answer_log
+from .answer_log import Snapshot
 from .events import Frame
 from .identity import WORKER_ID
 
 log = logging.getLogger(__name__)
 
-LOG_MAXLEN = 100_000  # deltas kept per answer (about 4 MB of text at the default frame rate)
-LOG_TTL = 24 * 3600  # s: the log of an answer that never finished (its worker died)
-FINISHED_LOG_TTL = 300  # s: a late follower of a finished answer reads the database
 MAX_PIPELINE = 500  # Redis commands per round trip of the writer
-SOCKET_TTL = 90.0  # s: a socket's entry in its user's count lives this long unless refreshed
-SOCKET_REFRESH = 30.0  # s
 RECONNECT_DELAY = (0.1, 0.5, 1.0, 2.0)
 
 
@@ -81,106 +70,11 @@ class RunningAnswer(Protocol):
     def stop(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    answer_id: str
-    seq: int
-    content: str
-    local: bool = True  # from this process's running answer; else from Redis
-
-
-@dataclass(frozen=True)
-class RedisNames:
-    """Every key and pub/sub channel of this site in Redis, under REDIS_PREFIX,
-    so that two sites can share one Redis server. Keys live in the
-    database of REDIS_URL; pub/sub channels are one namespace for the whole
-    server, so theirs also name that database (when it is not 0)."""
-
-    prefix: str
-    channel_prefix: str
-
-    @classmethod
-    def for_settings(cls) -> RedisNames:
-        return _names(settings.REDIS_PREFIX, settings.REDIS_URL)
-
-    def log(self, answer_id: str) -> str:
-        return f"{self.prefix}:answer:{answer_id}"
-
-    def running(self, conversation_id: str) -> str:
-        return f"{self.prefix}:running:{conversation_id}"
-
-    def sockets(self, user_id: Any) -> str:
-        return f"{self.prefix}:sockets:{user_id}"
-
-    @property
-    def topics(self) -> str:
-        return f"{self.channel_prefix}:topic:"
-
-    def topic(self, topic: str) -> str:
-        return self.topics + topic
-
-    @property
-    def control(self) -> str:
-        return f"{self.channel_prefix}:ctl"
-
-
-@functools.lru_cache(maxsize=8)
-def _names(prefix: str, url: str) -> RedisNames:
-    database = 0
-    with contextlib.suppress(ValueError):
-        path = urllib.parse.urlsplit(url).path.strip("/")
-        database = int(path or 0)
-    return RedisNames(prefix, prefix if database == 0 else f"{prefix}:db{database}")
-
-
-def log_text(entries: list[tuple[Any, dict[bytes, bytes]]]) -> str | None:
-    """The text of an answer's log (XRANGE entries), or None unless it holds
-    every delta from seq 1 on, once each and in order."""
-    parts = []
-    for expected, (_id, fields) in enumerate(entries, start=1):
-        if int(fields[b"s"]) != expected:
-            return None
-        parts.append(fields[b"t"].decode())
-    return "".join(parts) if parts else None
-
-
 class Hub:
     def __init__(self) -> None:
         self.followers: dict[str, set[Follower]] = defaultdict(set)
         self.running: dict[str, RunningAnswer] = {}  # conversation id -> this process's answer
-        self.sockets: dict[Any, set[str]] = {}  # user id -> this process's open sockets
         self.remote = RedisLink(self, settings.REDIS_URL) if settings.REDIS_URL else None
-
-    # --- open sockets per user ---------------------------------------------------
-
-    async def open_socket(self, user_id: Any, socket_id: str, limit: int) -> bool:
-        """Count a user's new socket. False (and not counted) if the user has
-        `limit` open already, in this worker and, with Redis, in the others."""
-        local = self.sockets.setdefault(user_id, set())
-        allowed = len(local) < limit
-        if self.remote is not None:
-            try:
-                allowed = await self.remote.open_socket(user_id, socket_id, limit)
-            except Exception as exc:  # Redis away: this worker's count only
-                log.warning("socket count of user %s unavailable: %s", user_id, exc)
-        if allowed:
-            local.add(socket_id)
-        elif not local:
-            del self.sockets[user_id]
-        return allowed
-
-    async def close_socket(self, user_id: Any, socket_id: str) -> None:
-        local = self.sockets.get(user_id)
-        if local is None or socket_id not in local:
-            return
-        local.discard(socket_id)
-        if not local:
-            del self.sockets[user_id]
-        if self.remote is not None:
-            try:
-                await self.remote.close_socket(user_id, socket_id)
-            except Exception as exc:  # its entry expires by itself
-                log.warning("socket of user %s not uncounted: %s", user_id, exc)
 
     # --- followers ------------------------------------------------------------
 
@@ -254,7 +148,7 @@ class Hub:
         if self.remote is None:
             return None
         try:
-            return log_text(await self.remote.client.xrange(self.remote.names.log(answer_id)))
+            return answer_log.log_text(await self.remote.client.xrange(self.remote.names.log(answer_id)))
         except Exception as exc:
             log.warning("answer log of %s unreadable: %s", answer_id, exc)
             return None
@@ -274,11 +168,7 @@ class Hub:
 
 
 class RedisLink:
-    """The hub's side in Redis: the answers' logs, the live tail, stops, and
-    each user's open sockets (a sorted set per user: socket id -> the time
-    its entry expires, pushed back every SOCKET_REFRESH seconds by the worker
-    that holds it, so that a dead worker's sockets stop counting by
-    themselves)."""
+    """The hub's side in Redis: the answers' logs, the live tail, stops."""
 
     def __init__(self, hub: Hub, url: str) -> None:
         import redis.asyncio as redis
@@ -286,7 +176,7 @@ class RedisLink:
         from redis.backoff import NoBackoff
 
         self.hub = hub
-        self.names = RedisNames.for_settings()
+        self.names = answer_log.RedisNames.for_settings()
         # No silent retries inside redis-py: a Redis that restarted (empty)
         # must be seen here, so that the logs are rewritten (below).
         self.client = redis.Redis.from_url(
@@ -307,50 +197,6 @@ class RedisLink:
         # Writes were lost (Redis was away or restarted empty): the logs of
         # this worker's running answers are rewritten from memory first.
         self._lost = False
-        self._socket_refresher: asyncio.Task[None] | None = None
-
-    # --- open sockets per user ---------------------------------------------------
-
-    async def _now(self) -> float:
-        """Redis's clock: the workers' hosts may disagree (an entry's expiry
-        written by one is judged by every other)."""
-        seconds, microseconds = await self.client.time()
-        return seconds + microseconds / 1e6
-
-    async def open_socket(self, user_id: Any, socket_id: str, limit: int) -> bool:
-        key, now = self.names.sockets(user_id), await self._now()
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zremrangebyscore(key, "-inf", now)
-        pipe.zadd(key, {socket_id: now + SOCKET_TTL})
-        pipe.zcard(key)
-        pipe.expire(key, int(SOCKET_TTL))
-        count = (await pipe.execute())[2]
-        if count > limit:  # two at once over the limit: both refused, never both let in
-            await self.client.zrem(key, socket_id)
-            return False
-        if self._socket_refresher is None or self._socket_refresher.done():
-            self._socket_refresher = asyncio.get_running_loop().create_task(
-                self._refresh_sockets(), name="socket-count-refresher"
-            )
-        return True
-
-    async def close_socket(self, user_id: Any, socket_id: str) -> None:
-        await self.client.zrem(self.names.sockets(user_id), socket_id)
-
-    async def _refresh_sockets(self) -> None:
-        while True:
-            await asyncio.sleep(SOCKET_REFRESH)
-            try:
-                expires = await self._now() + SOCKET_TTL
-                pipe = self.client.pipeline(transaction=False)
-                for user_id, sockets in list(self.hub.sockets.items()):
-                    if sockets:
-                        pipe.zadd(self.names.sockets(user_id), dict.fromkeys(sockets, expires))
-                        pipe.expire(self.names.sockets(user_id), int(SOCKET_TTL))
-                await pipe.execute()
-            except Exception as exc:  # Redis away: the next round tries again
-                _raise_if_cancelled()
-                log.warning("open sockets not refreshed: %s", exc)
 
     # --- writes: batched ---------------------------------------------------------
 
@@ -367,23 +213,10 @@ class RedisLink:
             )
 
     def publish(self, conversation_id: str, frame: Frame) -> None:
-        data = frame.data
-        kind = data["type"]
         # The publishing worker first: a worker skips its own frames (its
         # sockets had them already) without decoding them.
-        payload = WORKER_ID + "\n" + frame.text
-        commands: list[tuple[Any, ...]] = []
-        if kind == "generation.delta":
-            key, seq = self.names.log(data["message"]), data["seq"]
-            commands.append(("XADD", key, "MAXLEN", "~", LOG_MAXLEN, f"{seq}-0", "s", seq, "t", data["text"]))
-            if data["seq"] == 1:
-                commands.append(("EXPIRE", key, LOG_TTL))
-        elif kind == "generation.started":
-            commands.append(("SET", self.names.running(conversation_id), data["message"], "EX", LOG_TTL))
-        elif kind == "generation.finished":
-            commands.append(("EXPIRE", self.names.log(data["message"]), FINISHED_LOG_TTL))
-            commands.append(("DEL", self.names.running(conversation_id)))
-        commands.append(("PUBLISH", self.names.topic(conversation_id), payload))
+        commands = answer_log.frame_commands(self.names, conversation_id, frame.data)
+        commands.append(("PUBLISH", self.names.topic(conversation_id), WORKER_ID + "\n" + frame.text))
         self._enqueue(*commands)
 
     async def send_stop(self, conversation_id: str) -> None:
@@ -460,13 +293,10 @@ class RedisLink:
         commands: list[tuple[Any, ...]] = []
         rewritten = set()
         for conversation_id, answer in list(self.hub.running.items()):
-            key = self.names.log(answer.answer_id)
-            rewritten.add(key)
-            commands.append(("DEL", key))
-            for seq, text in answer.deltas_after(0):
-                commands.append(("XADD", key, "MAXLEN", "~", LOG_MAXLEN, f"{seq}-0", "s", seq, "t", text))
-            commands.append(("EXPIRE", key, LOG_TTL))
-            commands.append(("SET", self.names.running(conversation_id), answer.answer_id, "EX", LOG_TTL))
+            rewritten.add(self.names.log(answer.answer_id))
+            commands += answer_log.rewrite_commands(
+                self.names, conversation_id, answer.answer_id, answer.deltas_after(0)
+            )
         commands.extend(c for c in batch if not (c[0] == "XADD" and c[1] in rewritten))
         return commands
 
@@ -477,17 +307,10 @@ class RedisLink:
         if answer_id is None:
             return None
         answer_id = answer_id.decode()
-        entries = await self.client.xrange(self.names.log(answer_id))
-        seq, parts = 0, []
-        for _id, fields in entries:
-            seq = int(fields[b"s"])
-            parts.append(fields[b"t"].decode())
-        return Snapshot(answer_id, seq, "".join(parts), local=False)
+        return answer_log.snapshot_of(answer_id, await self.client.xrange(self.names.log(answer_id)))
 
     async def deltas_after(self, answer_id: str, seq: int) -> list[tuple[int, str]]:
-        entries = await self.client.xrange(self.names.log(answer_id))
-        deltas = [(int(fields[b"s"]), fields[b"t"].decode()) for _id, fields in entries]
-        return [(s, t) for s, t in deltas if s > seq]
+        return answer_log.deltas_of(await self.client.xrange(self.names.log(answer_id)), seq)
 
     # --- the live tail -----------------------------------------------------------------
 

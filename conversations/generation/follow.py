@@ -25,12 +25,13 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
+from ..database import in_database
 from ..models import Message
 from ..rendering import render_markdown_cached
-from .database import in_database
 from .events import Frame, delta_event, finished_event, snapshot_event
 from .fanout import Hub, Snapshot, get_hub
 from .ledger import stored_usage
+from .process import sweep_dead
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,6 @@ class Follow:
             # The database says streaming but no worker shows it: its process
             # may have died. Sweep (a live answer is never touched), and if
             # that settled it, say how it ended.
-            from .process import sweep_dead
-
             await sweep_dead()
             missed_end = True
         if missed_end:

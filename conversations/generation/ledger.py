@@ -13,13 +13,11 @@ from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
 
-from accounts import quotas
-
-from .. import llm
+from .. import llm, quotas
+from ..database import update_each
 from ..history import messages_tokens
 from ..models import Conversation, Message, ModelPrice, TokenUsage
 from ..rendering import render_many, render_markdown_cached
-from .database import update_each
 from .events import NO_COST, usage_payload
 
 
@@ -143,6 +141,24 @@ def stored_usage(answer: Message) -> dict[str, Any]:
         prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"), cost=Sum("cost")
     )
     return usage_payload(totals["prompt"] or 0, totals["completion"] or 0, totals["cost"] or NO_COST)
+
+
+def accounting_of(prompt_tokens: int, reservation: quotas.Reservation | None) -> dict[str, Any]:
+    """What settling a streaming answer needs if its worker dies (its
+    `Message.accounting`): the prompt's estimated tokens and the quota holds."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "limited": reservation is not None,
+        "holds": [[h.counter_id, h.tokens, str(h.cost)] for h in reservation.holds] if reservation else [],
+    }
+
+
+def reservation_of(accounting: dict[str, Any] | None, user_id: int) -> quotas.Reservation | None:
+    """The quota reservation an answer holds, from its `accounting`."""
+    if not accounting or not accounting.get("limited"):
+        return None
+    holds = [quotas.Hold(int(c), int(t), Decimal(cost)) for c, t, cost in accounting.get("holds", [])]
+    return quotas.Reservation(user_id=user_id, holds=holds)
 
 
 class _UserRef:

@@ -31,10 +31,11 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
-from .database import in_database
+from ..database import in_database
 from .fanout import get_hub
 from .identity import WORKER_ID
 from .recovery import dead_answers, settle_dead
+from .runner import running_tasks
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,6 @@ class Worker:
             self._drain = self.loop.create_task(self.drain(), name="drain")
 
     async def drain(self, *, stop_server: bool = True) -> None:
-        from .runner import running_tasks
-
         self.draining = True
         sockets = list(self.sockets)
         tasks = running_tasks()

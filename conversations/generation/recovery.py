@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import transaction
 from django.db.models.functions import Now
@@ -23,8 +24,11 @@ from django.utils import timezone
 from .. import llm
 from ..models import Message, TokenUsage
 from ..rendering import render_markdown_cached
+from . import answer_log
 from .events import NO_COST, finished_event, usage_payload
+from .fanout import tell
 from .identity import WORKER_ID, worker_dead
+from .ledger import record_call, release, reservation_of
 
 __all__ = ["WORKER_ID", "dead_answers", "settle_dead", "sweep_interrupted"]
 
@@ -63,8 +67,6 @@ def settle_dead(pk: Any, shown: str | None = None) -> dict[str, Any] | None:
 
     `shown`: the text its followers were shown (from the answer's log), used
     when it is longer than the last checkpoint."""
-    from .turns import reservation_of  # turns imports this module
-
     with transaction.atomic():
         answer = (
             Message.objects.select_related("conversation")
@@ -88,8 +90,6 @@ def settle_dead(pk: Any, shown: str | None = None) -> dict[str, Any] | None:
             return None
         owner_id = answer.conversation.owner_id
         reservation = reservation_of(accounting, owner_id)
-        from .ledger import record_call, release
-
         if content:
             # The model was working: its prompt and what it wrote, estimated
             # (the usage chunk comes only at the end of a stream).
@@ -125,26 +125,6 @@ def settle_dead(pk: Any, shown: str | None = None) -> dict[str, Any] | None:
     )
 
 
-def shown_text(answer_id: Any) -> str | None:
-    """The text of an answer's log in Redis (every delta its followers were
-    sent), if there is one and it is whole."""
-    if not settings.REDIS_URL:
-        return None
-    import redis
-
-    from .fanout import RedisNames, log_text
-
-    try:
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
-        try:
-            return log_text(client.xrange(RedisNames.for_settings().log(str(answer_id))))
-        finally:
-            client.close()
-    except Exception as exc:  # Redis away: the checkpoint is what we have
-        log.warning("answer log of %s unreadable: %s", answer_id, exc)
-        return None
-
-
 def sweep_interrupted(*, stale_after: float | None = None, at_startup: bool = False) -> int:
     """Settle every dead answer (see `dead_answers`); for cron
     (`manage.py sweep_streaming`), start-up and tests. Running workers do the
@@ -153,17 +133,13 @@ def sweep_interrupted(*, stale_after: float | None = None, at_startup: bool = Fa
     At start-up only dead processes of this machine count: heartbeats are not
     judged by a process that has just come up (the database may have just
     come back too, before any worker could beat again)."""
-    from asgiref.sync import async_to_sync
-
-    from .fanout import tell
-
     if at_startup:
         stale_after = None
     elif stale_after is None:
         stale_after = settings.CHAT_STALE_AFTER
     count = 0
     for dead in dead_answers(stale_after=stale_after, include_self=at_startup):
-        event = settle_dead(dead.pk, shown_text(dead.pk))
+        event = settle_dead(dead.pk, answer_log.shown_text(dead.pk))
         if event is None:
             continue
         count += 1

@@ -29,10 +29,10 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.db.models.functions import Now
 
 from .. import llm, tools
+from ..batches import batches_of
+from ..database import in_database, update_each
 from ..models import Message, TokenUsage
 from . import events, summaries, toolrounds
-from .batches import batches_of
-from .database import in_database, update_each
 from .fanout import get_hub
 from .ledger import AnswerEnd, Saved, record_model_call, save_answers
 from .titles import make_title

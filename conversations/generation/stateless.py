@@ -24,14 +24,13 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
-from accounts import quotas
 from accounts.limits import take_send
 
-from .. import llm, refusals, tools
+from .. import llm, quotas, refusals, tools
+from ..database import in_database
 from ..history import messages_tokens
 from ..models import TokenUsage
 from . import toolrounds
-from .database import in_database
 from .ledger import record_model_call, release
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from django.conf import settings
 from django.db import transaction
 
 from .. import llm
+from ..database import in_database
 from ..history import History, summary_reserve, transcript
 from ..models import Conversation, TokenUsage
-from .database import in_database
 from .ledger import record_model_call
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from django.db import transaction
 
 from .. import llm
+from ..batches import batches_of
+from ..database import update_each
 from ..models import Conversation, TokenUsage
-from .batches import batches_of
-from .database import update_each
 from .events import conversation_updated, user_topic
 from .fanout import get_hub
 from .ledger import price_of, record_call, usage_row

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -21,14 +20,15 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from accounts import quotas, sessions
+from accounts import sessions
 from accounts.limits import take_send, take_sends
 
-from .. import inputs, llm, prompts, refusals
+from .. import inputs, llm, prompts, quotas, refusals
 from ..history import History, fit_history, messages_tokens, plan_history
 from ..models import ChatModel, Conversation, Message, SystemPrompt
 from ..selectors import conversation_for_user
 from .identity import WORKER_ID
+from .ledger import accounting_of
 from .titles import title_from
 
 log = logging.getLogger(__name__)
@@ -188,23 +188,6 @@ def _most_tokens(accepted: Accepted) -> int:
     return messages_tokens(accepted.messages) + longest
 
 
-def accounting_of(accepted: Accepted) -> dict[str, Any]:
-    reservation = accepted.reservation
-    return {
-        "prompt_tokens": messages_tokens(accepted.messages),
-        "limited": reservation is not None,
-        "holds": [[h.counter_id, h.tokens, str(h.cost)] for h in reservation.holds] if reservation else [],
-    }
-
-
-def reservation_of(accounting: dict[str, Any] | None, user_id: int) -> quotas.Reservation | None:
-    """The quota reservation an answer holds, from its `accounting`."""
-    if not accounting or not accounting.get("limited"):
-        return None
-    holds = [quotas.Hold(int(c), int(t), Decimal(cost)) for c, t, cost in accounting.get("holds", [])]
-    return quotas.Reservation(user_id=user_id, holds=holds)
-
-
 def _atomic_turn(user: Any, build: Any) -> Accepted:
     """`build` in one transaction with the history, the budget and, last,
     the rate limit: everything it stores and reserves, or nothing."""
@@ -216,7 +199,9 @@ def _atomic_turn(user: Any, build: Any) -> Accepted:
             accepted.reservation = quotas.reserve_answer(
                 user, estimated_tokens=_most_tokens(accepted), model=accepted.answer.model
             )
-            accepted.answer.accounting = accounting_of(accepted)
+            accepted.answer.accounting = accounting_of(
+                messages_tokens(accepted.messages), accepted.reservation
+            )
             # Inserted last: the partial unique index refuses a second
             # streaming answer here (Busy), and everything rolls back with it.
             accepted.answer.save(force_insert=True)
@@ -418,7 +403,7 @@ def _accept_new_together(sends: list[Send]) -> list[Accepted | Exception]:
             )
             turn.history = _history(turn)
             turn.messages = turn.history.messages
-            turn.answer.accounting = accounting_of(turn)
+            turn.answer.accounting = accounting_of(messages_tokens(turn.messages), turn.reservation)
             accepted.append((len(outcomes), turn))
             outcomes.append(turn)
         if not accepted:

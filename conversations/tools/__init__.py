@@ -25,7 +25,7 @@ from typing import Any
 
 from django.conf import settings
 
-from ..generation.database import in_database
+from ..database import in_database
 from . import calculator, current_time, schema, search_conversations
 from .base import Tool, ToolContext, ToolError, ToolResult
 

@@ -29,9 +29,9 @@ from django.db import transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
-from conversations.models import ModelPrice, TokenUsage
+from accounts.models import Quota, QuotaCounter
 
-from .models import Quota, QuotaCounter
+from .models import ModelPrice, TokenUsage
 
 Window = QuotaCounter.Window
 LIMIT_FIELDS = ("tokens_per_day", "tokens_per_month", "cost_per_day", "cost_per_month", "answers_per_minute")
