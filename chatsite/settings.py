@@ -1,7 +1,7 @@
 """All configuration, read from the environment (and an optional `.env`).
 
 Every variable is documented in `.env.example`. The defaults give a working
-single-process site: SQLite, the in-memory channel layer, a local-memory
+single-process site: SQLite, answers' logs in memory, a local-memory
 cache and, without an API key, the offline demo model.
 """
 
@@ -118,25 +118,15 @@ DATABASE_THREADS = env.int("DATABASE_THREADS", default=0)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# --- Channel layer and cache ------------------------------------------------
+# --- Redis and the cache ----------------------------------------------------
+# No Channels layer: an answer's frames travel through the hub and the
+# answer's log (conversations/generation/fanout.py, answer_log.py).
 REDIS_URL = env.str("REDIS_URL", default="")
 # Every key and pub/sub channel of this site in Redis starts with it (the
 # answers' logs, the live tail, socket counts, the cache): two sites can
 # share one Redis server with prefixes of their own.
 REDIS_PREFIX = env.str("REDIS_PREFIX", default="chat")
 if REDIS_URL:
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                # The layer blocks on Redis for up to 5 s per receive; redis-py's
-                # own 5 s socket timeout would race it, so give the socket more.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
-                "capacity": 1000,
-                "expiry": 60,
-            },
-        }
-    }
     CACHES = {
         "default": {
             "BACKEND": "chatsite.cache.SharedPoolRedisCache",
@@ -145,7 +135,6 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # django-ratelimit refuses a cache it cannot share between processes; the

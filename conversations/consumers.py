@@ -1,4 +1,5 @@
-"""The websocket protocol of DESIGN.md: parse, authorise, delegate.
+"""The websocket protocol (docs/architecture.md, README's "Websocket
+protocol"): parse, authorise, delegate.
 
 No business logic here: `generation` owns an answer's life; this consumer
 turns frames into calls and channel-layer events into frames.
@@ -138,7 +139,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     `deliver` (called by the hub, synchronously) and leave through one
     ordered, bounded outbox."""
 
-    channel_layer_alias = "no channel layer"  # every frame comes through the hub
+    channel_layer_alias = "none"  # no Channels layer is configured: every frame comes through the hub
     user: Any
     following: dict[str, Follow]
 

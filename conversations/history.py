@@ -233,13 +233,6 @@ def _through_key(conversation: Conversation) -> Key | None:
     return tuple(found) if found else None
 
 
-def build_messages(
-    conversation: Conversation, *, upto: Message, budget: int | None = None
-) -> list[ChatMessage]:
-    """What `plan_history` sends when no summary call is made."""
-    return plan_history(conversation, upto=upto, budget=budget).messages
-
-
 def transcript(messages: Sequence[ChatMessage]) -> str:
     """Turns as plain text for a summary call."""
     lines = []

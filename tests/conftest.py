@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
 from django.db import connection
@@ -82,9 +81,7 @@ def demo_mode(settings: Any) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_channel_layer_and_cache() -> Iterator[None]:
-    # Every test has its own event loop: layers made on another loop are stale.
-    channel_layers.backends.clear()
+def _fresh_caches() -> Iterator[None]:
     from django.core.cache import cache
 
     cache.clear()
@@ -98,7 +95,6 @@ def _fresh_channel_layer_and_cache() -> Iterator[None]:
 
     llm.forget_refusals()  # a server an earlier test scripted to refuse JSON output, or tools
     yield
-    channel_layers.backends.clear()
 
 
 # --- Personas ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What is sent upstream: conversations.history.fit_history and build_messages."""
+"""What is sent upstream: conversations.history.fit_history and plan_history."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from conversations.history import build_messages, fit_history, message_tokens
+from conversations.history import fit_history, message_tokens, plan_history
 from conversations.models import Conversation, Message, SystemPrompt
 
 
@@ -91,7 +91,7 @@ def test_no_turns_gives_only_the_system_prompt() -> None:
     assert fit_history("", [], budget=100) == []
 
 
-# --- build_messages ---------------------------------------------------------------------
+# --- plan_history (what is sent when no summary call is made) ------------------------
 
 
 class Chat:
@@ -121,7 +121,7 @@ def contents(messages: list[dict[str, str]]) -> list[str]:
 
 
 @pytest.mark.django_db
-def test_build_messages_uses_only_this_conversations_messages(alice: Any, bob: Any) -> None:
+def test_the_history_uses_only_this_conversations_messages(alice: Any, bob: Any) -> None:
     mine = chat(alice, "Prompt of alice's first chat")
     other = chat(alice, "Prompt of alice's second chat")
     foreign = chat(bob, "Prompt of bob's chat")
@@ -133,7 +133,7 @@ def test_build_messages_uses_only_this_conversations_messages(alice: Any, bob: A
     foreign.add("assistant", "bob's private answer")
     question = mine.add("user", "alice asks two")
 
-    result = build_messages(mine.conversation, upto=question)
+    result = plan_history(mine.conversation, upto=question).messages
 
     assert result == [
         {"role": "system", "content": "Prompt of alice's first chat"},
@@ -148,72 +148,72 @@ def test_build_messages_uses_only_this_conversations_messages(alice: Any, bob: A
 
 
 @pytest.mark.django_db
-def test_build_messages_excludes_the_answer_being_streamed(alice: Any) -> None:
+def test_the_history_excludes_the_answer_being_streamed(alice: Any) -> None:
     conversation = chat(alice)
     conversation.add("user", "first question")
     conversation.add("assistant", "half an answer so f", status=Message.Status.STREAMING)
     question = conversation.add("user", "second question")
 
-    result = build_messages(conversation.conversation, upto=question)
+    result = plan_history(conversation.conversation, upto=question).messages
 
     assert result == [user("first question"), user("second question")]
 
 
 @pytest.mark.django_db
-def test_build_messages_excludes_the_new_streaming_answer_after_the_question(alice: Any) -> None:
+def test_the_history_excludes_the_new_streaming_answer_after_the_question(alice: Any) -> None:
     conversation = chat(alice)
     question = conversation.add("user", "the question")
     conversation.add("assistant", "", status=Message.Status.STREAMING)
 
-    assert build_messages(conversation.conversation, upto=question) == [user("the question")]
+    assert plan_history(conversation.conversation, upto=question).messages == [user("the question")]
 
 
 @pytest.mark.django_db
-def test_build_messages_excludes_empty_failed_answers(alice: Any) -> None:
+def test_the_history_excludes_empty_failed_answers(alice: Any) -> None:
     conversation = chat(alice)
     conversation.add("user", "first question")
     conversation.add("assistant", "", status=Message.Status.FAILED)
     question = conversation.add("user", "asked again")
 
-    result = build_messages(conversation.conversation, upto=question)
+    result = plan_history(conversation.conversation, upto=question).messages
 
     assert result == [user("first question"), user("asked again")]
 
 
 @pytest.mark.django_db
-def test_build_messages_ignores_messages_after_the_question(alice: Any) -> None:
+def test_the_history_ignores_messages_after_the_question(alice: Any) -> None:
     conversation = chat(alice)
     question = conversation.add("user", "earlier question")
     conversation.add("assistant", "later answer")
     conversation.add("user", "later question")
 
-    assert build_messages(conversation.conversation, upto=question) == [user("earlier question")]
+    assert plan_history(conversation.conversation, upto=question).messages == [user("earlier question")]
 
 
 @pytest.mark.django_db
-def test_build_messages_uses_the_prompt_snapshot_not_the_edited_prompt(alice: Any) -> None:
+def test_the_history_uses_the_prompt_snapshot_not_the_edited_prompt(alice: Any) -> None:
     prompt = SystemPrompt.objects.create(name="Pirate", text="Talk like a pirate.")
     conversation = chat(alice, prompt.text, prompt=prompt)
     question = conversation.add("user", "Hello")
     prompt.text = "Talk like a lawyer."
     prompt.save()
 
-    result = build_messages(conversation.conversation, upto=question)
+    result = plan_history(conversation.conversation, upto=question).messages
 
     assert result[0] == {"role": "system", "content": "Talk like a pirate."}
     assert "lawyer" not in " ".join(contents(result))
 
 
 @pytest.mark.django_db
-def test_build_messages_has_no_system_entry_for_a_conversation_without_prompt(alice: Any) -> None:
+def test_the_history_has_no_system_entry_for_a_conversation_without_prompt(alice: Any) -> None:
     conversation = chat(alice, "")
     question = conversation.add("user", "Hello")
 
-    assert build_messages(conversation.conversation, upto=question) == [user("Hello")]
+    assert plan_history(conversation.conversation, upto=question).messages == [user("Hello")]
 
 
 @pytest.mark.django_db
-def test_build_messages_fits_the_configured_context_budget(alice: Any, settings: Any) -> None:
+def test_the_history_fits_the_configured_context_budget(alice: Any, settings: Any) -> None:
     settings.CHAT_CONTEXT_TOKENS = 3 * TURN
     settings.CHAT_SUMMARY_TOKENS = 0  # dropped, not summarised (tests/test_summaries.py)
     conversation = chat(alice)
@@ -221,6 +221,6 @@ def test_build_messages_fits_the_configured_context_budget(alice: Any, settings:
         conversation.add(role, text)
     question = conversation.add("user", U3)
 
-    result = build_messages(conversation.conversation, upto=question)
+    result = plan_history(conversation.conversation, upto=question).messages
 
     assert result == [user(U2), assistant(A2), user(U3)]

@@ -31,8 +31,7 @@ print(json.dumps({
     "CONN_MAX_AGE": db["CONN_MAX_AGE"],
     "CONN_HEALTH_CHECKS": db.get("CONN_HEALTH_CHECKS"),
     "OPTIONS": db.get("OPTIONS", {}),
-    "CHANNEL_LAYER": settings.CHANNEL_LAYERS["default"]["BACKEND"],
-    "CHANNEL_HOSTS": settings.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("hosts"),
+    "CHANNEL_LAYERS": getattr(settings, "CHANNEL_LAYERS", None),
     "CACHE": settings.CACHES["default"]["BACKEND"],
     "CACHE_LOCATION": settings.CACHES["default"].get("LOCATION"),
 }))
@@ -75,23 +74,21 @@ def test_debug_defaults_to_true_with_a_development_key() -> None:
     assert loaded["SECRET_KEY"]
 
 
-def test_default_is_sqlite_in_memory_channel_layer_and_local_memory_cache() -> None:
+def test_default_is_sqlite_no_channel_layer_and_local_memory_cache() -> None:
     loaded = load_settings()
 
     assert loaded["ENGINE"] == "django.db.backends.sqlite3"
     assert loaded["NAME"].endswith("db.sqlite3")
-    assert loaded["CHANNEL_LAYER"] == "channels.layers.InMemoryChannelLayer"
+    assert loaded["CHANNEL_LAYERS"] is None  # frames travel through the hub, not a Channels layer
     assert loaded["CACHE"] == "django.core.cache.backends.locmem.LocMemCache"
 
 
-def test_redis_url_gives_redis_channel_layer_and_redis_cache() -> None:
+def test_redis_url_gives_the_redis_cache_and_still_no_channel_layer() -> None:
     url = "redis://127.0.0.1:6379/0"
 
     loaded = load_settings(REDIS_URL=url)
 
-    assert loaded["CHANNEL_LAYER"] == "channels_redis.core.RedisChannelLayer"
-    hosts = loaded["CHANNEL_HOSTS"]
-    assert [h["address"] if isinstance(h, dict) else h for h in hosts] == [url]
+    assert loaded["CHANNEL_LAYERS"] is None
     assert loaded["CACHE"] == "chatsite.cache.SharedPoolRedisCache"
     assert loaded["CACHE_LOCATION"] == url
 

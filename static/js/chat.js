@@ -1,4 +1,4 @@
-// The chat page: the client side of the websocket contract in DESIGN.md.
+// The chat page: the client side of the websocket contract (docs/architecture.md).
 // Plain ES modules, no build step; this one wires them together:
 //
 //   socket.js    the websocket, reconnects, long frames

@@ -1,4 +1,4 @@
-// What the server says (the websocket contract in DESIGN.md), frame by frame.
+// What the server says (the websocket contract: docs/architecture.md), frame by frame.
 
 export function createFrames({ conversation, adopt, leaveDeleted, messages, versions, stream, composer, shell, scroller, sidebar, showModel, changed }) {
   const isCurrent = (frame) => Boolean(conversation()) && frame.conversation === conversation();

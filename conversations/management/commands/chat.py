@@ -1,5 +1,5 @@
 """The terminal chat client: the same conversations as the browser, streamed
-through the same `generation` and channel layer."""
+through the same `generation` and the answer's one follower (generation/follow.py)."""
 
 from __future__ import annotations
 
