@@ -24,6 +24,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) db.sqlite3 .pytest_cache artifacts

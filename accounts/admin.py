@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
-from django.http import HttpRequest
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
 
 from . import security
 from .models import Quota, QuotaCounter
 from .signals import accounts_changed
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User as AuthUser
+
+    # Django's admin classes are not subscriptable at run time (no django_stubs_ext here).
+    _QuotaAdmin = admin.ModelAdmin[Quota]
+    _QuotaCounterAdmin = admin.ModelAdmin[QuotaCounter]
+    _UserAdmin = UserAdmin[AuthUser]
+else:
+    _QuotaAdmin = _QuotaCounterAdmin = admin.ModelAdmin
+    _UserAdmin = UserAdmin
+
 
 @admin.register(Quota)
-class QuotaAdmin(admin.ModelAdmin):
+class QuotaAdmin(_QuotaAdmin):
     list_display = [
         "__str__", "tokens_per_day", "tokens_per_month", "cost_per_day", "cost_per_month",
         "answers_per_minute", "updated_at",
@@ -33,7 +45,7 @@ class QuotaAdmin(admin.ModelAdmin):
 
 
 @admin.register(QuotaCounter)
-class QuotaCounterAdmin(admin.ModelAdmin):
+class QuotaCounterAdmin(_QuotaCounterAdmin):
     """Read only: what the quota check sees for each user and window."""
 
     list_display = [
@@ -46,7 +58,7 @@ class QuotaCounterAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: QuotaCounter | None = None) -> bool:
         return False
 
 
@@ -55,17 +67,22 @@ class QuotaCounterAdmin(admin.ModelAdmin):
 User = get_user_model()
 
 
-def _may_change(request: HttpRequest, queryset: Any) -> Any:
+def _may_change(request: HttpRequest, queryset: QuerySet[AuthUser]) -> QuerySet[AuthUser]:
     """The users of `queryset` this staff member may (de)activate: a
     superuser's account only a superuser; never their own."""
-    allowed = queryset.exclude(pk=request.user.pk)
-    if not request.user.is_superuser:
+    staff = cast("AuthUser", request.user)  # the admin lets staff in only, never AnonymousUser
+    allowed = queryset.exclude(pk=staff.pk)
+    if not staff.is_superuser:
         allowed = allowed.exclude(is_superuser=True)
     return allowed
 
 
 def _refused(
-    modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Any, allowed: Any, action: str
+    modeladmin: admin.ModelAdmin[AuthUser],
+    request: HttpRequest,
+    queryset: QuerySet[AuthUser],
+    allowed: QuerySet[AuthUser],
+    action: str,
 ) -> None:
     left_out = queryset.exclude(pk__in=allowed.values("pk"))
     names = [user.username for user in left_out]
@@ -85,7 +102,9 @@ def _refused(
 
 
 @admin.action(description="Activate the selected users (approve their sign-up)", permissions=["change"])
-def activate_users(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Any) -> None:
+def activate_users(
+    modeladmin: admin.ModelAdmin[AuthUser], request: HttpRequest, queryset: QuerySet[AuthUser]
+) -> None:
     allowed = _may_change(request, queryset)
     _refused(modeladmin, request, queryset.filter(is_active=False), allowed, "activate_users")
     waiting = list(allowed.filter(is_active=False))
@@ -100,7 +119,9 @@ def activate_users(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset:
 
 
 @admin.action(description="Deactivate the selected users (they can no longer log in)", permissions=["change"])
-def deactivate_users(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: Any) -> None:
+def deactivate_users(
+    modeladmin: admin.ModelAdmin[AuthUser], request: HttpRequest, queryset: QuerySet[AuthUser]
+) -> None:
     allowed = _may_change(request, queryset)
     _refused(modeladmin, request, queryset.filter(is_active=True), allowed, "deactivate_users")
     active = list(allowed.filter(is_active=True).values_list("pk", "username"))
@@ -122,7 +143,7 @@ if admin.site.is_registered(User):
 
 
 @admin.register(User)
-class ChatUserAdmin(UserAdmin):
+class ChatUserAdmin(_UserAdmin):
     """Django's user admin, with the sign-ups waiting for approval first and
     an "Invite by e-mail" button. Activating and deactivating need the
     permission to change users (Django offers an action to whoever may see
@@ -134,7 +155,9 @@ class ChatUserAdmin(UserAdmin):
     ordering = ("is_active", "-date_joined")
     change_list_template = "admin/auth/user/change_list_invite.html"
 
-    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
         action = request.POST.get("action", "") if request.method == "POST" else ""
         if action and action not in self.get_actions(request):
             # Django ignores an action it did not offer; the attempt is worth a line.

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from django import forms
 from django.conf import settings
@@ -10,15 +10,24 @@ from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.mail import send_mail
 from django.template.loader import render_to_string
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AnonymousUser, User
 
-class SignupForm(UserCreationForm):
+    # Django's forms are not subscriptable at run time (no django_stubs_ext here).
+    _UserCreationForm = UserCreationForm[User]
+else:
+    _UserCreationForm = UserCreationForm
+
+
+class SignupForm(_UserCreationForm):
     """Django's sign-up form, with its errors where a person looks for them:
     a password the validators refuse ("too short") is said under the
     password, not under its confirmation; and a form refused for another
     reason (a username taken) keeps the passwords typed."""
 
-    def validate_password_for_user(self, user: Any, password_field_name: str = "password1") -> None:
-        super().validate_password_for_user(user, password_field_name="password1")
+    def validate_password_for_user(self, user: User, password_field_name: str = "password1") -> None:
+        # SetPasswordMixin's, which django-stubs leave out of BaseUserCreationForm's bases.
+        super().validate_password_for_user(user, password_field_name="password1")  # type: ignore[misc]
 
     def full_clean(self) -> None:
         super().full_clean()
@@ -34,19 +43,19 @@ class InviteForm(forms.Form):
     email = forms.EmailField(label="E-mail")
 
     def clean_username(self) -> str:
-        username = self.cleaned_data["username"]
+        username: str = self.cleaned_data["username"]
         if get_user_model().objects.filter(username__iexact=username).exists():
             raise forms.ValidationError("A user with that username already exists.")
         return username
 
-    def save(self) -> Any:
+    def save(self) -> User:
         user = get_user_model()(username=self.cleaned_data["username"], email=self.cleaned_data["email"])
         user.set_unusable_password()
         user.is_active = True
         user.save()
         return user
 
-    def send(self, user: Any, link: str, *, invited_by: Any) -> None:
+    def send(self, user: User, link: str, *, invited_by: User | AnonymousUser) -> None:
         context = {
             "user": user,
             "link": link,

@@ -11,10 +11,13 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.cache import cache
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 # Users this process has seen over their limit, until their window ends: a
 # flood of frames from one of them costs no cache round trip.
-_blocked_until: dict[Any, float] = {}
+_blocked_until: dict[int, float] = {}
 MAX_BLOCKED = 10_000
 
 
@@ -34,7 +37,7 @@ def parse_rate(rate: str) -> tuple[int, int]:
     return int(found[1]), int(found[2] or 1) * UNITS[found[3]]
 
 
-def take_send(user: Any) -> int | None:
+def take_send(user: User) -> int | None:
     """Count one turn against the user's rate limit. Returns None if it is
     allowed, else the seconds until it would be. Call it last, once every
     other rule has passed (inside the turn's transaction), so that refused
@@ -43,7 +46,7 @@ def take_send(user: Any) -> int | None:
     return take_sends([user])[0]
 
 
-def take_sends(users: Sequence[Any]) -> list[int | None]:
+def take_sends(users: Sequence[User]) -> list[int | None]:
     """`take_send` for each of `users` in turn (one user may come several
     times), with one cache round trip for all."""
     limit, period = parse_rate(settings.CHAT_RATE_LIMIT)
@@ -51,7 +54,7 @@ def take_sends(users: Sequence[Any]) -> list[int | None]:
     window = int(now // period)
     wait = max(1, math.ceil((window + 1) * period - now))
     outcomes: list[int | None] = [None] * len(users)
-    counting: Counter[Any] = Counter()
+    counting: Counter[int] = Counter()
     for index, user in enumerate(users):
         until = _blocked_until.get(user.pk)
         if until is not None and until > now:
@@ -88,7 +91,8 @@ def _count(counts: dict[str, int], *, timeout: int) -> dict[str, int]:
     """Add each count to its counter (made at 0, living `timeout` seconds);
     the new totals."""
     if hasattr(cache, "add_counts"):  # Redis: one pipeline (chatsite/cache.py)
-        return cache.add_counts(counts, timeout=timeout)
+        counted: dict[str, int] = cache.add_counts(counts, timeout=timeout)
+        return counted
     totals = {}
     for key, n in counts.items():
         cache.add(key, 0, timeout)

@@ -6,13 +6,16 @@ invitation, logged them in again)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from django.contrib.auth.tokens import PasswordResetTokenGenerator
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
 
 class OneTimeLinks(PasswordResetTokenGenerator):
-    def _make_hash_value(self, user: Any, timestamp: int) -> str:
+    def _make_hash_value(self, user: User, timestamp: int) -> str:
         return f"{super()._make_hash_value(user, timestamp)}{int(user.is_active)}"
 
 

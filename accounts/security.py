@@ -14,10 +14,15 @@ import ipaddress
 import json
 import logging
 import unicodedata
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from django.conf import settings
 from django_ratelimit.core import get_usage
+
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+    from django.contrib.auth.models import AnonymousUser
+    from django.http import HttpRequest
 
 log = logging.getLogger("security")
 
@@ -51,7 +56,7 @@ def client_address(meta_remote: str | None, forwarded_for: str | None) -> str:
     return _valid_ip(picked) or remote
 
 
-def request_address(request: Any) -> str:
+def request_address(request: HttpRequest) -> str:
     meta = request.META
     return client_address(meta.get("REMOTE_ADDR"), meta.get("HTTP_X_FORWARDED_FOR"))
 
@@ -66,7 +71,7 @@ def scope_address(scope: dict[str, Any]) -> str:
     return client_address(client[0], forwarded)
 
 
-def _field(value: Any) -> str:
+def _field(value: object) -> str:
     """A value as one token of a log line: what a client typed (a username,
     an Origin) in quotes and escaped if it holds spaces, `=`, quotes or
     control characters, so that it can never fake a field or a line."""
@@ -76,7 +81,13 @@ def _field(value: Any) -> str:
     return json.dumps(text)
 
 
-def event(name: str, *, user: Any = None, address: str | None = None, **fields: Any) -> None:
+def event(
+    name: str,
+    *,
+    user: AbstractBaseUser | AnonymousUser | str | None = None,
+    address: str | None = None,
+    **fields: object,
+) -> None:
     """One line on the `security` log: `login_failed user=alice address=…`."""
     who = getattr(user, "username", None) if user is not None and not isinstance(user, str) else user
     parts = [name, f"user={_field(who or '-')}", f"address={_field(address or '-')}"]
@@ -87,9 +98,21 @@ def event(name: str, *, user: Any = None, address: str | None = None, **fields: 
 # --- Throttles ---------------------------------------------------------------------
 
 
-def _usage(request: Any, group: str, key: str, rate: str, *, increment: bool) -> dict[str, Any] | None:
+class Usage(TypedDict):
+    """What django-ratelimit's `get_usage` says of one counter."""
+
+    count: int
+    limit: int
+    should_limit: bool
+    time_left: int
+
+
+def _usage(request: HttpRequest, group: str, key: str, rate: str, *, increment: bool) -> Usage | None:
     try:
-        return get_usage(request, group=group, key=lambda _g, _r: key, rate=rate, increment=increment)
+        usage: Usage | None = get_usage(
+            request, group=group, key=lambda _g, _r: key, rate=rate, increment=increment
+        )
+        return usage
     except Exception as exc:  # the shared cache is away: let people in, say so
         log.warning("throttle_unavailable group=%s error=%s", group, exc)
         return None
@@ -106,7 +129,7 @@ def describe_wait(seconds: int) -> str:
     return f"{hours} h {rest} min" if rest else f"{hours} h"
 
 
-def _wait(usage: dict[str, Any] | None) -> int | None:
+def _wait(usage: Usage | None) -> int | None:
     if usage and usage["count"] >= usage["limit"]:
         return max(1, int(usage["time_left"]))
     return None
@@ -122,32 +145,32 @@ def username_key(username: str) -> str:
     return unicodedata.normalize("NFKC", folded)[:150]
 
 
-def _login_keys(request: Any, username: str) -> list[str]:
+def _login_keys(request: HttpRequest, username: str) -> list[str]:
     return [f"addr:{request_address(request)}", f"user:{username_key(username)}"]
 
 
-def login_wait(request: Any, username: str) -> int | None:
+def login_wait(request: HttpRequest, username: str) -> int | None:
     """Seconds until a login may be tried again, or None: too many failures
     from this address, or for this username, in the window."""
     waits = [
         _wait(_usage(request, LOGIN_GROUP, key, settings.CHAT_LOGIN_RATE, increment=False))
         for key in _login_keys(request, username)
     ]
-    waits = [w for w in waits if w]
-    return max(waits) if waits else None
+    known = [w for w in waits if w]
+    return max(known) if known else None
 
 
-def count_login_failure(request: Any, username: str) -> None:
+def count_login_failure(request: HttpRequest, username: str) -> None:
     for key in _login_keys(request, username):
         _usage(request, LOGIN_GROUP, key, settings.CHAT_LOGIN_RATE, increment=True)
 
 
-def address_wait(request: Any, group: str, rate: str) -> int | None:
+def address_wait(request: HttpRequest, group: str, rate: str) -> int | None:
     """Seconds until this address may do `group` again (sign up, ask for a reset)."""
     return _wait(_usage(request, group, f"addr:{request_address(request)}", rate, increment=False))
 
 
-def count_address(request: Any, group: str, rate: str) -> None:
+def count_address(request: HttpRequest, group: str, rate: str) -> None:
     _usage(request, group, f"addr:{request_address(request)}", rate, increment=True)
 
 

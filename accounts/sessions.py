@@ -20,6 +20,7 @@ from django.contrib.auth import (
     get_user_model,
     load_backend,
 )
+from django.contrib.auth.models import User
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
@@ -49,13 +50,13 @@ def _session_data(keys: set[str]) -> dict[str, dict[str, Any]]:
     return {key: store(key).load() for key in keys}
 
 
-def _good(session: dict[str, Any] | None, user: Any) -> bool:
+def _good(session: dict[str, Any] | None, user: User | None) -> bool:
     if not session or user is None:
         return False
     if session.get(SESSION_KEY) != user._meta.pk.value_to_string(user):
         return False
     backend_path = session.get(BACKEND_SESSION_KEY)
-    if backend_path not in settings.AUTHENTICATION_BACKENDS:
+    if not isinstance(backend_path, str) or backend_path not in settings.AUTHENTICATION_BACKENDS:
         return False
     can = getattr(load_backend(backend_path), "user_can_authenticate", None)
     if can is not None and not can(user):

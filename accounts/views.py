@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm, SetPasswordForm
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -19,8 +20,11 @@ from . import security
 from .forms import InviteForm, SignupForm
 from .links import one_time_links
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
-def _throttled(request: HttpRequest, template: str, context: dict[str, Any], wait: int) -> HttpResponse:
+
+def _throttled(request: HttpRequest, template: str, context: Mapping[str, object], wait: int) -> HttpResponse:
     """The page again with "try again in N s": HTTP 429 with Retry-After, so
     that a script gets a plain refusal and a person a readable one."""
     response = render(request, template, {**context, "throttled": security.describe_wait(wait)}, status=429)
@@ -33,6 +37,7 @@ class LoginView(auth_views.LoginView):
     address or for one username, every attempt (the right password too) is
     refused until the window ends. Successful logins never count."""
 
+    template_name = "registration/login.html"  # Django's, said here for its type (str)
     redirect_authenticated_user = True
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
@@ -100,7 +105,7 @@ class PasswordResetView(auth_views.PasswordResetView):
     email_template_name = "registration/password_reset_email.txt"
     subject_template_name = "registration/password_reset_subject.txt"
 
-    def form_valid(self, form: Any) -> HttpResponse:
+    def form_valid(self, form: PasswordResetForm) -> HttpResponse:
         request = self.request
         wait = security.address_wait(request, security.RESET_GROUP, settings.CHAT_PASSWORD_RESET_RATE)
         if wait:
@@ -121,10 +126,10 @@ class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
     success_url = reverse_lazy("password_reset_complete")
     refusal = "password_reset_refused"
 
-    def may_use_link(self, user: Any) -> bool:
+    def may_use_link(self, user: User) -> bool:
         return user.is_active
 
-    def get_user(self, uidb64: str) -> Any:
+    def get_user(self, uidb64: str) -> User | None:
         user = super().get_user(uidb64)
         if user is not None and not self.may_use_link(user):
             security.event(self.refusal, user=user, address=security.request_address(self.request))
@@ -145,10 +150,10 @@ class InvitationAcceptView(PasswordResetConfirmView):
     success_url = reverse_lazy("chat:new")
     refusal = "invitation_refused"
 
-    def may_use_link(self, user: Any) -> bool:
+    def may_use_link(self, user: User) -> bool:
         return user.is_active and not user.has_usable_password()
 
-    def form_valid(self, form: Any) -> HttpResponse:
+    def form_valid(self, form: SetPasswordForm[User]) -> HttpResponse:
         security.event("invitation_accepted", user=form.user, address=security.request_address(self.request))
         return super().form_valid(form)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -13,6 +15,15 @@ from django.views.decorators.http import require_POST
 from . import tokens
 from .models import ApiToken
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+    class SignedInRequest(HttpRequest):
+        """A request that `login_required` let through: its user is signed in."""
+
+        user: User
+
+
 EXPIRY_CHOICES = [("", "Never"), ("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"), ("365d", "1 year")]
 
 
@@ -23,7 +34,7 @@ class TokenForm(forms.Form):
 
 @login_required
 @never_cache
-def tokens_page(request: HttpRequest) -> HttpResponse:
+def tokens_page(request: SignedInRequest) -> HttpResponse:
     created = None
     if request.method == "POST":
         form = TokenForm(request.POST)
@@ -51,7 +62,7 @@ def tokens_page(request: HttpRequest) -> HttpResponse:
 
 @login_required
 @require_POST
-def revoke(request: HttpRequest, token_id: int) -> HttpResponse:
+def revoke(request: SignedInRequest, token_id: int) -> HttpResponse:
     if tokens.revoke(request.user, token_id):
         messages.success(request, "The token was revoked: it no longer works.")
     return redirect("api:tokens")

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -9,9 +9,16 @@ from django.utils import timezone
 
 from .models import ApiAccess, ApiToken
 
+if TYPE_CHECKING:
+    # Django's admin classes are not subscriptable at run time (no django_stubs_ext here).
+    _ApiTokenAdmin = admin.ModelAdmin[ApiToken]
+    _ApiAccessAdmin = admin.ModelAdmin[ApiAccess]
+else:
+    _ApiTokenAdmin = _ApiAccessAdmin = admin.ModelAdmin
+
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(_ApiTokenAdmin):
     """Staff see every token (never the token itself: only its hash is
     stored) and revoke them; users create their own on their account page."""
 
@@ -33,12 +40,12 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiAccess)
-class ApiAccessAdmin(admin.ModelAdmin):
+class ApiAccessAdmin(_ApiAccessAdmin):
     list_display = ["__str__", "enabled"]
     filter_horizontal = ["disabled_groups"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return not ApiAccess.objects.exists()
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: ApiAccess | None = None) -> bool:
         return False

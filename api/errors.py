@@ -4,7 +4,6 @@ the status a client of the OpenAI API expects."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from django.http import JsonResponse
 
@@ -42,7 +41,7 @@ class ApiError(Exception):
         self.retry_after = retry_after
         self.param = param
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> dict[str, dict[str, str | None]]:
         return {
             "error": {
                 "message": self.message,

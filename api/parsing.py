@@ -42,7 +42,7 @@ def body_of(request: HttpRequest) -> dict[str, Any]:
     return body
 
 
-def text_of(content: Any, where: str) -> str | None:
+def text_of(content: object, where: str) -> str | None:
     """A message's content: a string, or a list of text parts (joined)."""
     if content is None or isinstance(content, str):
         return content
@@ -85,7 +85,7 @@ def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+def _tool_calls(raw: object, where: str) -> list[dict[str, Any]]:
     if not isinstance(raw, list):
         raise bad_request(f"`{where}.tool_calls` must be a list.", where)
     calls = []

@@ -6,11 +6,14 @@ import hashlib
 import re
 import secrets
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 from django.utils import timezone
 
 from .models import ApiAccess, ApiToken
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 PREFIX = "chat_"
 LAST_USED_EVERY = timedelta(minutes=1)  # at most one write per token and minute
@@ -39,7 +42,7 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-def create(user: Any, name: str, *, expires_in: timedelta | None = None) -> tuple[ApiToken, str]:
+def create(user: User, name: str, *, expires_in: timedelta | None = None) -> tuple[ApiToken, str]:
     """A new token for `user`: the row, and the token itself (shown once, never stored)."""
     token = PREFIX + secrets.token_urlsafe(32)
     row = ApiToken.objects.create(
@@ -52,7 +55,7 @@ def create(user: Any, name: str, *, expires_in: timedelta | None = None) -> tupl
     return row, token
 
 
-def revoke(user: Any, token_id: Any) -> bool:
+def revoke(user: User, token_id: int) -> bool:
     return bool(
         ApiToken.objects.filter(pk=token_id, user=user, revoked_at__isnull=True).update(
             revoked_at=timezone.now()
@@ -60,7 +63,7 @@ def revoke(user: Any, token_id: Any) -> bool:
     )
 
 
-def authenticate(header: str | None) -> Any:
+def authenticate(header: str | None) -> User:
     """The user of an `Authorization: Bearer <token>` header, or Refused."""
     scheme, _, token = (header or "").partition(" ")
     token = token.strip()
@@ -85,7 +88,7 @@ def authenticate(header: str | None) -> Any:
     return row.user
 
 
-def allowed(user: Any) -> bool:
+def allowed(user: User) -> bool:
     access = ApiAccess.current()
     if not access.enabled:
         return False

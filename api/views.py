@@ -10,14 +10,15 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, cast
 
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from conversations import generation, llm, refusals, selectors
 from conversations.generation import stateless, turns
+from conversations.generation.events import Event
 from conversations.generation.follow import Reader
 from conversations.models import ChatModel, Conversation, SystemPrompt
 
@@ -27,13 +28,23 @@ from .errors import ApiError, bad_request, from_llm, from_refusal
 KEEP_ALIVE = 15.0  # seconds between SSE comments while nothing else is sent
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+P = ParamSpec("P")
 
-def endpoint(*methods: str) -> Callable[[Any], Any]:
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+    # What `endpoint` wraps: a view of the request, the token's user and the URL's arguments ...
+    UserView: TypeAlias = Callable[Concatenate[HttpRequest, User, P], Awaitable[HttpResponseBase]]
+    # ... and what it makes of it: a Django async view.
+    AsyncView: TypeAlias = Callable[Concatenate[HttpRequest, P], Coroutine[Any, Any, HttpResponseBase]]
+
+
+def endpoint(*methods: str) -> Callable[[UserView[P]], AsyncView[P]]:
     """An API view: the allowed methods, the token's user, errors in OpenAI's shape."""
 
-    def wrap(view: Any) -> Any:
+    def wrap(view: UserView[P]) -> AsyncView[P]:
         @csrf_exempt
-        async def run(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        async def run(request: HttpRequest, *args: P.args, **kwargs: P.kwargs) -> HttpResponseBase:
             if request.method not in methods:
                 error = ApiError(405, f"Use {' or '.join(methods)} here.", "method_not_allowed")
                 response = error.response()
@@ -59,7 +70,7 @@ def endpoint(*methods: str) -> Callable[[Any], Any]:
 
 
 @endpoint("GET")
-async def models(request: HttpRequest, user: Any) -> HttpResponse:
+async def models(request: HttpRequest, user: User) -> HttpResponse:
     usable = await generation.in_database(selectors.usable_models)()
     return JsonResponse(
         {
@@ -72,7 +83,7 @@ async def models(request: HttpRequest, user: Any) -> HttpResponse:
     )
 
 
-def _prepare_call(user: Any, body: dict[str, Any]) -> stateless.Call:
+def _prepare_call(user: User, body: dict[str, Any]) -> stateless.Call:
     """Parse, pick the model, put the staff's default prompt first, accept."""
     messages = parsing.messages_of(body)
     requested = parsing.optional_string(body, "model")
@@ -103,7 +114,7 @@ def _prepare_call(user: Any, body: dict[str, Any]) -> stateless.Call:
 
 
 @endpoint("POST")
-async def chat_completions(request: HttpRequest, user: Any) -> HttpResponse:
+async def chat_completions(request: HttpRequest, user: User) -> HttpResponse | StreamingHttpResponse:
     body = parsing.body_of(request)
     stream = parsing.flag(body, "stream")
     options = body.get("stream_options") or {}
@@ -122,7 +133,7 @@ async def chat_completions(request: HttpRequest, user: Any) -> HttpResponse:
         chunks = _completion_chunks(completion_id, call.model, first, events, include_usage)
         return StreamingHttpResponse(chunks, content_type="text/event-stream", headers=SSE_HEADERS)
     texts: list[str] = []
-    event: Any = first
+    event = first
     try:
         while True:
             if type(event) is llm.TextDelta:
@@ -134,8 +145,8 @@ async def chat_completions(request: HttpRequest, user: Any) -> HttpResponse:
         return from_llm(exc).response()
     finally:
         await events.aclose()
-    end: llm.StreamEnd = event
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    end = cast(llm.StreamEnd, event)  # run_call yields text deltas, then one StreamEnd
+    message: dict[str, object] = {"role": "assistant", "content": "".join(texts) or None}
     if end.tool_calls:
         message["tool_calls"] = _tool_calls(end)
     return JsonResponse(
@@ -152,7 +163,7 @@ async def chat_completions(request: HttpRequest, user: Any) -> HttpResponse:
     )
 
 
-def _tool_calls(end: llm.StreamEnd, *, indexed: bool = False) -> list[dict[str, Any]]:
+def _tool_calls(end: llm.StreamEnd, *, indexed: bool = False) -> list[dict[str, object]]:
     return [
         {
             **({"index": i} if indexed else {}),
@@ -174,13 +185,17 @@ def _usage(usage: llm.Usage | None) -> dict[str, int]:
 
 
 async def _completion_chunks(
-    completion_id: str, model: str, first: Any, events: AsyncIterator[Any], include_usage: bool
+    completion_id: str,
+    model: str,
+    first: llm.StreamEvent,
+    events: AsyncGenerator[llm.StreamEvent, None],
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     """The stream exactly as OpenAI sends it: `data: {chunk}` lines, the
     usage chunk if asked for, `data: [DONE]`."""
     created = int(time.time())
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
+    def chunk(delta: dict[str, object], finish_reason: str | None = None, **extra: object) -> str:
         payload = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -197,7 +212,7 @@ async def _completion_chunks(
         while type(event) is llm.TextDelta:
             yield chunk({"content": event.text})
             event = await anext(events)
-        end: llm.StreamEnd = event
+        end = cast(llm.StreamEnd, event)  # run_call yields text deltas, then one StreamEnd
         if end.tool_calls:
             yield chunk({"tool_calls": _tool_calls(end, indexed=True)}, model=end.model)
         yield chunk({}, end.finish_reason, model=end.model)
@@ -221,7 +236,7 @@ async def _completion_chunks(
 # --- Conversations ----------------------------------------------------------------------
 
 
-def _conversation_json(conversation: Conversation) -> dict[str, Any]:
+def _conversation_json(conversation: Conversation) -> dict[str, object]:
     return {
         "id": str(conversation.pk),
         "title": conversation.display_title,
@@ -232,7 +247,7 @@ def _conversation_json(conversation: Conversation) -> dict[str, Any]:
     }
 
 
-def _create_conversation(user: Any, body: dict[str, Any]) -> Conversation:
+def _create_conversation(user: User, body: dict[str, Any]) -> Conversation:
     prompt_name = parsing.optional_string(body, "prompt")
     model = parsing.optional_string(body, "model")
     if prompt_name:
@@ -248,7 +263,7 @@ def _create_conversation(user: Any, body: dict[str, Any]) -> Conversation:
     return turns.new_conversation(user, prompt, model=model)
 
 
-def _conversation_list(user: Any, cursor: str | None) -> dict[str, Any]:
+def _conversation_list(user: User, cursor: str | None) -> dict[str, object]:
     try:
         page, next_cursor = selectors.sidebar_page(user=user, cursor=cursor)
     except selectors.BadCursor:
@@ -256,12 +271,12 @@ def _conversation_list(user: Any, cursor: str | None) -> dict[str, Any]:
     return {"object": "list", "data": [selectors.sidebar_item(c) for c in page], "next_cursor": next_cursor}
 
 
-def _conversation_detail(user: Any, conversation_id: uuid.UUID) -> dict[str, Any]:
+def _conversation_detail(user: User, conversation_id: uuid.UUID) -> dict[str, object]:
     conversation = selectors.conversation_for_user(
         user=user, conversation_id=conversation_id, with_prompt=True
     )
     usage = selectors.answers_usage(conversation)
-    messages = []
+    messages: list[dict[str, object]] = []
     for message in conversation.messages.filter(is_active=True).order_by("created_at"):
         row = usage.get(message.pk)
         messages.append(
@@ -282,7 +297,7 @@ def _conversation_detail(user: Any, conversation_id: uuid.UUID) -> dict[str, Any
 
 
 @endpoint("GET", "POST")
-async def conversations(request: HttpRequest, user: Any) -> HttpResponse:
+async def conversations(request: HttpRequest, user: User) -> HttpResponse:
     if request.method == "POST":
         body = parsing.body_of(request)
         conversation = await generation.in_database(_create_conversation)(user, body)
@@ -292,7 +307,7 @@ async def conversations(request: HttpRequest, user: Any) -> HttpResponse:
 
 
 @endpoint("GET")
-async def conversation(request: HttpRequest, user: Any, conversation_id: uuid.UUID) -> HttpResponse:
+async def conversation(request: HttpRequest, user: User, conversation_id: uuid.UUID) -> HttpResponse:
     return JsonResponse(await generation.in_database(_conversation_detail)(user, conversation_id))
 
 
@@ -300,7 +315,7 @@ def _wants_events(request: HttpRequest) -> bool:
     return "text/event-stream" in request.headers.get("Accept", "")
 
 
-def _sse(event: dict[str, Any]) -> str:
+def _sse(event: Event) -> str:
     if event["type"] == "_keepalive":
         return ": keep-alive\n\n"
     seq = event.get("seq")
@@ -309,7 +324,9 @@ def _sse(event: dict[str, Any]) -> str:
 
 
 @endpoint("POST")
-async def conversation_messages(request: HttpRequest, user: Any, conversation_id: uuid.UUID) -> HttpResponse:
+async def conversation_messages(
+    request: HttpRequest, user: User, conversation_id: uuid.UUID
+) -> HttpResponse | StreamingHttpResponse:
     """Send a message: with `Accept: text/event-stream` the answer's events
     as they happen (the websocket's frames), else the finished answer as
     JSON. Closing the connection does not stop the answer."""
@@ -337,7 +354,7 @@ async def conversation_messages(request: HttpRequest, user: Any, conversation_id
         return StreamingHttpResponse(
             (_sse(event) async for event in events), content_type="text/event-stream", headers=SSE_HEADERS
         )
-    finished: dict[str, Any] = {}
+    finished: Event = {}
     async with contextlib.aclosing(events):
         async for event in events:
             if event["type"] == "generation.finished":
@@ -359,7 +376,9 @@ async def conversation_messages(request: HttpRequest, user: Any, conversation_id
 
 
 @endpoint("GET")
-async def conversation_stream(request: HttpRequest, user: Any, conversation_id: uuid.UUID) -> HttpResponse:
+async def conversation_stream(
+    request: HttpRequest, user: User, conversation_id: uuid.UUID
+) -> StreamingHttpResponse:
     """Follow the conversation's streaming answer (its events as SSE), from
     `Last-Event-ID` (the last `seq` the client has) on; an answer that has
     ended gives its `generation.finished` at once."""
@@ -373,7 +392,7 @@ async def conversation_stream(request: HttpRequest, user: Any, conversation_id: 
     reader = await Reader(topic).open()
     try:
         snapshot = await reader.hub.snapshot(topic)
-        first: list[dict[str, Any]] = []
+        first: list[Event] = []
         if snapshot is None:
             ended = await generation.in_database(generation.last_answer_finished)(topic)
             if ended is None:

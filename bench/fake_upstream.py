@@ -25,7 +25,6 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any
 
 STATS = {"streams_started": 0, "streams_completed": 0, "streams_aborted": 0, "completions": 0, "requests": 0}
 
@@ -116,7 +115,7 @@ class Upstream:
         return method, path, headers, body
 
     @staticmethod
-    def _json(writer: asyncio.StreamWriter, status: int, payload: Any) -> None:
+    def _json(writer: asyncio.StreamWriter, status: int, payload: object) -> None:
         data = json.dumps(payload).encode()
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}.get(status, "Error")
         writer.write(
@@ -125,7 +124,7 @@ class Upstream:
             + data
         )
 
-    def _completion(self, model: str) -> dict[str, Any]:
+    def _completion(self, model: str) -> dict[str, object]:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",

@@ -99,7 +99,7 @@ class Child:
     def pid(self) -> int:
         return self.proc.pid
 
-    def send(self, obj: Any) -> None:
+    def send(self, obj: object) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps(obj, separators=(",", ":")) + "\n").encode())
         self.proc.stdin.flush()
@@ -122,7 +122,8 @@ class Child:
                 self.buf += chunk
         line, _, rest = bytes(self.buf).partition(b"\n")
         self.buf = bytearray(rest)
-        return json.loads(line)
+        message: dict[str, Any] = json.loads(line)
+        return message
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -144,7 +145,8 @@ class Child:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -889,7 +891,8 @@ def arrivals(rate: float, seconds: float, kind: str, seed: int) -> list[float]:
 
 
 def capacity_sizes(start: int, largest: int) -> list[int]:
-    sizes, n = [], start
+    sizes: list[int] = []
+    n = start
     while n < largest and len(sizes) < 30:
         sizes.append(n)
         n *= 2

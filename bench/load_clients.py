@@ -29,6 +29,7 @@ from typing import Any
 from load_common import log, percentile, send_line
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin
 
 monotonic = time.monotonic
 
@@ -89,7 +90,7 @@ class Socket:
     async def open(self, url: str, origin: str) -> None:
         self.ws = await connect(
             url,
-            origin=origin,
+            origin=Origin(origin),
             additional_headers={"Cookie": f"sessionid={self.session}"},
             max_size=None,
             compression=None,

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -59,11 +58,11 @@ def ms(seconds: float | None, digits: int = 1) -> float | None:
     return None if seconds is None else round(seconds * 1000, digits)
 
 
-def send_line(obj: Any) -> None:
+def send_line(obj: object) -> None:
     """One JSON line to stdout (the pipe to the orchestrator)."""
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
 
-def log(*parts: Any) -> None:
+def log(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)

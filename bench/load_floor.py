@@ -20,9 +20,12 @@ from typing import Any
 
 import openai
 from load_common import proc_cpu, proc_hwm_mib, send_line
+from openai.types.chat import ChatCompletionMessageParam
 
 monotonic = time.monotonic
-QUESTION = [{"role": "user", "content": "Benchmark question: please answer."}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Benchmark question: please answer."}
+]
 
 
 async def one_stream(client: openai.AsyncOpenAI, due: float, timeout: float, expected: str) -> dict[str, Any]:

@@ -46,7 +46,8 @@ PASSWORD = "bench-password-1"
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def answer_chunks(tokens: int) -> list[str]:

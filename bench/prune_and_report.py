@@ -38,11 +38,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -64,6 +64,10 @@ from django.utils import timezone  # noqa: E402
 from conversations import reports  # noqa: E402
 from conversations.models import Conversation, Message, TokenUsage  # noqa: E402
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+    from django.db.backends.utils import CursorWrapper
+
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", 1_000_000))
 LEDGER_ROWS = int(os.environ.get("BENCH_LEDGER_ROWS", 1_000_000))
 PER_CONVERSATION = 20
@@ -73,7 +77,7 @@ CHUNK = 50_000
 random.seed(7)
 
 
-def _converter(field: Any) -> Any:
+def _converter(field: Any) -> Callable[[Any], str | None] | None:
     """How one column's Python value goes to the driver: what Django's
     get_db_prep_save does, once per column instead of once per cell."""
     if connection.vendor == "postgresql":
@@ -96,7 +100,7 @@ def bulk_load(model: type[Model], rows: Iterator[dict[str, Any]]) -> int:
         for field in model._meta.concrete_fields
         if field.get_internal_type() not in ("AutoField", "BigAutoField")  # the database numbers them
     ]
-    names = [field.column for field in fields]
+    names = [cast(str, field.column) for field in fields]  # a concrete field has its column
     table = model._meta.db_table
     defaults = [field.get_default() for field in fields]
     attnames = [field.attname for field in fields]
@@ -125,7 +129,7 @@ def bulk_load(model: type[Model], rows: Iterator[dict[str, Any]]) -> int:
     return count
 
 
-def _write(cursor: Any, table: str, names: list[str], values: list[tuple[Any, ...]]) -> int:
+def _write(cursor: CursorWrapper, table: str, names: list[str], values: list[tuple[Any, ...]]) -> int:
     if connection.vendor == "postgresql":
         with cursor.cursor.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN") as copy:
             for value in values:
@@ -137,12 +141,12 @@ def _write(cursor: Any, table: str, names: list[str], values: list[tuple[Any, ..
     return len(values)
 
 
-def seed() -> tuple[list[Any], list[uuid.UUID]]:
+def seed() -> tuple[list[User], list[uuid.UUID]]:
     User = get_user_model()
     users = User.objects.bulk_create([User(username=f"bench-{i:03d}", password="!") for i in range(USERS)])
     now = timezone.now()
     conversations = MESSAGES // PER_CONVERSATION
-    convs = []
+    convs: list[dict[str, Any]] = []
     for i in range(conversations):
         old = i % 10 != 0  # 90% idle for more than 90 days
         age = timedelta(days=random.randint(91, 400)) if old else timedelta(days=random.randint(0, 30))
@@ -179,7 +183,7 @@ def seed() -> tuple[list[Any], list[uuid.UUID]]:
     return users, [conv["id"] for conv in convs]
 
 
-def seed_ledger(users: list[Any], conversation_ids: list[uuid.UUID]) -> None:
+def seed_ledger(users: list[User], conversation_ids: list[uuid.UUID]) -> None:
     now = timezone.now()
 
     def rows() -> Iterator[dict[str, Any]]:
@@ -203,7 +207,8 @@ def seed_ledger(users: list[Any], conversation_ids: list[uuid.UUID]) -> None:
     bulk_load(TokenUsage, rows())
 
 
-def timed(label: str, action: Any, repeat: int = 3) -> Any:
+# `...`: the callers' lambdas take loop variables as default arguments; timed calls them with none.
+def timed(label: str, action: Callable[..., object], repeat: int = 3) -> object:
     best, result = float("inf"), None
     for _ in range(repeat):
         start = time.perf_counter()

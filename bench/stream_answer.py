@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,6 +39,9 @@ from django.db.backends import utils  # noqa: E402
 from conversations import generation  # noqa: E402
 from tests.fake_llm import FakeLLM, Reply  # noqa: E402
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
 SCENARIOS = [  # (tokens, seconds between tokens)
     (50, 0.05),  # a slow model: 20 tokens/s
     (300, 0.01),  # 100 tokens/s
@@ -50,13 +53,13 @@ writes: list[str] = []
 _execute = utils.CursorWrapper.execute
 
 
-def _counting_execute(self: Any, sql: str, params: Any = None) -> Any:
+def _counting_execute(self: utils.CursorWrapper, sql: str, params: Any = None) -> Any:
     if sql.lstrip().split(" ", 1)[0].upper() in {"INSERT", "UPDATE", "DELETE"}:
         writes.append(sql)
     return _execute(self, sql, params)
 
 
-async def one_answer(user: Any, tokens: int, delay: float) -> dict[str, Any]:
+async def one_answer(user: User, tokens: int, delay: float) -> dict[str, Any]:
     accepted = await sync_to_async(generation.accept_message)(
         user=user, conversation_id=None, content="benchmark", client_id=uuid.uuid4()
     )
@@ -89,7 +92,8 @@ async def main() -> None:
     fake = FakeLLM().start()
     settings.OPENAI_API_KEY, settings.OPENAI_BASE_URL = "bench", fake.base_url
     user = await sync_to_async(get_user_model().objects.create_user)(f"bench-{uuid.uuid4().hex[:8]}")
-    utils.CursorWrapper.execute = _counting_execute
+    # Counting, for this run only; Django's ORM gives it a str (the stubs also allow a psycopg Composable).
+    utils.CursorWrapper.execute = _counting_execute  # type: ignore[method-assign, assignment]
     print(f"database: {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, ", end="")
     print(f"frame interval {settings.CHAT_DELTA_INTERVAL * 1000:.0f} ms, ", end="")
     print(f"checkpoint interval {settings.CHAT_CHECKPOINT_INTERVAL:.1f} s")

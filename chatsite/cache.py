@@ -25,7 +25,7 @@ class SharedPoolRedisCacheClient(RedisCacheClient):
 
     def _get_connection_pool(self, write: bool) -> Any:
         with _lock:  # one pool per server, even when two threads ask at once
-            return super()._get_connection_pool(write)
+            return super()._get_connection_pool(write)  # type: ignore[misc]  # private, not in django-stubs
 
 
 class SharedPoolRedisCache(RedisCache):

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
-from django.http.request import is_same_domain, split_domain_port, validate_host
+from django.http.request import split_domain_port, validate_host
+from django.utils.http import is_same_domain
 
 from accounts import security
 
@@ -26,7 +27,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
     for key, value in scope.get("headers") or []:
         if key == name:
-            return value.decode("latin-1")
+            return str(value.decode("latin-1"))
     return None
 
 

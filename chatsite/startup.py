@@ -57,10 +57,11 @@ def _when_daphne_runs(start: Any) -> None:
     its reactor runs, if this process is daphne's."""
     if "daphne.server" not in sys.modules:
         return  # a test, a command, another server: the first connection runs it
+    from daphne.server import twisted_loop
     from twisted.internet import reactor
 
     def schedule() -> None:
         # The reactor is starting; its asyncio loop runs from the next tick.
-        reactor.callLater(0, lambda: asyncio.ensure_future(start()))
+        twisted_loop.call_soon(lambda: asyncio.ensure_future(start()))
 
     reactor.callWhenRunning(schedule)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import difflib
 import json
-from datetime import timedelta
-from typing import Any
+from collections.abc import Iterator
+from datetime import date, timedelta
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 from django import forms
 from django.conf import settings
@@ -35,13 +36,46 @@ from .models import (
 )
 from .money import money
 
+if TYPE_CHECKING:
+    from decimal import Decimal
+
+    from django.contrib.admin.filters import _ListFilterChoices
+    from django.contrib.admin.views.main import ChangeList
+    from django.urls import URLPattern
+    from django_stubs_ext import WithAnnotations
+
+    # Generic in django-stubs only: at run time these classes take no type
+    # arguments (the settings do not call django_stubs_ext.monkeypatch()).
+    _SystemPromptFormBase = forms.ModelForm[SystemPrompt]
+    _SystemPromptAdminBase = admin.ModelAdmin[SystemPrompt]
+    _SystemPromptVersionInlineBase = admin.TabularInline[SystemPromptVersion, SystemPrompt]
+    _SystemPromptVersionAdminBase = admin.ModelAdmin[SystemPromptVersion]
+    _ModelPriceAdminBase = admin.ModelAdmin[ModelPrice]
+    _ChatModelAdminBase = admin.ModelAdmin[ChatModel]
+    _TokenUsageAdminBase = admin.ModelAdmin[TokenUsage]
+    _MessageInlineBase = admin.TabularInline[Message, Conversation]
+    _ConversationAdminBase = admin.ModelAdmin[Conversation]
+
+    class _InputFilterChoice(_ListFilterChoices):
+        others: list[tuple[str, str]]
+
+    class _PriceAnnotations(TypedDict):
+        price_pk: int | None
+        price_in: Decimal
+        price_out: Decimal
+else:
+    _SystemPromptFormBase = forms.ModelForm
+    _SystemPromptAdminBase = _SystemPromptVersionAdminBase = _ModelPriceAdminBase = admin.ModelAdmin
+    _ChatModelAdminBase = _TokenUsageAdminBase = _ConversationAdminBase = admin.ModelAdmin
+    _SystemPromptVersionInlineBase = _MessageInlineBase = admin.TabularInline
+
 REVIEW_PERMISSION = "conversations.review_conversation"
 
 
 # --- System prompts ----------------------------------------------------------------------
 
 
-class SystemPromptForm(forms.ModelForm):
+class SystemPromptForm(_SystemPromptFormBase):
     class Meta:
         model = SystemPrompt
         fields = [
@@ -56,7 +90,7 @@ class SystemPromptForm(forms.ModelForm):
         ]
 
     def clean_is_default(self) -> bool:
-        value = self.cleaned_data["is_default"]
+        value: bool = self.cleaned_data["is_default"]
         was_default = (
             self.instance.pk is not None
             and SystemPrompt.objects.filter(pk=self.instance.pk, is_default=True).exists()
@@ -70,7 +104,9 @@ class SystemPromptForm(forms.ModelForm):
     def _get_validation_exclusions(self) -> set[str]:
         # `one_default_prompt` would refuse a second default; `save_prompt`
         # moves the flag instead, in one transaction.
-        return super()._get_validation_exclusions() | {"is_default"}
+        # A private hook of Django's ModelForm, not in django-stubs.
+        exclusions: set[str] = super()._get_validation_exclusions()  # type: ignore[misc]
+        return exclusions | {"is_default"}
 
     def clean_tools(self) -> str:
         from . import tools
@@ -85,13 +121,21 @@ class SystemPromptForm(forms.ModelForm):
         return value
 
     def clean_temperature(self) -> float | None:
-        value = self.cleaned_data["temperature"]
+        value: float | None = self.cleaned_data["temperature"]
         if value is not None and not 0 <= value <= 2:
             raise ValidationError("Temperature goes from 0 to 2.")
         return value
 
 
-def prompt_preview(prompt: SystemPrompt, *, previous: SystemPromptVersion | None) -> dict[str, Any]:
+class PromptPreview(TypedDict):
+    request: str  # the request as JSON
+    characters: int
+    tokens: int
+    previous: SystemPromptVersion | None
+    diff: str
+
+
+def prompt_preview(prompt: SystemPrompt, *, previous: SystemPromptVersion | None) -> PromptPreview:
     """What the model receives with this prompt: the request a new conversation
     would send (with a sample question), its size, and the change since the
     last saved version."""
@@ -124,24 +168,24 @@ def prompt_preview(prompt: SystemPrompt, *, previous: SystemPromptVersion | None
     }
 
 
-class SystemPromptVersionInline(admin.TabularInline):
+class SystemPromptVersionInline(_SystemPromptVersionInlineBase):
     model = SystemPromptVersion
     fields = ["number", "created_at", "created_by", "model", "temperature", "max_tokens", "text"]
-    readonly_fields = fields
+    readonly_fields = cast("list[str]", fields)  # names only, no groups
     ordering = ["-number"]
     extra = 0
     can_delete = False
     verbose_name_plural = "Versions (each save that changed the text or settings)"
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: SystemPrompt | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: SystemPrompt | None = None) -> bool:
         return False
 
 
 @admin.register(SystemPrompt)
-class SystemPromptAdmin(admin.ModelAdmin):
+class SystemPromptAdmin(_SystemPromptAdminBase):
     form = SystemPromptForm
     list_display = [
         "name",
@@ -167,7 +211,9 @@ class SystemPromptAdmin(admin.ModelAdmin):
         numbers = [version.number for version in prompt.versions.all()]
         return f"v{max(numbers)}" if numbers else "—"
 
-    def save_model(self, request: HttpRequest, obj: SystemPrompt, form: Any, change: bool) -> None:
+    def save_model(
+        self, request: HttpRequest, obj: SystemPrompt, form: SystemPromptForm, change: bool
+    ) -> None:
         previous = (
             SystemPrompt.objects.filter(is_default=True).exclude(pk=obj.pk).first()
             if obj.is_default
@@ -204,7 +250,7 @@ class SystemPromptAdmin(admin.ModelAdmin):
         request: HttpRequest,
         object_id: str | None = None,
         form_url: str = "",
-        extra_context: Any = None,
+        extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
         if request.method == "POST" and "_preview" in request.POST:
             return self._preview_view(request, object_id, form_url)
@@ -220,17 +266,22 @@ class SystemPromptAdmin(admin.ModelAdmin):
         prompt = self.get_object(request, unquote(object_id)) if object_id else None
         add = prompt is None
         if object_id and prompt is None:
-            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+            # A private helper of Django's ModelAdmin, not in django-stubs.
+            redirect: HttpResponse = self._get_obj_does_not_exist_redirect(  # type: ignore[attr-defined]
+                request, self.opts, object_id
+            )
+            return redirect
         allowed = self.has_add_permission(request) if add else self.has_change_permission(request, prompt)
         if not allowed:
             raise PermissionDenied
-        previous = None if add else prompts.latest_version(prompt)
+        previous = None if prompt is None else prompts.latest_version(prompt)
         form = self.get_form(request, prompt, change=not add)(request.POST, instance=prompt)
         form.is_valid()  # fills the instance with the edited fields; errors are shown
         edited = form.instance
         admin_form = helpers.AdminForm(
             form,
-            list(self.get_fieldsets(request, prompt)),
+            # The fieldsets as the admin gives them; django-stubs types AdminForm's narrower.
+            cast("list[tuple[Any, dict[str, list[str]]]]", list(self.get_fieldsets(request, prompt))),
             self.get_prepopulated_fields(request, prompt),
             self.get_readonly_fields(request, prompt),
             model_admin=self,
@@ -261,7 +312,7 @@ def _prompt_in_use(prompt: SystemPrompt) -> bool:
 
 
 @admin.register(SystemPromptVersion)
-class SystemPromptVersionAdmin(admin.ModelAdmin):
+class SystemPromptVersionAdmin(_SystemPromptVersionAdminBase):
     """Read only: where a conversation's `prompt_version` link leads."""
 
     list_display = ["prompt", "number", "model", "temperature", "max_tokens", "created_by", "created_at"]
@@ -272,15 +323,15 @@ class SystemPromptVersionAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: SystemPromptVersion | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: SystemPromptVersion | None = None) -> bool:
         return False
 
 
 @admin.register(ModelPrice)
-class ModelPriceAdmin(admin.ModelAdmin):
+class ModelPriceAdmin(_ModelPriceAdminBase):
     list_display = ["model", "input_per_million", "output_per_million", "updated_at"]
     search_fields = ["model"]
 
@@ -289,7 +340,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
 
 
 @admin.register(ChatModel)
-class ChatModelAdmin(admin.ModelAdmin):
+class ChatModelAdmin(_ChatModelAdminBase):
     """The models users may pick for a new chat, each with a link to its
     price (a model without one is accounted at cost 0, which the list says)."""
 
@@ -311,7 +362,7 @@ class ChatModelAdmin(admin.ModelAdmin):
         )
 
     @admin.display(description="Price per 1M tokens (in / out)")
-    def price(self, obj: Any) -> str:
+    def price(self, obj: WithAnnotations[ChatModel, _PriceAnnotations]) -> str:
         if getattr(obj, "price_pk", None) is None:
             add = reverse("admin:conversations_modelprice_add") + "?" + urlencode({"model": obj.name})
             return format_html('<a href="{}" class="no-price">No price set: calls cost 0. Add one</a>', add)
@@ -329,11 +380,12 @@ class InputFilter(admin.SimpleListFilter):
     the choices, which a million rows would make slow."""
 
     template = "admin/input_filter.html"
+    parameter_name: str  # each filter's own
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]) -> list[tuple[str, str]]:
         return [("", "")]  # the filter shows only if there is a lookup
 
-    def choices(self, changelist: Any) -> Any:
+    def choices(self, changelist: ChangeList) -> Iterator[_InputFilterChoice]:
         others = []
         for name, value in changelist.get_filters_params().items():
             if name == self.parameter_name:
@@ -376,19 +428,29 @@ class SpendReportForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
+        assert cleaned is not None  # Form.clean returns cleaned_data
         since, until = cleaned.get("since"), cleaned.get("until")
         if since and until and since > until:
             raise ValidationError("The range starts after it ends.")
         return cleaned
 
 
-def report_defaults() -> dict[str, Any]:
+class ReportParams(TypedDict):
+    by: str
+    since: date
+    until: date
+    metric: str
+    user: NotRequired[str]
+    model: NotRequired[str]
+
+
+def report_defaults() -> ReportParams:
     today = timezone.localdate()
     return {"by": "day", "since": today - timedelta(days=29), "until": today, "metric": "cost"}
 
 
 @admin.register(TokenUsage)
-class TokenUsageAdmin(admin.ModelAdmin):
+class TokenUsageAdmin(_TokenUsageAdminBase):
     list_display = [
         "created_at", "user", "kind", "model", "tokens_in", "tokens_out", "tokens_cached", "cost_shown",
         "estimated",
@@ -399,7 +461,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
         "created_at", "user", "kind", "model", "prompt_tokens", "completion_tokens", "cached_tokens",
         "cost", "estimated", "conversation_ref", "message_ref",
     ]  # fmt: skip
-    readonly_fields = fields
+    readonly_fields = cast("list[str]", fields)  # names only, no groups
     # A million rows: count the filtered set once, never the whole table again.
     show_full_result_count = False
     change_list_template = "admin/conversations/tokenusage/change_list.html"
@@ -433,13 +495,15 @@ class TokenUsageAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:  # a ledger is written by the code only
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: TokenUsage | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: TokenUsage | None = None) -> bool:
         return False
 
-    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
         response = super().changelist_view(request, extra_context)
         context = getattr(response, "context_data", None)
         if context and "cl" in context:
@@ -447,7 +511,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
             context["unpriced"] = reports.unpriced_models(context["cl"].queryset)
         return response
 
-    def get_urls(self) -> list[Any]:
+    def get_urls(self) -> list[URLPattern]:
         report = path(
             "report/", self.admin_site.admin_view(self.report_view), name="conversations_tokenusage_report"
         )
@@ -456,8 +520,10 @@ class TokenUsageAdmin(admin.ModelAdmin):
     def report_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
-        form = SpendReportForm(request.GET if "by" in request.GET else None, initial=report_defaults())
-        params = form.cleaned_data if form.is_bound and form.is_valid() else report_defaults()
+        form = SpendReportForm(request.GET if "by" in request.GET else None, initial=dict(report_defaults()))
+        params = (
+            cast(ReportParams, form.cleaned_data) if form.is_bound and form.is_valid() else report_defaults()
+        )
         context: dict[str, Any] = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
@@ -484,7 +550,7 @@ class TokenUsageAdmin(admin.ModelAdmin):
             )
         return TemplateResponse(request, "admin/conversations/tokenusage/report.html", context)
 
-    def _csv(self, spend: list[reports.SpendRow], params: dict[str, Any]) -> HttpResponse:
+    def _csv(self, spend: list[reports.SpendRow], params: ReportParams) -> HttpResponse:
         name = f"spend-by-{params['by']}-{params['since']}-{params['until']}.csv"
         response = HttpResponse(content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{name}"'
@@ -507,26 +573,26 @@ def _may_review(request: HttpRequest) -> bool:
     return request.user.is_active and request.user.is_staff and request.user.has_perm(REVIEW_PERMISSION)
 
 
-class MessageInline(admin.TabularInline):
+class MessageInline(_MessageInlineBase):
     model = Message
     fields = ["created_at", "role", "status", "finish_reason", "model", "is_active", "content"]
-    readonly_fields = fields
+    readonly_fields = cast("list[str]", fields)  # names only, no groups
     extra = 0
     can_delete = False
     show_change_link = False
 
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_view_permission(self, request: HttpRequest, obj: Conversation | None = None) -> bool:
         return _may_review(request)
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Conversation | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Conversation | None = None) -> bool:
         return False
 
 
 @admin.register(Conversation)
-class ConversationAdmin(admin.ModelAdmin):
+class ConversationAdmin(_ConversationAdminBase):
     """Read only, and only for staff with the `review_conversation`
     permission: the plain view/change permissions are not enough."""
 
@@ -548,20 +614,20 @@ class ConversationAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
     ]
-    readonly_fields = fields
+    readonly_fields = cast("list[str]", fields)  # names only, no groups
     inlines = [MessageInline]
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return _may_review(request)
 
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_view_permission(self, request: HttpRequest, obj: Conversation | None = None) -> bool:
         return _may_review(request)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Conversation | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: Conversation | None = None) -> bool:
         return False  # history is pruned by `manage.py prune_history`, not by hand

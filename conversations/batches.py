@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from .database import in_database
@@ -36,7 +36,7 @@ class Batches(Generic[Item, Result]):
 
     def __init__(
         self,
-        run: Callable[[list[Item]], list[Result | Exception]],
+        run: Callable[[list[Item]], Sequence[Result | Exception]],
         abandoned: Callable[[Item, Result], Awaitable[None]] | None = None,
     ) -> None:
         self.run = run
@@ -65,7 +65,7 @@ class Batches(Generic[Item, Result]):
             while self._waiting:
                 batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
                 try:
-                    outcomes: list[Any] = await in_database(self.run)([item for item, _ in batch])
+                    outcomes: Sequence[Any] = await in_database(self.run)([item for item, _ in batch])
                 except Exception as exc:  # the database is away: every item of the batch hears it
                     outcomes = [exc] * len(batch)
                 for n, ((item, future), outcome) in enumerate(zip(batch, outcomes, strict=True)):
@@ -98,7 +98,7 @@ _batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, Batches
 
 
 def batches_of(
-    run: Callable[[list[Item]], list[Result | Exception]],
+    run: Callable[[list[Item]], Sequence[Result | Exception]],
     abandoned: Callable[[Item, Result], Awaitable[None]] | None = None,
 ) -> Batches[Item, Result]:
     """This event loop's batches of `run`."""

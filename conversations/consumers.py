@@ -15,12 +15,14 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import InterfaceError, OperationalError
 
 from accounts import security, sessions
@@ -140,7 +142,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     ordered, bounded outbox."""
 
     channel_layer_alias = "none"  # no Channels layer is configured: every frame comes through the hub
-    user: Any
+    user: User
     following: dict[str, Follow]
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -243,7 +245,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "message.continue": self._answer_again,
                 "generation.stop": self._generation_stop,
                 "conversation.join": self._conversation_join,
-            }.get(frame.get("type"))
+            }.get(str(frame.get("type")))
             if handler is None:
                 raise FrameError("invalid_request", f"Unknown frame type: {frame.get('type')!r}.")
             # A send asks in the same call that accepts it (`_message_send`).
@@ -492,7 +494,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if follow is not None:
             follow.take(frame)
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         # A context of its own: `deliver` runs in whoever published's (a view's
         # `async_to_sync`, whose database thread ends with it).
         task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())

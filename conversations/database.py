@@ -11,10 +11,10 @@ their round trips overlap."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from asgiref.sync import SyncToAsync
 from channels.db import database_sync_to_async
@@ -22,20 +22,21 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _executor: ThreadPoolExecutor | None = None
 
 
 def _threads() -> int:
-    configured = settings.DATABASE_THREADS
+    configured = int(settings.DATABASE_THREADS)
     if configured:
         return configured
     return 4 if settings.DATABASES["default"]["ENGINE"].endswith("postgresql") else 1
 
 
-def _fresh_connections(function: Callable[..., T]) -> Callable[..., T]:
+def _fresh_connections(function: Callable[P, T]) -> Callable[P, T]:
     @wraps(function)
-    def run(*args: Any, **kwargs: Any) -> T:
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
         close_old_connections()
         try:
             return function(*args, **kwargs)
@@ -45,12 +46,12 @@ def _fresh_connections(function: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def in_database(function: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+def in_database(function: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
     """`function` made awaitable, run where the answer's database work runs."""
     global _executor
     threads = _threads()
     if threads <= 1:
-        return database_sync_to_async(function)
+        return cast("Callable[P, Coroutine[Any, Any, T]]", database_sync_to_async(function))
     if _executor is None:
         _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="answer-db")
     return SyncToAsync(_fresh_connections(function), thread_sensitive=False, executor=_executor)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TypedDict
 
 from django.conf import settings
 from django.db import connection
@@ -48,7 +48,12 @@ async def _redis() -> None:
         await hub.remote.client.ping()
 
 
-async def health_report() -> dict[str, Any]:
+class HealthReport(TypedDict):
+    ok: bool
+    checks: dict[str, str]  # each probe's "ok" or "error"; the worker's "ok" or "draining"
+
+
+async def health_report() -> HealthReport:
     probes = [("database", _database_probe)]
     if settings.REDIS_URL:  # the answers' logs and the rate limits live there
         probes.append(("redis", _redis))

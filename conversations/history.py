@@ -15,7 +15,7 @@ from typing import Any
 from django.conf import settings
 
 from .llm import ChatMessage, estimate_tokens
-from .models import Conversation, Message
+from .models import Conversation, Message, ToolRound
 
 # Every message costs a few tokens of framing on top of its text.
 PER_MESSAGE_OVERHEAD = 4
@@ -63,7 +63,7 @@ def fit_history(system_prompt: str, turns: Sequence[ChatMessage], budget: int) -
     return _fit_newest_first(system_prompt, ([turn] for turn in reversed(turns)), budget)
 
 
-def with_tool_rounds(content: str, tool_rounds: list[dict[str, Any]] | None) -> list[ChatMessage]:
+def with_tool_rounds(content: str, tool_rounds: Sequence[ToolRound] | None) -> list[ChatMessage]:
     """An answer as the Chat Completions API wants it back: for each tool
     round, the `assistant` message with its `tool_calls` and one `tool`
     message per call (with its `tool_call_id`); then the answer's text."""
@@ -230,7 +230,7 @@ def _through_key(conversation: Conversation) -> Key | None:
     if conversation.summary_through_id is None or not conversation.summary:
         return None
     found = Message.objects.filter(pk=conversation.summary_through_id).values_list("created_at", "pk").first()
-    return tuple(found) if found else None
+    return (found[0], found[1]) if found else None
 
 
 def transcript(messages: Sequence[ChatMessage]) -> str:

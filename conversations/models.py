@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from decimal import Decimal
+from typing import NotRequired, TypedDict
 
 from django.conf import settings
 from django.db import models
@@ -107,6 +108,9 @@ class Conversation(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    # Not a column: set on the rows of a sidebar search by `selectors.sidebar_page`.
+    snippet: str
+
     class Meta:
         ordering = ["-updated_at"]
         indexes = [models.Index(fields=["owner", "-updated_at"], name="conv_sidebar_idx")]
@@ -171,6 +175,12 @@ class Message(models.Model):
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    # Not columns: set on the rows of a page by `selectors.messages_for_page`.
+    html: str
+    usage: AnswerUsage | None
+    version_index: int
+    version_count: int
 
     class Meta:
         ordering = ["created_at"]
@@ -317,3 +327,46 @@ class TokenUsage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model}: {self.prompt_tokens}+{self.completion_tokens}"
+
+
+class AnswerUsage(TypedDict):
+    """An answer's ledger rows (several with tool rounds), summed (`selectors.answers_usage`)."""
+
+    message_id: uuid.UUID
+    prompt_tokens: int
+    completion_tokens: int
+    cost: Decimal
+    estimated_calls: int
+
+
+class ToolCallRecord(TypedDict):
+    """One tool call of a round, as the model made it (arguments untrusted JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class ToolResultRecord(TypedDict):
+    call_id: str
+    name: str
+    summary: str  # for the chip: "current_time (Asia/Tokyo)"
+    ok: bool
+    arguments: NotRequired[str]
+    content: str  # what went back to the model
+
+
+class ToolRound(TypedDict):
+    """One tool round of an answer (`Message.tool_rounds` holds a list of them)."""
+
+    text: str  # what the model said before its calls
+    calls: list[ToolCallRecord]
+    results: list[ToolResultRecord]
+
+
+class UsagePayload(TypedDict):
+    """An answer's usage as the contract's `generation.finished` carries it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost: str

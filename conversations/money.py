@@ -6,14 +6,13 @@ most six (model calls cost fractions of a cent), trailing zeros dropped.
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
-from typing import Any
 
 from django.conf import settings
 
 DECIMALS = 6
 
 
-def money(value: Any) -> str:
+def money(value: object) -> str:
     try:
         amount = Decimal(str(value if value is not None else 0))
     except (InvalidOperation, ValueError):

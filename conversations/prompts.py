@@ -4,8 +4,7 @@ points at the version it started with."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from django.contrib.auth.models import AnonymousUser, User
 from django.db import transaction
 
 from .models import SystemPrompt, SystemPromptVersion
@@ -21,7 +20,9 @@ def _differs(prompt: SystemPrompt, version: SystemPromptVersion | None) -> bool:
     return any(getattr(prompt, name) != getattr(version, name) for name in VERSIONED_FIELDS)
 
 
-def _new_version(prompt: SystemPrompt, *, by: Any, after: SystemPromptVersion | None) -> SystemPromptVersion:
+def _new_version(
+    prompt: SystemPrompt, *, by: User | AnonymousUser | None, after: SystemPromptVersion | None
+) -> SystemPromptVersion:
     return SystemPromptVersion.objects.create(
         prompt=prompt,
         number=(after.number + 1) if after else 1,
@@ -34,7 +35,7 @@ def latest_version(prompt: SystemPrompt) -> SystemPromptVersion | None:
     return prompt.versions.order_by("-number").first()
 
 
-def save_prompt(prompt: SystemPrompt, *, by: Any = None) -> SystemPromptVersion:
+def save_prompt(prompt: SystemPrompt, *, by: User | AnonymousUser | None = None) -> SystemPromptVersion:
     """Save `prompt` and return its current version, a new one if the text,
     model, temperature or max tokens changed since the last.
 
@@ -51,7 +52,7 @@ def save_prompt(prompt: SystemPrompt, *, by: Any = None) -> SystemPromptVersion:
         return _current_version(prompt, by=by)
 
 
-def _current_version(prompt: SystemPrompt, *, by: Any) -> SystemPromptVersion:
+def _current_version(prompt: SystemPrompt, *, by: User | AnonymousUser | None) -> SystemPromptVersion:
     """The latest version if it matches the prompt's fields, else a new one.
     Locks the prompt row: two saves at once must not take the same number."""
     with transaction.atomic():

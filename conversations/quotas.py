@@ -25,6 +25,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
@@ -35,7 +36,7 @@ from .models import ModelPrice, TokenUsage
 
 Window = QuotaCounter.Window
 LIMIT_FIELDS = ("tokens_per_day", "tokens_per_month", "cost_per_day", "cost_per_month", "answers_per_minute")
-_WINDOW_NAMES = {Window.MINUTE: "minute", Window.DAY: "Daily", Window.MONTH: "Monthly"}
+_WINDOW_NAMES: dict[str, str] = {Window.MINUTE: "minute", Window.DAY: "Daily", Window.MONTH: "Monthly"}
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,13 @@ def forget_limits(**_kwargs: Any) -> None:
     _limits_cache.clear()
 
 
-def limits_for(user: Any) -> Limits:
+def limits_for(user: User) -> Limits:
     """The user's own quota; else, field by field, the lowest limit among their
     groups' quotas (blank = unlimited); else the site default; else none."""
     return limits_for_many([user])[user.pk]
 
 
-def limits_for_many(users: Sequence[Any]) -> dict[Any, Limits]:
+def limits_for_many(users: Sequence[User]) -> dict[Any, Limits]:
     """`limits_for` of each user (by pk), with one query for those not
     cached (a burst of sends)."""
     ttl = settings.CHAT_LIMITS_CACHE_SECONDS
@@ -293,7 +294,7 @@ def _refusal(counter_id: int, window: str, limits: Limits, now: datetime) -> Quo
 # --- The two calls of an answer -----------------------------------------------------
 
 
-def reserve_answer(user: Any, *, estimated_tokens: int, model: str | None = None) -> Reservation | None:
+def reserve_answer(user: User, *, estimated_tokens: int, model: str | None = None) -> Reservation | None:
     """Reserve `estimated_tokens` (and their cost at `model`'s price, if
     known) against every window with a limit, and count one answer.
 
@@ -322,7 +323,7 @@ def reserve_answer(user: Any, *, estimated_tokens: int, model: str | None = None
     return reservation
 
 
-def settle(reservation: Reservation | None, *, user: Any, tokens: int, cost: Decimal) -> None:
+def settle(reservation: Reservation | None, *, user_id: int, tokens: int, cost: Decimal) -> None:
     """Release the reservation and count what the call really used, in the
     counters of the current day and month (kept only for users with limits;
     a counter made later starts from the ledger). Call it in the transaction
@@ -338,7 +339,7 @@ def settle(reservation: Reservation | None, *, user: Any, tokens: int, cost: Dec
         current = Q(window=Window.DAY, start=window_start(Window.DAY, now)) | Q(
             window=Window.MONTH, start=window_start(Window.MONTH, now)
         )
-        QuotaCounter.objects.filter(current, user_id=user.pk).update(
+        QuotaCounter.objects.filter(current, user_id=user_id).update(
             tokens_used=F("tokens_used") + tokens, cost_used=F("cost_used") + cost
         )
 
@@ -376,7 +377,7 @@ class WindowUsage:
         return min(100, round(100 * self.cost / self.cost_limit))
 
 
-def usage_summary(user: Any, *, now: datetime | None = None) -> tuple[Limits, list[WindowUsage]]:
+def usage_summary(user: User, *, now: datetime | None = None) -> tuple[Limits, list[WindowUsage]]:
     """Spend today and this month, from the ledger, beside the user's limits."""
     now = now or timezone.now()
     limits = limits_for(user)

@@ -38,7 +38,7 @@ def _highlight(code: str, lang: str, _attrs: str) -> str:
         lexer = None
     if lexer is None:
         return html.escape(code)
-    return highlight(code, lexer, _FORMATTER)
+    return highlight(code, lexer, _FORMATTER)  # without an outfile, the text
 
 
 @lru_cache(maxsize=1)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.contrib.auth import get_user_model
 from django.db import connections
-from django.db.models import Count, F, Q, QuerySet, Sum
+from django.db.models import Aggregate, Count, F, Q, QuerySet, Sum
 from django.db.models.functions import Substr, TruncDate, TruncMonth
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
@@ -26,6 +26,9 @@ from django.utils.safestring import SafeString, mark_safe
 
 from .models import TokenUsage
 from .money import money
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 GROUPINGS = ("user", "model", "day", "month")
 COLUMNS = (
@@ -57,7 +60,7 @@ class SpendRow:
         return {"key": self.key, **{name: getattr(self, name) for name in COLUMNS}}
 
 
-def _aggregates() -> dict[str, Any]:
+def _aggregates() -> dict[str, Aggregate]:
     return {
         # COUNT(*), not COUNT(id): the covering index holds no id.
         "calls": Count("*"),
@@ -69,7 +72,7 @@ def _aggregates() -> dict[str, Any]:
     }
 
 
-def _row(key: str, values: dict[str, Any]) -> SpendRow:
+def _row(key: str, values: Mapping[str, Any]) -> SpendRow:
     return SpendRow(
         key=key,
         calls=values["calls"] or 0,
@@ -130,6 +133,7 @@ def spend_by(rows: QuerySet[TokenUsage], by: str) -> list[SpendRow]:
     rows = rows.order_by()
     if by in ("day", "month") and connections[rows.db].vendor == "sqlite" and _whole_hour_zone():
         return _spend_by_period_sqlite(rows, by)
+    grouped: QuerySet[TokenUsage, Mapping[str, Any]]  # rows: the bucket, then the aggregates
     if by == "day":
         grouped = rows.annotate(bucket=TruncDate("created_at")).values("bucket")
     elif by == "month":
@@ -163,10 +167,16 @@ def _spend_by_period_sqlite(rows: QuerySet[TokenUsage], by: str) -> list[SpendRo
     in SQL (datetimes are stored as 'YYYY-MM-DD HH:MM:SS' in UTC) and fold
     the hours into local days here: exact in any zone whose offset is whole
     hours, which the caller checks."""
-    hours = rows.annotate(hour=Substr("created_at", 1, 13)).values("hour").annotate(**_aggregates())
+    hours = cast(
+        "QuerySet[TokenUsage, dict[str, Any]]",  # the hour and the aggregates
+        rows.annotate(hour=Substr("created_at", 1, 13))
+        .values("hour")
+        .annotate(**_aggregates())
+        .order_by("hour"),
+    )
     fmt = "%Y-%m-%d" if by == "day" else "%Y-%m"
     folded: dict[str, dict[str, Any]] = {}
-    for values in hours.order_by("hour"):
+    for values in hours:
         moment = datetime.strptime(values.pop("hour"), "%Y-%m-%d %H").replace(tzinfo=UTC)
         key = timezone.localtime(moment).strftime(fmt)
         total = folded.setdefault(key, dict.fromkeys(values, 0))
@@ -175,7 +185,7 @@ def _spend_by_period_sqlite(rows: QuerySet[TokenUsage], by: str) -> list[SpendRo
     return [_row(key, values) for key, values in sorted(folded.items())]
 
 
-def _bucket_label(bucket: Any, fmt: str) -> str:
+def _bucket_label(bucket: date, fmt: str) -> str:
     if isinstance(bucket, datetime):
         bucket = timezone.localtime(bucket) if timezone.is_aware(bucket) else bucket
     return bucket.strftime(fmt)
@@ -192,7 +202,7 @@ def _usernames(ids: Iterable[int | None]) -> dict[int | None, str]:
 # --- Output formats ---------------------------------------------------------------------
 
 
-def write_csv(spend: list[SpendRow], by: str, out: IO[str]) -> None:
+def write_csv(spend: list[SpendRow], by: str, out: SupportsWrite[str]) -> None:
     writer = csv.writer(out)
     writer.writerow([by, *COLUMNS])
     for row in spend:

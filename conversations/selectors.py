@@ -7,13 +7,14 @@ import binascii
 import uuid
 from collections import defaultdict
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
+from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import ValidationError
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 
 from . import refusals
-from .models import ChatModel, Conversation, Message, SystemPrompt, TokenUsage
+from .models import AnswerUsage, ChatModel, Conversation, Message, SystemPrompt, TokenUsage
 from .rendering import render_many
 
 PAGE_SIZE = 50
@@ -24,7 +25,9 @@ class BadCursor(ValueError):
     pass
 
 
-def conversation_for_user(*, user: Any, conversation_id: Any, with_prompt: bool = False) -> Conversation:
+def conversation_for_user(
+    *, user: User | AnonymousUser, conversation_id: uuid.UUID | str, with_prompt: bool = False
+) -> Conversation:
     """This user's conversation, or a `not_found` refusal (it may exist for
     someone else: every interface answers the same, so as never to reveal
     that): the one answer to "may this user see it" for views, sockets, the
@@ -57,7 +60,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def sidebar_page(
-    *, user: Any, cursor: str | None = None, query: str = "", size: int = PAGE_SIZE
+    *, user: User | int, cursor: str | None = None, query: str = "", size: int = PAGE_SIZE
 ) -> tuple[list[Conversation], str | None]:
     """A page of the user's conversations, newest first (keyset pagination:
     as fast on page 20 as on page 1), optionally only those whose title or
@@ -100,7 +103,15 @@ def _attach_snippets(conversations: list[Conversation], query: str) -> None:
         )
 
 
-def sidebar_item(conversation: Conversation) -> dict[str, Any]:
+class SidebarItem(TypedDict):
+    id: str
+    title: str
+    updated_at: str
+    pinned: bool
+    snippet: str
+
+
+def sidebar_item(conversation: Conversation) -> SidebarItem:
     return {
         "id": str(conversation.pk),
         "title": conversation.display_title,
@@ -110,7 +121,7 @@ def sidebar_item(conversation: Conversation) -> dict[str, Any]:
     }
 
 
-def answers_usage(conversation: Conversation) -> dict[Any, dict[str, Any]]:
+def answers_usage(conversation: Conversation) -> dict[uuid.UUID, AnswerUsage]:
     """Each answer's model calls (several with tool rounds), summed, by the
     answer's id; a summary call made for an answer is the conversation's."""
     return {
@@ -138,7 +149,7 @@ def messages_for_page(conversation: Conversation) -> list[Message]:
     answers = [m for m in messages if m.role == Message.Role.ASSISTANT]
     for answer, html in zip(answers, render_many([a.content for a in answers]), strict=True):
         answer.html = html
-    groups: dict[Any, list[Message]] = defaultdict(list)
+    groups: dict[uuid.UUID, list[Message]] = defaultdict(list)
     for message in messages:
         groups[message.version_group].append(message)
         message.usage = usage.get(message.pk)

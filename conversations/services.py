@@ -3,8 +3,6 @@ tells the user's open tabs (in every worker) through the hub."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from asgiref.sync import async_to_sync
 from django.db import transaction
 
@@ -19,7 +17,7 @@ class InvalidTitle(ValueError):
     pass
 
 
-def _tell_user(user_id: Any, event: dict[str, Any]) -> None:
+def _tell_user(user_id: int, event: events.Event) -> None:
     async_to_sync(generation.tell)(generation.user_topic(user_id), event)
 
 

@@ -18,11 +18,13 @@ database call that accepts it (generation/turns.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from django.contrib.auth.models import User
 from django.db import transaction
+from django.http import HttpRequest
 
 from accounts.sessions import session_digest
 
@@ -35,21 +37,21 @@ log = logging.getLogger(__name__)
 # --- Telling the sockets -------------------------------------------------------------------
 
 
-def _tell(user_id: Any, event: dict[str, Any]) -> None:
+def _tell(user_id: int, event: events.Event) -> None:
     try:
         async_to_sync(generation.tell)(generation.user_topic(user_id), event)
     except Exception as exc:  # the sockets ask again within CHAT_SESSION_RECHECK all the same
         log.warning("sockets of user %s not told of %s: %s", user_id, event["type"], exc)
 
 
-def on_logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+def on_logged_out(sender: Any, request: HttpRequest, user: User | None, **kwargs: Any) -> None:
     key = getattr(getattr(request, "session", None), "session_key", None)
     if user is not None and key:
         _tell(user.pk, events.session_ended(session_digest(key)))
 
 
 def on_user_saved(
-    sender: Any, instance: Any, created: bool, update_fields: Any = None, **kwargs: Any
+    sender: Any, instance: User, created: bool, update_fields: Collection[str] | None = None, **kwargs: Any
 ) -> None:
     """A saved account may no longer sign in (deactivated, new password):
     its sockets ask again once the change is committed. A login's save of
@@ -59,11 +61,11 @@ def on_user_saved(
     accounts_changed([instance.pk])
 
 
-def on_user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+def on_user_deleted(sender: Any, instance: User, **kwargs: Any) -> None:
     accounts_changed([instance.pk])
 
 
-def accounts_changed(user_ids: Sequence[Any], **kwargs: Any) -> None:
+def accounts_changed(user_ids: Sequence[int], **kwargs: Any) -> None:
     """The sockets of these users ask again whether they are signed in (after
     the change commits, so that they see it)."""
     ids = list(user_ids)

@@ -5,6 +5,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -18,20 +19,26 @@ from .health import health_report
 from .models import ChatModel, Conversation, SystemPrompt
 
 
+class AuthenticatedHttpRequest(HttpRequest):
+    """The request of a `login_required` view: its user is signed in."""
+
+    user: User
+
+
 @login_required
 @never_cache
-def new_chat(request: HttpRequest) -> HttpResponse:
+def new_chat(request: AuthenticatedHttpRequest) -> HttpResponse:
     return _chat_page(request, None)
 
 
 @login_required
 @never_cache
-def conversation_detail(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+def conversation_detail(request: AuthenticatedHttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
     conversation = _own_or_404(request, conversation_id)
     return _chat_page(request, conversation)
 
 
-def _own_or_404(request: HttpRequest, conversation_id: uuid.UUID) -> Conversation:
+def _own_or_404(request: AuthenticatedHttpRequest, conversation_id: uuid.UUID) -> Conversation:
     try:
         return selectors.conversation_for_user(user=request.user, conversation_id=conversation_id)
     except refusals.Refusal as refusal:
@@ -58,7 +65,7 @@ def _page_urls() -> dict[str, str]:
     }
 
 
-def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpResponse:
+def _chat_page(request: AuthenticatedHttpRequest, conversation: Conversation | None) -> HttpResponse:
     prompts = list(SystemPrompt.objects.only("id", "name", "is_default", "model"))
     default_prompt = next((p for p in prompts if p.is_default), None)
     chat_models = ChatModel.choices()
@@ -92,7 +99,7 @@ def _chat_page(request: HttpRequest, conversation: Conversation | None) -> HttpR
 
 @login_required
 @require_GET
-def conversation_list(request: HttpRequest) -> JsonResponse:
+def conversation_list(request: AuthenticatedHttpRequest) -> JsonResponse:
     """The sidebar, a page at a time: `?cursor=` from the previous page's
     `next`, `?q=` to search titles and message text."""
     try:
@@ -108,7 +115,7 @@ def conversation_list(request: HttpRequest) -> JsonResponse:
 
 @login_required
 @require_POST
-def conversation_rename(request: HttpRequest, conversation_id: uuid.UUID) -> JsonResponse:
+def conversation_rename(request: AuthenticatedHttpRequest, conversation_id: uuid.UUID) -> JsonResponse:
     conversation = _own_or_404(request, conversation_id)
     title = _posted(request).get("title")
     try:
@@ -120,7 +127,7 @@ def conversation_rename(request: HttpRequest, conversation_id: uuid.UUID) -> Jso
 
 @login_required
 @require_POST
-def conversation_delete(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+def conversation_delete(request: AuthenticatedHttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
     conversation = _own_or_404(request, conversation_id)
     services.conversation_delete(conversation=conversation)
     if (
@@ -143,7 +150,9 @@ def _posted(request: HttpRequest) -> dict[str, Any]:
 
 @login_required
 @require_GET
-def conversation_export(request: HttpRequest, conversation_id: uuid.UUID, fmt: str) -> HttpResponse:
+def conversation_export(
+    request: AuthenticatedHttpRequest, conversation_id: uuid.UUID, fmt: str
+) -> HttpResponse:
     conversation = _own_or_404(request, conversation_id)
     name = slugify(conversation.display_title)[:60] or "conversation"
     if fmt == "md":
@@ -158,12 +167,12 @@ def conversation_export(request: HttpRequest, conversation_id: uuid.UUID, fmt: s
 
 @require_GET
 async def healthz(request: HttpRequest) -> JsonResponse:
-    report: dict[str, Any] = await health_report()
+    report = await health_report()
     return JsonResponse(report, status=200 if report["ok"] else 503)
 
 
 @login_required
-def usage(request: HttpRequest) -> HttpResponse:
+def usage(request: AuthenticatedHttpRequest) -> HttpResponse:
     """What the user spent today and this month, and what is left."""
     limits, windows = quotas.usage_summary(request.user)
     return render(

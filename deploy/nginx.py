@@ -30,7 +30,7 @@ import time
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 TEMPLATE = Path(__file__).resolve().with_name("nginx.conf.template")
 
@@ -158,7 +158,9 @@ def wait_ok(url: str, timeout: float, *processes: subprocess.Popen[bytes]) -> No
     while True:
         for process in processes:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args[0]} exited with code {process.returncode}")
+                # Every process here is started from a list of str (start_nginx, run.py, tests).
+                program = cast("list[str]", process.args)[0]
+                raise RuntimeError(f"{program} exited with code {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:

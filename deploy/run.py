@@ -49,13 +49,15 @@ def settings_facts() -> dict[str, str]:
     out = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"run: the settings do not load:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    facts: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1])
+    return facts
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class Worker:

@@ -31,7 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ import pytest
 from django.conf import settings as django_settings
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
+from websockets.typing import Origin
 
 from conversations.generation import identity
 from deploy.nginx import find_nginx, render, start_nginx, stop_nginx, wait_ok, write_config
@@ -269,7 +270,7 @@ class Cluster:
         the session cookie. With `on` / `not_on`: sockets are opened (and the
         wrong ones closed) until one reaches that worker / another one."""
         base = url or self.ws_url
-        origin = base.replace("ws://", "http://", 1)
+        origin = Origin(base.replace("ws://", "http://", 1))
         headers = {"Cookie": f"{django_settings.SESSION_COOKIE_NAME}={cookie}"} if cookie else {}
         seen = []
         for _ in range(attempts):
@@ -287,10 +288,12 @@ class Cluster:
                 return ws
             seen.append(worker.port)
             await ws.close()
-        raise AssertionError(
-            f"{attempts} sockets through nginx reached workers {seen}, never "
-            + (f"the one on port {on.port}" if on else f"another than the one on port {not_on.port}")
-        )
+        if on is not None:
+            wanted = f"the one on port {on.port}"
+        else:
+            assert not_on is not None  # with neither, the first socket was returned
+            wanted = f"another than the one on port {not_on.port}"
+        raise AssertionError(f"{attempts} sockets through nginx reached workers {seen}, never " + wanted)
 
     def get(self, path: str, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
         """GET through nginx: status, headers, body (an error status is returned, not raised)."""
@@ -457,7 +460,10 @@ def cluster(
 
 
 async def recv_until(
-    ws: ClientConnection, predicate: Any, frames: list[dict[str, Any]] | None = None, timeout: float = 30
+    ws: ClientConnection,
+    predicate: Callable[[dict[str, Any]], bool],
+    frames: list[dict[str, Any]] | None = None,
+    timeout: float = 30,
 ) -> dict[str, Any]:
     """The next frame for which predicate(frame) is true; every frame read is
     appended to `frames`. AssertionError (with what came) after `timeout` s."""
@@ -468,7 +474,7 @@ async def recv_until(
         try:
             if left <= 0:
                 raise TimeoutError
-            frame = json.loads(await asyncio.wait_for(ws.recv(), left))
+            frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), left))
             if frame.get("type") == "frame.part":  # a long frame, in parts
                 parts = [frame["data"]]
                 while frame["part"] < frame["parts"] - 1:

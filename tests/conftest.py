@@ -145,7 +145,8 @@ async def connect(
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def database_url() -> str:
@@ -277,7 +278,9 @@ def _other_sessions_busy() -> bool:
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
             " AND pid <> pg_backend_pid() AND state <> 'idle'"
         )
-        return cursor.fetchone()[0] > 0
+        row = cursor.fetchone()
+        assert row is not None
+        return bool(row[0] > 0)
 
 
 def _wait_for_port(server: LiveServer, port: int, timeout: float = 30.0) -> None:

@@ -95,6 +95,7 @@ class FakeLLM:
     @property
     def base_url(self) -> str:
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # bound to "127.0.0.1"
         return f"http://{host}:{port}/v1"
 
     def start(self) -> FakeLLM:

@@ -12,13 +12,18 @@ import urllib.error
 import urllib.request
 from datetime import timedelta
 from io import StringIO
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pytest
 from django.contrib.auth.models import Group
 from django.core.management import call_command
 from django.utils import timezone
+from openai.types.chat import (
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+)
 
 from accounts.models import Quota
 from api import tokens
@@ -91,6 +96,7 @@ def test_the_command_prints_a_token_on_its_last_line_and_stores_only_its_hash(al
     assert (
         row.name == "laptop" and row.digest == tokens.digest(token) and token not in row.prefix + row.digest
     )
+    assert row.expires_at is not None
     assert timedelta(days=29) < row.expires_at - timezone.now() <= timedelta(days=30)
     assert tokens.authenticate(f"Bearer {token}") == alice
 
@@ -139,10 +145,9 @@ def test_the_sdk_gets_a_streamed_answer_with_usage_on_the_ledger(
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Hello there."
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].choices == [] and (
-        chunks[-1].usage.prompt_tokens,
-        chunks[-1].usage.completion_tokens,
-    ) == (21, 3)
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (21, 3)
     # The staff's default prompt came first; the call is on the ledger as `api`.
     assert fake_llm.streamed_requests[-1].body["messages"] == [
         {"role": "system", "content": "Be helpful."},
@@ -175,6 +180,7 @@ def test_the_sdk_without_streaming_and_its_own_system_message(
 
     assert completion.choices[0].message.content == '{"ok": true}'
     assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (9, 4)
     sent = fake_llm.streamed_requests[-1].body
     assert sent["messages"][0] == {"role": "system", "content": "Reply in JSON."}
@@ -225,7 +231,7 @@ def test_curl_streams_server_sent_events_unbuffered(
 def test_the_clients_own_tools_come_back_to_it(daphne_server: LiveServer, token: str, fake_llm: Any) -> None:
     call = {"id": "call_w", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
     fake_llm.script(Reply(chunks=[], finish_reason="tool_calls", tool_calls=[call]))
-    weather = {
+    weather: ChatCompletionFunctionToolParam = {
         "type": "function",
         "function": {
             "name": "get_weather",
@@ -238,7 +244,9 @@ def test_the_clients_own_tools_come_back_to_it(daphne_server: LiveServer, token:
     )
 
     assert completion.choices[0].finish_reason == "tool_calls"
-    [tool_call] = completion.choices[0].message.tool_calls
+    tool_calls = completion.choices[0].message.tool_calls
+    assert tool_calls is not None
+    [tool_call] = cast(list[ChatCompletionMessageFunctionToolCall], tool_calls)
     assert (tool_call.id, tool_call.function.name, tool_call.function.arguments) == (
         "call_w",
         "get_weather",
@@ -263,6 +271,7 @@ def test_a_builtin_tool_named_by_the_request_runs_here(
     )
 
     assert completion.choices[0].message.content == "It is 42."
+    assert completion.usage is not None
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (80, 9)
     second = fake_llm.streamed_requests[-1].body["messages"]
     assert second[-1] == {"role": "tool", "tool_call_id": "call_c", "content": "42"}
@@ -350,7 +359,7 @@ def test_limits_and_quota_give_429_with_retry_after(
     assert int(caught.value.response.headers["Retry-After"]) > 0
     # Answers a minute (counted from now: the earlier windows had no such limit).
     Quota.objects.filter(user=alice).update(tokens_per_day=None, answers_per_minute=1)
-    one = [{"role": "user", "content": "one"}]
+    one: list[ChatCompletionMessageParam] = [{"role": "user", "content": "one"}]
     client.chat.completions.create(model="fake-model", messages=one, max_tokens=50)
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(

@@ -22,10 +22,10 @@ import subprocess
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -34,6 +34,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from django.utils import timezone
 from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from api import tokens
@@ -142,10 +143,12 @@ def _send_frame(content: str, client_id: str | None = None) -> tuple[str, str]:
     return client_id, json.dumps(frame)  # ensure_ascii: "\ud800" and "\u0000" as escapes
 
 
-def _until(ws: Any, predicate: Any, timeout: float = 15) -> dict[str, Any]:
+def _until(
+    ws: ClientConnection, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        frame = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+        frame: dict[str, Any] = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
         if predicate(frame):
             return frame
 
@@ -218,6 +221,7 @@ def test_a_batch_that_fails_together_is_accepted_one_by_one(
 def _csrf_post_json(visitor: Visitor, path: str, body: bytes) -> tuple[int, str, str]:
     visitor.get("/")  # the csrftoken cookie
     token = next(c.value for c in visitor.jar if c.name == settings.CSRF_COOKIE_NAME)
+    assert token is not None
     request = urllib.request.Request(
         visitor.server.url + path,
         data=body,
@@ -364,7 +368,9 @@ def test_the_key_never_leaves_the_server_when_the_upstream_quotes_it(
 
 
 def _session_of(visitor: Visitor) -> str:
-    return next(c.value for c in visitor.jar if c.name == settings.SESSION_COOKIE_NAME)
+    value = next(c.value for c in visitor.jar if c.name == settings.SESSION_COOKIE_NAME)
+    assert value is not None
+    return value
 
 
 def test_a_logout_in_another_tab_closes_the_old_socket(
@@ -509,6 +515,7 @@ def _handshake(server: LiveServer, cookie: str, origin: str) -> int:
 def test_a_socket_from_another_port_or_scheme_is_refused(daphne_server: LiveServer) -> None:
     cookie = session_cookie(make_user(_a_name("origin")))
     port = urllib.parse.urlsplit(daphne_server.url).port
+    assert port is not None
     assert _handshake(daphne_server, cookie, daphne_server.url) == 101
     for foreign in (
         "http://localhost:9999",
@@ -557,13 +564,20 @@ def test_bad_requests_are_clear_errors_never_500(daphne_server: LiveServer, alic
 # --- 12. The caretaker starts with the process -----------------------------------------------
 
 
+class _FastCaretaker(TypedDict):
+    """run_daphne's environment overrides (a plain dict[str, str] could also hold `probe`)."""
+
+    CHAT_SWEEP_INTERVAL: str
+    CHAT_CHECKPOINT_INTERVAL: str
+
+
 def test_a_worker_nobody_has_reached_settles_a_dead_workers_answer(
     fake_llm: FakeLLM, tmp_path: Path, sockets: contextlib.ExitStack
 ) -> None:
     db_url = database_url()
     fake_llm.default = Reply(chunks=[f" w{i}" for i in range(400)], delay=0.03, usage=(10, 400))
     cookie = session_cookie(make_user(_a_name("orphan")))
-    fast = {"CHAT_SWEEP_INTERVAL": "0.2", "CHAT_CHECKPOINT_INTERVAL": "0.2"}
+    fast: _FastCaretaker = {"CHAT_SWEEP_INTERVAL": "0.2", "CHAT_CHECKPOINT_INTERVAL": "0.2"}
     with run_daphne(db_url, fake_llm.base_url, tmp_path / "doomed.log", **fast) as doomed:
         tab = open_socket(doomed, cookie, sockets)
         tab.send(_send_frame("a long one")[1])
@@ -731,7 +745,7 @@ async def test_two_sites_sharing_a_redis_server_never_hear_each_other(redis_url:
     for name in sites:
         remote = publishers[name].remote
         assert remote is not None
-        keys = await remote.client.keys("*")
+        keys = cast(list[bytes], await remote.client.keys("*"))  # the client does not decode
         assert keys and all(key.split(b":")[0] in (b"site-one", b"site-two") for key in keys), keys
         assert await remote.client.keys(f"{sites[name][1]}:answer:*")
     for hub in [*publishers.values(), *listeners.values()]:

@@ -9,7 +9,7 @@ import asyncio
 import threading
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -20,7 +20,7 @@ from accounts import limits
 from accounts.models import Quota, QuotaCounter
 from conversations import generation, llm, refusals
 from conversations.batches import Batches
-from conversations.generation.ledger import AnswerEnd, save_answers
+from conversations.generation.ledger import AnswerEnd, Saved, save_answers
 from conversations.generation.titles import NewTitle, save_titles, title_from
 from conversations.generation.turns import Send, accept_messages
 from conversations.models import Conversation, Message, ModelPrice, SystemPrompt, TokenUsage
@@ -59,7 +59,7 @@ def test_new_conversations_of_a_burst_are_stored_as_single_turns_are(settings: A
     alone = generation.accept_message(
         user=users[0], conversation_id=None, content="Alone " + "word " * 30, client_id=uuid.uuid4()
     )
-    for outcome, item in zip(outcomes, sends, strict=True):
+    for outcome, item in zip(cast(list[generation.Accepted], outcomes), sends, strict=True):
         conversation = Conversation.objects.get(pk=outcome.conversation.pk)
         assert conversation.owner_id == item.user.pk
         assert conversation.title == title_from(item.content)
@@ -69,6 +69,7 @@ def test_new_conversations_of_a_burst_are_stored_as_single_turns_are(settings: A
         question, answer = Message.objects.filter(conversation=conversation).order_by("created_at")
         assert (question.role, question.content, question.client_id) == ("user", item.content, item.client_id)
         assert (answer.role, answer.status, answer.worker) == ("assistant", "streaming", alone.answer.worker)
+        assert answer.accounting is not None
         assert answer.accounting == {
             "prompt_tokens": answer.accounting["prompt_tokens"],
             "limited": False,
@@ -97,6 +98,7 @@ def test_each_send_of_a_mixed_burst_gets_what_it_would_get_alone(settings: Any) 
     )
     Message.objects.filter(pk=earlier.answer.pk).update(status="complete")
     twice = uuid.uuid4()
+    assert earlier.question.client_id is not None
     sends = [
         send(alice, "New one"),  # 0: accepted (alice's 1st)
         Send(user=alice, conversation_id=chat.pk, content="Go on", client_id=uuid.uuid4()),  # 1: (2nd)
@@ -120,9 +122,9 @@ def test_each_send_of_a_mixed_burst_gets_what_it_would_get_alone(settings: Any) 
         "Accepted", "Accepted", "rate_limited", "resent", "invalid_request",
         "not_found", "quota_exceeded", "Accepted", "resent", "not_found",
     ]  # fmt: skip
-    assert outcomes[3].sent.pk == earlier.question.pk
-    assert outcomes[8].sent.client_id == twice
-    assert outcomes[1].messages[-3:] == [
+    assert cast(refusals.Refusal, outcomes[3]).sent.pk == earlier.question.pk
+    assert cast(refusals.Refusal, outcomes[8]).sent.client_id == twice
+    assert cast(generation.Accepted, outcomes[1]).messages[-3:] == [
         {"role": "user", "content": "Earlier question"},
         {"role": "assistant", "content": "Earlier answer"},
         {"role": "user", "content": "Go on"},
@@ -132,7 +134,9 @@ def test_each_send_of_a_mixed_burst_gets_what_it_would_get_alone(settings: Any) 
     assert not Message.objects.filter(
         content__in=["Third", "Which model?", "Unknown prompt", "Over budget", "Not mine"]
     ).exists()
-    assert 0 < outcomes[2].retry_after <= 3600
+    retry_after = cast(refusals.Refusal, outcomes[2]).retry_after
+    assert retry_after is not None
+    assert 0 < retry_after <= 3600
 
 
 def test_the_rate_limit_refuses_inside_a_burst_and_stores_nothing_for_it(settings: Any) -> None:
@@ -239,7 +243,9 @@ def test_answers_ending_together_are_saved_as_each_alone(settings: Any) -> None:
     results = save_answers(ends)
 
     assert [type(r).__name__ for r in results] == ["Saved"] * 4
-    (usage0, html0, title0), (usage1, _h, title1), (_u, _h2, title2), (usage3, _h3, title3) = results
+    (usage0, html0, title0), (usage1, _h, title1), (_u, _h2, title2), (usage3, _h3, title3) = cast(
+        list[Saved], results
+    )
     assert usage0 == {"prompt_tokens": 12, "completion_tokens": 5, "cost": "0.022000"}
     assert "<strong>First</strong>" in html0
     assert (title0, title1, title2, title3) == (True, True, True, True)

@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 import pytest
 from django.conf import settings as django_settings
 from django.db import connections
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Dialog,
+    Page,
+    expect,
+    sync_playwright,
+)
 
 from conversations.models import Conversation, Message
 from tests.conftest import ARTIFACTS, LiveServer
@@ -95,10 +103,15 @@ class Tabs:
                 [{"name": django_settings.SESSION_COOKIE_NAME, "value": cookie, "url": self.server.url}]
             )
         page = context.new_page()
-        page.on("console", lambda m: m.type == "error" and self.errors.append(f"{page.url}: {m.text}"))
+
+        def on_console(message: ConsoleMessage) -> None:
+            if message.type == "error":
+                self.errors.append(f"{page.url}: {message.text}")
+
+        page.on("console", on_console)
         page.on("pageerror", lambda e: self.errors.append(f"{page.url}: uncaught {e}"))
 
-        def on_dialog(dialog: Any) -> None:
+        def on_dialog(dialog: Dialog) -> None:
             self.dialogs.append(f"{dialog.type}: {dialog.message}")
             dialog.dismiss()
 

@@ -272,6 +272,7 @@ def test_sidebar_pages_searches_renames_and_deletes(
     field.press("Enter")
     expect(first.locator(".conv-title")).to_have_text("Renamed chat")
     renamed_id = first.get_attribute("data-conversation-id")
+    assert renamed_id is not None
     for _ in range(50):
         if in_thread(lambda: Conversation.objects.get(pk=renamed_id).title) == "Renamed chat":
             break
@@ -537,6 +538,7 @@ def test_mobile_375px_is_usable(daphne_server: LiveServer, alice: Any, fake_llm:
     expect(page.locator("#sidebar")).not_to_be_in_viewport()
     # The title has the room: export and shortcuts fold into "More".
     title = page.locator("#chat-title").bounding_box()
+    assert title is not None
     assert title["width"] >= 120
     expect(page.locator("#export-md")).to_be_hidden()
     page.get_by_role("button", name="More: export, shortcuts").click()
@@ -555,6 +557,7 @@ def test_keyboard_only_use_labels_and_csp(
     conversation = in_thread(lambda: make_conversation(alice, "Keyboard chat"))
     page = tabs.new(alice)
     response = page.goto(daphne_server.url + f"/c/{conversation.id}/")
+    assert response is not None
     csp = response.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
     expect(page.locator("#composer[data-ready]")).to_have_count(1)
@@ -621,6 +624,7 @@ def test_keyboard_only_use_labels_and_csp(
     # The login page too: no inline script, labelled fields.
     anonymous = tabs.new()
     response = anonymous.goto(daphne_server.url + "/accounts/login/")
+    assert response is not None
     assert "script-src 'self'" in response.headers["content-security-policy"]
     expect(anonymous.get_by_label("Username")).to_be_visible()
     anonymous.screenshot(path=str(SHOTS / "login.png"))
@@ -748,7 +752,9 @@ def test_the_offline_demo_banner_shows_when_no_model_is_configured(
         " return parseFloat(s.paddingTop) + parseFloat(s.paddingBottom) + parseFloat(s.borderTopWidth)"
         " + parseFloat(s.borderBottomWidth); }"
     )
-    assert banner.bounding_box()["height"] <= line + padding + 1
+    box = banner.bounding_box()
+    assert box is not None
+    assert box["height"] <= line + padding + 1
     phone.screenshot(path=str(SHOTS / "demo-banner-phone.png"))
 
 

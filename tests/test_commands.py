@@ -287,6 +287,7 @@ def test_chat_continues_a_browser_conversation_and_uses_a_named_prompt(
     prompts.save_prompt(pirate)
     chat("--user", "alice", "--prompt", "Pirate", stdin=StringIO("ahoy\n/quit\n"))
     newest = Conversation.objects.filter(owner=alice).order_by("-created_at").first()
+    assert newest is not None
     assert newest.prompt == pirate and newest.prompt_text == "Talk like a pirate."
     assert fake_llm.requests[-1].body["messages"][0] == {"role": "system", "content": "Talk like a pirate."}
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Origin
 
 from conversations.models import Message
 from tests.conftest import LiveServer
@@ -29,7 +30,7 @@ TOKENS = [f" w{i}" for i in range(40)]
 async def _open(server: LiveServer, cookie: str) -> ClientConnection:
     return await connect(
         server.ws_url + "/ws/chat/",
-        origin=server.url,
+        origin=Origin(server.url),
         additional_headers={"Cookie": f"sessionid={cookie}"},
         open_timeout=30,
         max_size=None,
@@ -39,7 +40,7 @@ async def _open(server: LiveServer, cookie: str) -> ClientConnection:
 async def _until(ws: ClientConnection, kind: str, frames: list[dict[str, Any]]) -> dict[str, Any]:
     while True:
         try:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 60))
         except TimeoutError:
             raise AssertionError(f"no {kind} after {[(f['type'], f.get('seq')) for f in frames]}") from None
         frames.append(frame)

@@ -47,7 +47,9 @@ def of_type(frames: list[dict[str, Any]], frame_type: str) -> list[dict[str, Any
     return [f for f in frames if f["type"] == frame_type]
 
 
-async def ask(ws: WebsocketCommunicator, content: str = "Hello?", conversation: Any = None, **extra: Any):
+async def ask(
+    ws: WebsocketCommunicator, content: str = "Hello?", conversation: Any = None, **extra: Any
+) -> list[dict[str, Any]]:
     """Send, return the frames up to `generation.finished`; let the answer's
     task end, and take the title it may then push (`conversation.updated`)."""
     await ws.send_json_to(send_frame(content, conversation, **extra))
@@ -348,6 +350,7 @@ async def test_prompt_choice_for_a_new_conversation(alice: Any, fake_llm: Any) -
     )
     assert (conversation.prompt_id, conversation.prompt_text) == (poet.id, "Answer in verse.")
     # The exact version is recorded: later edits of the prompt don't change it.
+    assert conversation.prompt_version is not None
     assert (conversation.prompt_version.prompt_id, conversation.prompt_version.text) == (
         poet.id,
         "Answer in verse.",

@@ -22,6 +22,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 from websockets.asyncio.client import connect as ws_connect
+from websockets.typing import Origin
 
 from deploy.nginx import wait_ok
 from tests.cluster import BASE_DIR, free_port, need_cluster, start_redis
@@ -52,7 +53,7 @@ def _upstream(url: str, cookie: str) -> str:
     async def handshake() -> str:
         headers = {"Cookie": f"{settings.SESSION_COOKIE_NAME}={cookie}"}
         async with ws_connect(
-            url.replace("http", "ws", 1) + "/ws/chat/", origin=url, additional_headers=headers
+            url.replace("http", "ws", 1) + "/ws/chat/", origin=Origin(url), additional_headers=headers
         ) as ws:
             assert ws.response is not None
             return ws.response.headers["X-Chat-Upstream"]

@@ -18,6 +18,7 @@ from django.utils import timezone
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
+from websockets.typing import Origin
 
 from conversations.models import Message, TokenUsage
 from tests.conftest import LiveServer
@@ -33,21 +34,22 @@ def open_socket(server: LiveServer, user: Any | None, origin: str | None = None)
         headers["Cookie"] = f"sessionid={session_cookie(user)}"
     return ws_connect(
         server.ws_url + "/ws/chat/",
-        origin=origin or server.url,
+        origin=Origin(origin or server.url),
         additional_headers=headers,
         open_timeout=10,
     )
 
 
 def receive(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
-    frame = json.loads(ws.recv(timeout=timeout))
+    frame: dict[str, Any] = json.loads(ws.recv(timeout=timeout))
     if frame["type"] != "frame.part":
         return frame
     parts = [frame["data"]]  # a long frame, in parts
     while frame["part"] < frame["parts"] - 1:
         frame = json.loads(ws.recv(timeout=timeout))
         parts.append(frame["data"])
-    return json.loads("".join(parts))
+    joined: dict[str, Any] = json.loads("".join(parts))
+    return joined
 
 
 def until(ws: ClientConnection, frame_type: str, timeout: float = 15) -> list[dict[str, Any]]:
@@ -60,7 +62,7 @@ def until(ws: ClientConnection, frame_type: str, timeout: float = 15) -> list[di
 
 def until_seq(ws: ClientConnection, seq: int) -> list[dict[str, Any]]:
     """Frames up to the delta with `seq`: some text has streamed."""
-    frames = []
+    frames: list[dict[str, Any]] = []
     while not frames or frames[-1].get("seq", 0) < seq:
         frames.append(receive(ws))
     return frames
@@ -111,6 +113,7 @@ def test_static_files_are_served_with_debug_off(daphne_server: LiveServer) -> No
 def test_anonymous_socket_is_closed_with_4401(daphne_server: LiveServer) -> None:
     with open_socket(daphne_server, None) as ws, pytest.raises(ConnectionClosed) as closed:
         ws.recv(timeout=5)
+    assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 4401
 
 
@@ -209,7 +212,7 @@ def test_an_answer_over_a_megabyte_reaches_the_page_and_a_later_join(
     fake_llm.script(Reply(chunks=chunks))
     headers = {"Cookie": f"sessionid={session_cookie(alice)}"}
     url = daphne_server.ws_url + "/ws/chat/"
-    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+    with ws_connect(url, origin=Origin(daphne_server.url), additional_headers=headers) as ws:
         send_message(ws, "Write a lot")
         frames = until(ws, "generation.finished", timeout=30)
         finished = frames[-1]
@@ -218,7 +221,7 @@ def test_an_answer_over_a_megabyte_reaches_the_page_and_a_later_join(
         assert len(json.dumps(finished)) > 2**20
         conversation = frames[0]["conversation"]["id"]
 
-    with ws_connect(url, origin=daphne_server.url, additional_headers=headers) as ws:
+    with ws_connect(url, origin=Origin(daphne_server.url), additional_headers=headers) as ws:
         for _ in range(2):  # twice: a join never kills the socket
             ws.send(json.dumps({"type": "conversation.join", "conversation": conversation, "after": 0}))
             again = until(ws, "generation.finished")

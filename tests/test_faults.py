@@ -23,6 +23,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
 from django.db import connection
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from accounts.models import Quota, QuotaCounter
@@ -103,7 +104,7 @@ async def _quota(username: str, tokens_per_day: int = 1_000_000) -> None:
     await sync_to_async(create)()
 
 
-async def _close_code(ws: Any, timeout: float) -> int | None:
+async def _close_code(ws: ClientConnection, timeout: float) -> int | None:
     """Read until the socket closes; its close code."""
     deadline = time.monotonic() + timeout
     with pytest.raises(ConnectionClosed):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -375,7 +375,7 @@ async def test_a_model_failing_before_its_first_token_hands_over_to_the_fallback
     events = await collect()
 
     assert "".join(texts(events)) == "From backup."
-    assert events[-1].model == "backup-model"  # the model that really answered
+    assert cast(StreamEnd, events[-1]).model == "backup-model"  # the model that really answered
     assert [r.body["model"] for r in fake_llm.streamed_requests][-1] == "backup-model"
 
 
@@ -432,7 +432,7 @@ async def test_streamed_tool_calls_are_assembled_at_the_end(fake_llm: FakeLLM) -
     events = await collect(tools=offered)
 
     assert texts(events) == ["Let me check."]
-    end = events[-1]
+    end = cast(StreamEnd, events[-1])
     assert end.finish_reason == "tool_calls"
     assert end.tool_calls == (
         llm.ToolCall("call_a", "current_time", '{"timezone": "Asia/Tokyo"}'),
@@ -444,5 +444,5 @@ async def test_streamed_tool_calls_are_assembled_at_the_end(fake_llm: FakeLLM) -
 async def test_no_tools_parameter_unless_tools_are_offered(fake_llm: FakeLLM) -> None:
     events = await collect()
 
-    assert events[-1].tool_calls == ()
+    assert cast(StreamEnd, events[-1]).tool_calls == ()
     assert "tools" not in fake_llm.streamed_requests[0].body

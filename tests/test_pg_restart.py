@@ -244,7 +244,7 @@ def database_error_reported(answered: Answered) -> bool:
     if answered.status != 503:
         return False
     try:
-        return json.loads(answered.body)["checks"]["database"] == "error"
+        return bool(json.loads(answered.body)["checks"]["database"] == "error")
     except (ValueError, KeyError, TypeError):
         return False
 
@@ -294,11 +294,13 @@ def read_budget(url: str, user_id: int) -> dict[str, Any]:
             'SELECT "window", tokens_used, tokens_reserved FROM accounts_quotacounter WHERE user_id = %s',
             [user_id],
         ).fetchall()
-        (ledger,) = connection.execute(
+        row = connection.execute(
             "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM conversations_tokenusage"
             " WHERE user_id = %s",
             [user_id],
         ).fetchone()
+        assert row is not None  # an aggregate: always one row
+        (ledger,) = row
     return {"counters": counters, "ledger_tokens": int(ledger)}
 
 

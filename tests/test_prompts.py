@@ -21,6 +21,11 @@ def new_prompt(name: str = "Helpful", text: str = "Be helpful.", **fields: Any) 
     return prompt
 
 
+def version_of(conversation: Conversation) -> SystemPromptVersion:
+    assert conversation.prompt_version is not None
+    return conversation.prompt_version
+
+
 def test_first_save_makes_v1_and_the_first_prompt_is_the_default(alice: Any) -> None:
     prompt = SystemPrompt(name="Helpful", text="Be helpful.", model="m-1", temperature=0.2, max_tokens=300)
     version = prompts.save_prompt(prompt, by=alice)
@@ -101,6 +106,7 @@ def test_a_conversation_keeps_pointing_at_the_version_it_used(alice: Any) -> Non
     prompts.save_prompt(prompt)
 
     conversation.refresh_from_db()
+    assert conversation.prompt_version is not None
     assert conversation.prompt_version.number == 1
     assert conversation.prompt_version.text == "Answer in French."
     assert SystemPromptVersion.objects.filter(prompt=prompt).count() == 2
@@ -126,7 +132,7 @@ def test_conversations_started_through_generation_record_the_version_they_used(a
         Conversation.objects.select_related("prompt_version").get(pk=accepted.conversation.pk)
         for accepted in (first, second)
     ]
-    assert [(c.prompt_version.number, c.prompt_version.text) for c in traced] == [
+    assert [(version_of(c).number, version_of(c).text) for c in traced] == [
         (1, "Answer in French."),
         (2, "Answer in German."),
     ]

@@ -91,7 +91,7 @@ def test_settle_turns_the_reservation_into_real_use(alice: Any) -> None:
     Quota.objects.create(user=alice, tokens_per_day=1000, tokens_per_month=5000)
     reservation = reserve(alice, 600)
     with transaction.atomic():
-        quotas.settle(reservation, user=alice, tokens=150, cost=Decimal("0.01"))
+        quotas.settle(reservation, user_id=alice.pk, tokens=150, cost=Decimal("0.01"))
     counter = day_counter(alice)
     assert (counter.tokens_used, counter.tokens_reserved, counter.cost_used) == (150, 0, Decimal("0.01"))
     assert QuotaCounter.objects.get(user=alice, window="month").tokens_used == 150
@@ -103,8 +103,8 @@ def test_settle_turns_the_reservation_into_real_use(alice: Any) -> None:
 
 def test_title_calls_count_without_a_reservation(alice: Any) -> None:
     Quota.objects.create(user=alice, tokens_per_day=100)
-    quotas.settle(reserve(alice, 10), user=alice, tokens=10, cost=Decimal(0))
-    quotas.settle(None, user=alice, tokens=85, cost=Decimal(0))  # a title
+    quotas.settle(reserve(alice, 10), user_id=alice.pk, tokens=10, cost=Decimal(0))
+    quotas.settle(None, user_id=alice.pk, tokens=85, cost=Decimal(0))  # a title
     assert day_counter(alice).tokens_used == 95
     with pytest.raises(quotas.QuotaExceeded):
         reserve(alice, 10)
@@ -135,7 +135,7 @@ def test_cost_budget_counts_the_estimate_at_the_models_price(alice: Any) -> None
 
 def test_cost_budget_without_a_price_needs_some_budget_left(alice: Any) -> None:
     Quota.objects.create(user=alice, cost_per_month=Decimal("1"))
-    quotas.settle(reserve(alice, 10), user=alice, tokens=10, cost=Decimal("1"))
+    quotas.settle(reserve(alice, 10), user_id=alice.pk, tokens=10, cost=Decimal("1"))
     with pytest.raises(quotas.QuotaExceeded) as refused:
         reserve(alice, 10)
     assert refused.value.message.startswith("Monthly spending budget used up")

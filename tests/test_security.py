@@ -17,18 +17,22 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import LiveServer, database_url, run_daphne
 from tests.factories import PASSWORD, make_conversation, make_user, session_cookie
 from tests.fake_llm import FakeLLM
+
+if TYPE_CHECKING:
+    from tests.cluster import Worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -41,7 +45,7 @@ class Visitor:
     """A client with cookies, posting forms as a browser does (CSRF token,
     Origin), from `address` (X-Forwarded-For)."""
 
-    def __init__(self, server: LiveServer, address: str | None = None) -> None:
+    def __init__(self, server: LiveServer | Worker, address: str | None = None) -> None:
         self.server = server
         self.address = address or an_address()
         self.jar = http.cookiejar.CookieJar()
@@ -236,7 +240,7 @@ def test_closed_sign_up_is_refused(
 
 
 def mailed_link(server: LiveServer, pattern: str) -> str:
-    links = re.findall(rf"(http://127\.0\.0\.1:\d+{pattern}[^\s]*)", server.log())
+    links: list[str] = re.findall(rf"(http://127\.0\.0\.1:\d+{pattern}[^\s]*)", server.log())
     assert links, server.log()[-3000:]
     return links[-1]
 
@@ -302,7 +306,7 @@ def test_a_forgotten_password_is_reset_through_a_mailed_link_once(daphne_server:
 # --- Sockets -----------------------------------------------------------------------------
 
 
-def open_socket(server: LiveServer, cookie: str, stack: contextlib.ExitStack) -> Any:
+def open_socket(server: LiveServer, cookie: str, stack: contextlib.ExitStack) -> ClientConnection:
     return stack.enter_context(
         ws_connect(
             server.ws_url + "/ws/chat/",
@@ -312,7 +316,7 @@ def open_socket(server: LiveServer, cookie: str, stack: contextlib.ExitStack) ->
     )
 
 
-def closed_with(ws: Any, timeout: float = 10) -> int | None:
+def closed_with(ws: ClientConnection, timeout: float = 10) -> int | None:
     try:
         while True:
             ws.recv(timeout=timeout)

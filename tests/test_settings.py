@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 BASE_DIR = Path(__file__).parent.parent
 SECRET_KEY = "q3Vw9-Lx7Zp2Rk8Tn4Hs6Jd1Fg5Mb0Yc_Ua3Ei7Ow2Pl9Kz4Xv8Nr6Qt1Sy5"  # 60 chars, many distinct
@@ -46,10 +47,11 @@ def run(args: list[str], **variables: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def load_settings(**variables: str) -> dict:
+def load_settings(**variables: str) -> dict[str, Any]:
     result = run(["-c", SHOW_SETTINGS], **variables)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    loaded: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return loaded
 
 
 def test_debug_false_without_secret_key_is_improperly_configured() -> None:

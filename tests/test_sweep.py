@@ -134,6 +134,7 @@ def test_a_dead_answer_gets_an_estimated_ledger_row_and_its_reservation_back(ali
     )
     row = TokenUsage.objects.get(message=answer)
     assert row.estimated and row.kind == "answer"
+    assert accepted.answer.accounting is not None
     assert row.prompt_tokens == accepted.answer.accounting["prompt_tokens"] > 0
     assert row.completion_tokens > 0
     day.refresh_from_db()

@@ -71,6 +71,7 @@ async def test_a_tool_round_trip(alice: Any, fake_llm: Any) -> None:
     assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(50, 20), (90, 12)]
     assert finished["usage"]["prompt_tokens"] == 140 and finished["usage"]["completion_tokens"] == 32
     answer = await Message.objects.aget(pk=finished["message"])
+    assert answer.tool_rounds is not None
     assert [c["name"] for c in answer.tool_rounds[0]["calls"]] == ["current_time", "calculator"]
 
 
@@ -192,6 +193,7 @@ async def test_a_round_is_stored_with_the_streaming_answer_at_once(alice: Any, f
     await ws.disconnect()
 
     assert answer.status == "streaming"
+    assert answer.tool_rounds is not None
     assert [r["content"] for r in answer.tool_rounds[0]["results"]] == ["1024"]
     stored = await Message.objects.aget(pk=answer.pk)
     assert stored.status == "stopped" and stored.tool_rounds == answer.tool_rounds

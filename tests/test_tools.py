@@ -322,7 +322,7 @@ def registered(monkeypatch: pytest.MonkeyPatch) -> Any:
 async def test_a_tool_that_raises_is_an_error_result_without_the_traceback(
     registered: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(context: ToolContext, arguments: dict) -> str:
+    def broken(context: ToolContext, arguments: dict[str, Any]) -> str:
         raise KeyError("secret-internal-detail")
 
     registered(broken)

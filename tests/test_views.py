@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.http import HttpResponse, HttpResponseBase
 from django.test import Client
 
 from conversations.models import Conversation, Message
@@ -33,8 +34,8 @@ def conversation_of(user: Any, title: str, *messages: tuple[str, str]) -> Conver
     return conversation
 
 
-def page(response: Any) -> str:
-    return response.content.decode()
+def page(response: HttpResponseBase) -> str:
+    return cast(HttpResponse, response).content.decode()  # the test client's pages are not streamed
 
 
 # --- Access ----------------------------------------------------------------------------

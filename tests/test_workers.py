@@ -13,7 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -76,7 +76,7 @@ def _deltas(frames: list[dict[str, Any]], answer: str, after: int = 0) -> str:
     return "".join(f["text"] for f in deltas)
 
 
-def _is(kind: str, answer: str | None = None) -> Any:
+def _is(kind: str, answer: str | None = None) -> Callable[[dict[str, Any]], bool]:
     return lambda f: f["type"] == kind and (answer is None or f.get("message") == answer)
 
 
@@ -223,10 +223,11 @@ async def test_the_rate_limit_is_shared_by_the_workers(workers: Cluster, fake_ll
             ws = sockets[i % 2]  # alternately on each worker
             client_id, frame = _send(f"question {i}")
             await ws.send(frame)
-            reply = await recv_until(
-                ws,
-                lambda f, c=client_id: f.get("client_id") == c and f["type"] in ("message.created", "error"),
-            )
+
+            def is_reply(f: dict[str, Any], c: str = client_id) -> bool:
+                return f.get("client_id") == c and f["type"] in ("message.created", "error")
+
+            reply = await recv_until(ws, is_reply)
             outcomes.append((workers.worker_of(ws).port, reply["type"], reply.get("code")))
     finally:
         for ws in sockets:

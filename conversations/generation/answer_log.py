@@ -29,7 +29,7 @@ LOG_TTL = 24 * 3600  # s: the log of an answer that never finished (its worker d
 FINISHED_LOG_TTL = 300  # s: a late follower of a finished answer reads the database
 
 Command = tuple[Any, ...]
-Entries = list[tuple[Any, dict[bytes, bytes]]]  # XRANGE's answer
+Entries = Any  # XRANGE's answer: [(entry id, {b"s": seq, b"t": text}), ...] (redis-py types it loosely)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@ from decimal import Decimal
 from typing import Any
 
 from .. import llm
-from ..models import Conversation, Message
+from ..models import Conversation, Message, UsagePayload
 
 NO_COST = Decimal("0.000000")  # a model without a ModelPrice row
+
+Event = dict[str, Any]  # one frame of the contract, as built here
 
 # How a failed model call is named in the contract's `error` frame.
 UPSTREAM_CODES = {"rate_limited": "upstream_unavailable", "unavailable": "upstream_unavailable"}
@@ -71,7 +73,7 @@ def message_payload(message: Message) -> dict[str, Any]:
     }
 
 
-def usage_payload(prompt_tokens: int, completion_tokens: int, cost: Decimal) -> dict[str, Any]:
+def usage_payload(prompt_tokens: int, completion_tokens: int, cost: Decimal) -> UsagePayload:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "cost": str(cost)}
 
 
@@ -83,11 +85,11 @@ def finished_event(
     content: str,
     html: str,
     model: str,
-    usage: dict[str, Any],
+    usage: UsagePayload,
     seq: int | None = None,
     error: str = "",
 ) -> dict[str, Any]:
-    event = {
+    event: Event = {
         "type": "generation.finished",
         "conversation": str(answer.conversation_id),
         "message": str(answer.id),
@@ -106,8 +108,6 @@ def finished_event(
 
 
 # --- A conversation's events ------------------------------------------------------------
-
-Event = dict[str, Any]
 
 
 def conversation_created(conversation: Conversation) -> Event:

@@ -303,10 +303,10 @@ class RedisLink:
     # --- reads -------------------------------------------------------------------
 
     async def snapshot(self, conversation_id: str) -> Snapshot | None:
-        answer_id = await self.client.get(self.names.running(conversation_id))
-        if answer_id is None:
+        running = await self.client.get(self.names.running(conversation_id))
+        if running is None:
             return None
-        answer_id = answer_id.decode()
+        answer_id = running.decode() if isinstance(running, bytes) else str(running)
         return answer_log.snapshot_of(answer_id, await self.client.xrange(self.names.log(answer_id)))
 
     async def deltas_after(self, answer_id: str, seq: int) -> list[tuple[int, str]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from ..database import in_database
@@ -51,7 +51,7 @@ class Follow:
         self,
         conversation_id: str,
         show: Callable[[Frame], None],
-        spawn: Callable[[Awaitable[Any]], None],
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
         *,
         snapshots: bool = True,
         hub: Hub | None = None,
@@ -255,8 +255,8 @@ class _Queued:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.follow = Follow(conversation_id, self.queue.put_nowait, self._spawn, snapshots=snapshots)
 
-    def _spawn(self, work: Awaitable[Any]) -> None:
-        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())  # type: ignore[arg-type]
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -295,7 +295,7 @@ class Reader:
 
     async def answer_events(
         self, answer_id: str | None, *, first: Iterable[dict[str, Any]] = (), keep_alive: float = KEEP_ALIVE
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The events of one answer (the first that starts, if `answer_id` is
         None) until its `generation.finished`, with `{"type": "_keepalive"}`
         when nothing came for `keep_alive` seconds. Other answers' events and

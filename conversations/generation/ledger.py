@@ -16,7 +16,7 @@ from django.utils import timezone
 from .. import llm, quotas
 from ..database import update_each
 from ..history import messages_tokens
-from ..models import Conversation, Message, ModelPrice, TokenUsage
+from ..models import Conversation, Message, ModelPrice, TokenUsage, ToolRound, UsagePayload
 from ..rendering import render_many, render_markdown_cached
 from .events import NO_COST, usage_payload
 
@@ -82,7 +82,7 @@ def record_call(
     ).save(force_insert=True)
     if limited or reservation is not None:
         tokens = usage.prompt_tokens + usage.completion_tokens
-        quotas.settle(reservation, user=_UserRef(user_id), tokens=tokens, cost=cost)
+        quotas.settle(reservation, user_id=user_id, tokens=tokens, cost=cost)
     return cost
 
 
@@ -132,10 +132,10 @@ def usage_or_estimate(usage: llm.Usage | None, messages: list[Any], text: str) -
 def release(reservation: quotas.Reservation | None, owner_id: int) -> None:
     """Give a reservation back whole: the call it held budget for cost nothing."""
     if reservation is not None:
-        quotas.settle(reservation, user=_UserRef(owner_id), tokens=0, cost=NO_COST)
+        quotas.settle(reservation, user_id=owner_id, tokens=0, cost=NO_COST)
 
 
-def stored_usage(answer: Message) -> dict[str, Any]:
+def stored_usage(answer: Message) -> UsagePayload:
     """What the answer's model calls used (one row per call: several with tool rounds)."""
     totals = TokenUsage.objects.filter(message_id=answer.pk, kind=TokenUsage.Kind.ANSWER).aggregate(
         prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"), cost=Sum("cost")
@@ -161,13 +161,6 @@ def reservation_of(accounting: dict[str, Any] | None, user_id: int) -> quotas.Re
     return quotas.Reservation(user_id=user_id, holds=holds)
 
 
-class _UserRef:
-    """`quotas.settle` needs only the user's pk."""
-
-    def __init__(self, pk: int) -> None:
-        self.pk = pk
-
-
 # --- An answer's end -----------------------------------------------------------------------
 
 
@@ -186,7 +179,7 @@ class AnswerEnd:
     called: bool  # the model did billable work
     reservation: quotas.Reservation | None
     first_of_chat: bool = False  # the answer of the conversation's first question
-    tool_rounds: list[dict[str, Any]] = field(default_factory=list)
+    tool_rounds: list[ToolRound] = field(default_factory=list)
     error: str = ""
 
     def final_fields(self, now: Any) -> dict[str, Any]:
@@ -209,7 +202,7 @@ class AnswerEnd:
 
 
 class Saved(NamedTuple):
-    usage: dict[str, Any]  # the answer's usage payload (all its model calls)
+    usage: UsagePayload  # the answer's usage payload (all its model calls)
     html: str  # its sanitised HTML
     wants_title: bool
 
@@ -352,6 +345,6 @@ def _end_after_sweep(answer: Message, owner_id: int, final: dict[str, Any], *, l
     if estimate is not None:
         if limited:
             tokens = estimate.prompt_tokens + estimate.completion_tokens
-            quotas.settle(None, user=_UserRef(owner_id), tokens=-tokens, cost=-estimate.cost)
+            quotas.settle(None, user_id=owner_id, tokens=-tokens, cost=-estimate.cost)
         estimate.delete()
     return True

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from django.conf import settings
 
@@ -147,7 +147,7 @@ def _served_by_daphne() -> bool:
 def _stop_server() -> None:
     from twisted.internet import reactor
 
-    reactor.stop()
+    cast(Any, reactor).stop()  # twisted's stubs type the installed reactor as a module
 
 
 _workers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Worker] = weakref.WeakKeyDictionary()

@@ -31,7 +31,7 @@ from django.db.models.functions import Now
 from .. import llm, tools
 from ..batches import batches_of
 from ..database import in_database, update_each
-from ..models import Message, TokenUsage
+from ..models import Message, TokenUsage, ToolRound
 from . import events, summaries, toolrounds
 from .fanout import get_hub
 from .ledger import AnswerEnd, Saved, record_model_call, save_answers
@@ -122,7 +122,7 @@ class Generation:
         self._reader: asyncio.Task[_Outcome] | None = None
         self._ending: asyncio.Future[tuple[str, bool]] | None = None
         self.messages = list(accepted.messages)  # what the next model call sends
-        self.tool_rounds: list[dict[str, Any]] = []
+        self.tool_rounds: list[ToolRound] = []
 
     # --- what followers and other workers ask of it ----------------------------------
 
@@ -409,7 +409,7 @@ class Pace:
         self.lateness += (max(0.0, late) - self.lateness) * self.SMOOTHING
 
     def interval(self) -> float:
-        base = settings.CHAT_DELTA_INTERVAL
+        base = float(settings.CHAT_DELTA_INTERVAL)
         return min(max(base, self.MAX_INTERVAL), base + 2 * self.lateness)
 
 
@@ -487,7 +487,7 @@ class Checkpointer:
             generation.checkpointed = seq
 
 
-def _write_tool_rounds(answer_id: Any, tool_rounds: list[dict[str, Any]]) -> None:
+def _write_tool_rounds(answer_id: Any, tool_rounds: list[ToolRound]) -> None:
     Message.objects.filter(pk=answer_id, status=Message.Status.STREAMING).update(tool_rounds=tool_rounds)
 
 

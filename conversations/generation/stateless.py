@@ -16,12 +16,13 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from accounts.limits import take_send
@@ -52,7 +53,7 @@ class Call:
     limited: bool = False
 
 
-def accept_call(*, user: Any, call: Call) -> Call:
+def accept_call(*, user: User, call: Call) -> Call:
     """Reserve the call's budget and take one send from the rate limit, in
     one transaction; refused `rate_limited` or `quota_exceeded` with nothing reserved."""
     longest = call.max_tokens or settings.OPENAI_MAX_TOKENS
@@ -70,7 +71,7 @@ def accept_call(*, user: Any, call: Call) -> Call:
     return call
 
 
-async def run_call(call: Call) -> AsyncIterator[llm.TextDelta | llm.StreamEnd]:
+async def run_call(call: Call) -> AsyncGenerator[llm.TextDelta | llm.StreamEnd, None]:
     """The model's text as it streams, then one StreamEnd (with the client's
     tool calls, if the model made any). Raises llm.LLMError. Every model
     call is accounted, also when the client goes away mid-stream (an

@@ -20,6 +20,7 @@ from django.conf import settings
 
 from .. import llm, tools
 from ..history import with_tool_rounds
+from ..models import ToolCallRecord, ToolResultRecord, ToolRound
 
 
 @dataclass
@@ -63,12 +64,12 @@ async def run_round(
     context: tools.ToolContext,
     *,
     on_result: Callable[[llm.ToolCall, tools.ToolResult], None] | None = None,
-) -> dict[str, Any]:
+) -> ToolRound:
     """Run the calls of one round, in order; `on_result` sees each result as
     it comes (an answer's `generation.tool` frame). The round, as stored:
     {"text", "calls": [{"id", "name", "arguments"}], "results": [{"call_id",
     "name", "summary", "ok", "arguments", "content"}]}."""
-    results = []
+    results: list[ToolResultRecord] = []
     for call in end.tool_calls:
         result = await tools.call(call.name, call.arguments, context, tools=rounds.offered)
         if on_result is not None:
@@ -78,11 +79,13 @@ async def run_round(
              "arguments": call.arguments, "content": result.content}
         )  # fmt: skip
     rounds.done += 1
-    calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in end.tool_calls]
+    calls: list[ToolCallRecord] = [
+        {"id": c.id, "name": c.name, "arguments": c.arguments} for c in end.tool_calls
+    ]
     return {"text": text, "calls": calls, "results": results}
 
 
-def messages_of(round_: dict[str, Any]) -> list[llm.ChatMessage]:
+def messages_of(round_: ToolRound) -> list[llm.ChatMessage]:
     """A round as the next call sends it: the assistant's tool calls, then
     one `tool` message per result."""
     return with_tool_rounds("", [round_])
@@ -94,5 +97,5 @@ def spoken(text: str, end: llm.StreamEnd) -> str:
     return text + "".join(call.name + call.arguments for call in end.tool_calls)
 
 
-def with_rounds(messages: Sequence[llm.ChatMessage], rounds: list[dict[str, Any]]) -> list[llm.ChatMessage]:
+def with_rounds(messages: Sequence[llm.ChatMessage], rounds: list[ToolRound]) -> list[llm.ChatMessage]:
     return [*messages, *(message for round_ in rounds for message in messages_of(round_))]

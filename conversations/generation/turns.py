@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -55,7 +57,7 @@ class Accepted:
     history: History | None = None  # its plan: a long chat's summary work to do first
 
 
-def find_sent(*, user: Any, client_id: uuid.UUID) -> Message | None:
+def find_sent(*, user: User, client_id: uuid.UUID) -> Message | None:
     """The user message already stored for this `client_id`, if any."""
     if not _client_id_seen(client_id):
         return None
@@ -71,7 +73,7 @@ def _refuse_unstorable(content: str) -> None:
         raise refusals.invalid(f"The message {problem}.")
 
 
-def _refuse_resent(user: Any, client_id: uuid.UUID) -> None:
+def _refuse_resent(user: User, client_id: uuid.UUID) -> None:
     sent = find_sent(user=user, client_id=client_id)
     if sent is not None:
         raise refusals.resent(sent)
@@ -83,7 +85,7 @@ def _client_id_seen(client_id: uuid.UUID) -> bool:
     what running it costs)."""
     field = Message._meta.get_field("client_id")
     quote = connection.ops.quote_name
-    sql = f"SELECT 1 FROM {quote(Message._meta.db_table)} WHERE {quote(field.column)} = %s LIMIT 1"
+    sql = f"SELECT 1 FROM {quote(Message._meta.db_table)} WHERE {quote(str(field.column))} = %s LIMIT 1"
     with connection.cursor() as cursor:
         cursor.execute(sql, [field.get_db_prep_value(client_id, connection)])
         return cursor.fetchone() is not None
@@ -99,7 +101,7 @@ def _prompt_for_new_conversation(prompt_id: uuid.UUID | None) -> SystemPrompt | 
 
 
 def new_conversation(
-    user: Any, prompt: SystemPrompt | None, *, model: str | None = None, title: str = ""
+    user: User, prompt: SystemPrompt | None, *, model: str | None = None, title: str = ""
 ) -> Conversation:
     """A conversation of `user` with `prompt` (the version it starts with is
     recorded) and `model` (already checked with `ChatModel.is_pickable`)."""
@@ -110,7 +112,7 @@ def new_conversation(
 
 
 def _conversation_row(
-    user: Any, prompt: SystemPrompt | None, version: Any, *, model: str | None = None, title: str = ""
+    user: User, prompt: SystemPrompt | None, version: Any, *, model: str | None = None, title: str = ""
 ) -> Conversation:
     """A new conversation, unsaved."""
     return Conversation(
@@ -130,7 +132,7 @@ def _question_row(conversation: Conversation, content: str, client_id: uuid.UUID
     )
 
 
-def _own_conversation(user: Any, conversation_id: Any) -> Conversation:
+def _own_conversation(user: User, conversation_id: Any) -> Conversation:
     return conversation_for_user(user=user, conversation_id=conversation_id, with_prompt=True)
 
 
@@ -188,7 +190,7 @@ def _most_tokens(accepted: Accepted) -> int:
     return messages_tokens(accepted.messages) + longest
 
 
-def _atomic_turn(user: Any, build: Any) -> Accepted:
+def _atomic_turn(user: User, build: Callable[[], Accepted]) -> Accepted:
     """`build` in one transaction with the history, the budget and, last,
     the rate limit: everything it stores and reserves, or nothing."""
     try:
@@ -225,7 +227,7 @@ class Send:
     """One `message.send`. `sign_in`: a socket's (session key, user id), to
     be verified again in the same call (accounts/sessions.py), or None."""
 
-    user: Any
+    user: User
     conversation_id: uuid.UUID | None
     content: str
     client_id: uuid.UUID
@@ -236,7 +238,7 @@ class Send:
 
 def accept_message(
     *,
-    user: Any,
+    user: User,
     conversation_id: uuid.UUID | None,
     content: str,
     client_id: uuid.UUID,
@@ -371,7 +373,7 @@ def _sent_by_client_id(client_ids: list[uuid.UUID]) -> dict[uuid.UUID, Message]:
     if len(client_ids) == 1 and not _client_id_seen(client_ids[0]):
         return {}
     found = Message.objects.filter(client_id__in=client_ids).select_related("conversation")
-    return {message.client_id: message for message in found}
+    return {message.client_id: message for message in found if message.client_id is not None}
 
 
 def _accept_new_together(sends: list[Send]) -> list[Accepted | Exception]:
@@ -424,7 +426,7 @@ def _accept_new_together(sends: list[Send]) -> list[Accepted | Exception]:
     return outcomes
 
 
-def accept_regenerate(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
+def accept_regenerate(*, user: User, conversation_id: uuid.UUID) -> Accepted:
     """A new version of the last answer (also "retry" of a failed one); the
     old one stays as a replaced version."""
 
@@ -444,7 +446,7 @@ def accept_regenerate(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
 
 
 def accept_edit(
-    *, user: Any, conversation_id: uuid.UUID, message_id: uuid.UUID, content: str, client_id: uuid.UUID
+    *, user: User, conversation_id: uuid.UUID, message_id: uuid.UUID, content: str, client_id: uuid.UUID
 ) -> Accepted:
     """Replace the last question with new text and answer it anew; the old
     question and its answers stay as replaced versions."""
@@ -476,7 +478,7 @@ def accept_edit(
     return _atomic_turn(user, build)
 
 
-def accept_continue(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
+def accept_continue(*, user: User, conversation_id: uuid.UUID) -> Accepted:
     """Go on with a truncated last answer, as a new answer after it."""
 
     def build() -> Accepted:
@@ -491,6 +493,6 @@ def accept_continue(*, user: Any, conversation_id: uuid.UUID) -> Accepted:
     return _atomic_turn(user, build)
 
 
-def check_owner(*, user: Any, conversation_id: Any) -> None:
+def check_owner(*, user: User, conversation_id: Any) -> None:
     """A `not_found` refusal unless the conversation is the user's (stop, join)."""
     conversation_for_user(user=user, conversation_id=conversation_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from .types import ChatMessage, Completion, StreamEnd, StreamEvent, TextDelta, Usage, estimate_tokens
 
@@ -39,7 +39,7 @@ def _prompt_tokens(messages: Sequence[ChatMessage]) -> int:
     return sum(estimate_tokens(message.get("content") or "") + 4 for message in messages)
 
 
-async def stream(messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
+async def stream(messages: Sequence[ChatMessage]) -> AsyncGenerator[StreamEvent, None]:
     """The demo's answer, a word at a time (it offers no tools and calls none)."""
     question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     answer = demo_answer(question)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import httpx2
@@ -46,7 +46,7 @@ async def stream_chat(
     tools: Sequence[dict[str, Any]] | None = None,
     fallbacks: Sequence[str] | None = None,
     response_format: dict[str, Any] | None = None,
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncGenerator[StreamEvent, None]:
     """Stream one chat completion: `TextDelta`s, then exactly one `StreamEnd`,
     or an LLMError. Closing the iterator closes the HTTP stream.
     `tools`: the Chat Completions `tools` parameter; a model that calls them
@@ -59,8 +59,9 @@ async def stream_chat(
             yield event
         return
 
-    backups = settings.OPENAI_FALLBACK_MODELS if fallbacks is None else fallbacks
-    first, *rest = [model or settings.OPENAI_MODEL, *backups]
+    backups: Sequence[str] = settings.OPENAI_FALLBACK_MODELS if fallbacks is None else fallbacks
+    first: str = model or settings.OPENAI_MODEL
+    rest = list(backups)
     models = [first, *(m for m in dict.fromkeys(rest) if m != first)]
     attempt = 0
     while True:
@@ -109,7 +110,7 @@ async def _stream_one(
     max_tokens: int | None,
     tools: Sequence[dict[str, Any]] | None,
     response_format: dict[str, Any] | None = None,
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncGenerator[StreamEvent, None]:
     body: dict[str, Any] = {
         "model": model,
         "messages": list(messages),
@@ -144,7 +145,7 @@ async def _stream_one(
             await response.aclose()
 
 
-async def _lines(response: httpx2.Response) -> AsyncIterator[bytes]:
+async def _lines(response: httpx2.Response) -> AsyncGenerator[bytes, None]:
     """The body's lines. Straight from the transport's byte stream (httpx's
     own line, text and byte layers cost a third of reading a stream), unless
     the server compressed it."""
@@ -160,7 +161,7 @@ async def _lines(response: httpx2.Response) -> AsyncIterator[bytes]:
         yield rest
 
 
-async def _read_sse(lines: AsyncIterator[bytes], model: str) -> AsyncIterator[StreamEvent]:
+async def _read_sse(lines: AsyncIterator[bytes], model: str) -> AsyncGenerator[StreamEvent, None]:
     """Server-sent events of a Chat Completions stream: `data: {chunk}` lines
     up to `data: [DONE]` (comments and other fields are skipped)."""
     finish_reason: str | None = None
@@ -207,11 +208,15 @@ def _add_tool_call_piece(calls: dict[int, dict[str, str]], piece: Any) -> None:
     arguments in pieces; `index` says which call (several may interleave)."""
     if not isinstance(piece, dict):
         return
-    index = piece.get("index") if isinstance(piece.get("index"), int) else len(calls)
-    call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+    index = piece.get("index")
+    call = calls.setdefault(
+        index if isinstance(index, int) else len(calls), {"id": "", "name": "", "arguments": ""}
+    )
     if isinstance(piece.get("id"), str) and not call["id"]:
         call["id"] = piece["id"]
-    function = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+    function = piece.get("function")
+    if not isinstance(function, dict):
+        function = {}
     if isinstance(function.get("name"), str):
         call["name"] += function["name"]
     if isinstance(function.get("arguments"), str):

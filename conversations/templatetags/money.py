@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Any
-
 from django import template
 
 from conversations.money import money as format_money
@@ -10,6 +8,6 @@ register = template.Library()
 
 
 @register.filter
-def money(value: Any) -> str:
+def money(value: object) -> str:
     """`{{ cost|money }}`: see conversations/money.py."""
     return format_money(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import schema
 
@@ -32,8 +33,8 @@ class ToolContext:
 class Tool:
     name: str  # ^[a-z][a-z0-9_]{0,63}$
     description: str  # for the model
-    parameters: dict  # JSON schema of the arguments, in the subset `schema` enforces
-    function: Callable[[ToolContext, dict], str]  # sync; returns the result text for the model
+    parameters: dict[str, Any]  # JSON schema of the arguments, in the subset `schema` enforces
+    function: Callable[[ToolContext, dict[str, Any]], str]  # sync; returns the result text for the model
     timeout: float = 5.0  # seconds
     uses_database: bool = False
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import ast
 import decimal
 import operator
+from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 from .base import Tool, ToolContext, ToolError
 
@@ -30,13 +32,13 @@ ARITHMETIC = decimal.Context(
     traps=[decimal.Overflow, decimal.DivisionByZero, decimal.InvalidOperation],
 )
 
-OPERATORS = {
+OPERATORS: dict[type[ast.operator], Callable[[Decimal, Decimal], Decimal]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
     ast.Div: operator.truediv,
 }
-REFUSED = {
+REFUSED: dict[type[ast.AST], str] = {
     ast.Name: "names are",
     ast.Call: "function calls are",
     ast.Attribute: "attribute access is",
@@ -47,7 +49,11 @@ REFUSED = {
     ast.IfExp: "if/else is",
     ast.JoinedStr: "text is",
 }
-OPERATOR_SYMBOLS = {ast.BitXor: "^ (for powers use **)", ast.Mod: "%", ast.FloorDiv: "//"}
+OPERATOR_SYMBOLS: dict[type[ast.AST], str] = {
+    ast.BitXor: "^ (for powers use **)",
+    ast.Mod: "%",
+    ast.FloorDiv: "//",
+}
 ALLOWED = "only numbers, + - * / ** and parentheses are allowed"
 
 
@@ -131,7 +137,7 @@ def _refused(node: ast.AST) -> str:
     return next((what for kind, what in REFUSED.items() if isinstance(node, kind)), "this is")
 
 
-def _run(context: ToolContext, arguments: dict) -> str:
+def _run(context: ToolContext, arguments: dict[str, Any]) -> str:
     return shown(calculate(arguments["expression"]))
 
 

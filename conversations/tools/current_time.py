@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import zoneinfo
 from datetime import UTC, datetime
+from typing import Any
 
 from .base import Tool, ToolContext, ToolError
 
@@ -35,7 +36,7 @@ def _zones_by_lowercase() -> dict[str, str]:
     return {zone.lower(): zone for zone in zoneinfo.available_timezones()}
 
 
-def _run(context: ToolContext, arguments: dict) -> str:
+def _run(context: ToolContext, arguments: dict[str, Any]) -> str:
     zone = zone_named(arguments["timezone"])
     return described(datetime.now(UTC).astimezone(zone), zone.key)
 

@@ -26,6 +26,7 @@ SUPPORTED = {
     "title",
 }
 TYPES = {"object", "string", "number", "integer", "boolean"}
+_JSON_NAMES: dict[type, str] = {dict: "object", list: "array", str: "string"}
 
 
 def check_supported(schema: dict[str, Any], where: str = "parameters") -> None:
@@ -112,7 +113,7 @@ def _type_of(value: Any) -> str:
         return "boolean"
     if isinstance(value, int | float):
         return "number"
-    return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+    return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
 def _a(kind: str) -> str:

@@ -4,6 +4,8 @@ owner) is the only query: another user's text cannot come back."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..selectors import sidebar_page
 from .base import Tool, ToolContext, ToolError
 
@@ -30,7 +32,7 @@ def search(context: ToolContext, query: str) -> str:
     return "\n".join(lines)
 
 
-def _run(context: ToolContext, arguments: dict) -> str:
+def _run(context: ToolContext, arguments: dict[str, Any]) -> str:
     return search(context, arguments["query"])
 
 

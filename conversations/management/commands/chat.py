@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from conversations import generation, refusals
@@ -86,7 +87,7 @@ def refusal_line(refusal: refusals.Refusal) -> str:
     return refusal.message
 
 
-def _own_conversation(user: Any, conversation_id: str) -> Conversation:
+def _own_conversation(user: User, conversation_id: str) -> Conversation:
     try:
         pk = uuid.UUID(conversation_id)
     except ValueError as exc:
@@ -102,7 +103,7 @@ class ChatSession:
         self,
         command: BaseCommand,
         *,
-        user: Any,
+        user: User,
         conversation: Conversation | None,
         prompt: SystemPrompt | None,
         stdin: IO[str],
@@ -115,7 +116,7 @@ class ChatSession:
         self.prompt = prompt
         self.model = model
         self.stdin = stdin
-        self.lines: asyncio.Queue[Any] = asyncio.Queue()
+        self.lines: asyncio.Queue[object] = asyncio.Queue()  # a line (str), None at the end, or _QUIT
         self.answering = False
         self.stopping = False
         self.stop_request: asyncio.Future[None] | None = None
@@ -181,6 +182,7 @@ class ChatSession:
             if line is None or line is _QUIT:
                 self.write("\nBye.")
                 return
+            assert isinstance(line, str)
             text = line.strip()
             if not text:
                 continue
@@ -262,5 +264,5 @@ class ChatSession:
                 return
 
 
-def _title(conversation_id: Any) -> str:
+def _title(conversation_id: uuid.UUID) -> str:
     return Conversation.objects.get(pk=conversation_id).display_title
