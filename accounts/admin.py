@@ -101,41 +101,47 @@ def _refused(
         )
 
 
+def _set_active(
+    modeladmin: admin.ModelAdmin[AuthUser],
+    request: HttpRequest,
+    queryset: QuerySet[AuthUser],
+    *,
+    active: bool,
+    action: str,
+    event: str,
+) -> int:
+    """(De)activate the selected users this staff member may change; the
+    others are named and logged. How many changed."""
+    allowed = _may_change(request, queryset)
+    _refused(modeladmin, request, queryset.filter(is_active=not active), allowed, action)
+    changed = list(allowed.filter(is_active=not active).values_list("pk", "username"))
+    User.objects.filter(pk__in=[pk for pk, _ in changed]).update(is_active=active)
+    address = security.request_address(request)
+    for _pk, username in changed:
+        security.event(event, user=username, address=address, by=request.user.username)
+    if not active:  # their open sockets close now (an UPDATE sends no post_save)
+        accounts_changed.send(sender=User, user_ids=[pk for pk, _ in changed])
+    return len(changed)
+
+
 @admin.action(description="Activate the selected users (approve their sign-up)", permissions=["change"])
 def activate_users(
     modeladmin: admin.ModelAdmin[AuthUser], request: HttpRequest, queryset: QuerySet[AuthUser]
 ) -> None:
-    allowed = _may_change(request, queryset)
-    _refused(modeladmin, request, queryset.filter(is_active=False), allowed, "activate_users")
-    waiting = list(allowed.filter(is_active=False))
-    queryset.filter(pk__in=[u.pk for u in waiting]).update(is_active=True)
-    for user in waiting:
-        security.event(
-            "user_activated", user=user, address=security.request_address(request), by=request.user.username
-        )
-    modeladmin.message_user(
-        request, f"{len(waiting)} user(s) activated: they can log in now.", messages.SUCCESS
+    count = _set_active(
+        modeladmin, request, queryset, active=True, action="activate_users", event="user_activated"
     )
+    modeladmin.message_user(request, f"{count} user(s) activated: they can log in now.", messages.SUCCESS)
 
 
 @admin.action(description="Deactivate the selected users (they can no longer log in)", permissions=["change"])
 def deactivate_users(
     modeladmin: admin.ModelAdmin[AuthUser], request: HttpRequest, queryset: QuerySet[AuthUser]
 ) -> None:
-    allowed = _may_change(request, queryset)
-    _refused(modeladmin, request, queryset.filter(is_active=True), allowed, "deactivate_users")
-    active = list(allowed.filter(is_active=True).values_list("pk", "username"))
-    User.objects.filter(pk__in=[pk for pk, _ in active]).update(is_active=False)
-    for _pk, username in active:
-        security.event(
-            "user_deactivated",
-            user=username,
-            address=security.request_address(request),
-            by=request.user.username,
-        )
-    # Their open sockets close now (an UPDATE sends no post_save).
-    accounts_changed.send(sender=User, user_ids=[pk for pk, _ in active])
-    modeladmin.message_user(request, f"{len(active)} user(s) deactivated.", messages.SUCCESS)
+    count = _set_active(
+        modeladmin, request, queryset, active=False, action="deactivate_users", event="user_deactivated"
+    )
+    modeladmin.message_user(request, f"{count} user(s) deactivated.", messages.SUCCESS)
 
 
 if admin.site.is_registered(User):

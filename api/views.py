@@ -25,7 +25,6 @@ from conversations.models import ChatModel, Conversation, SystemPrompt
 from . import parsing, tokens
 from .errors import ApiError, bad_request, from_llm, from_refusal
 
-KEEP_ALIVE = 15.0  # seconds between SSE comments while nothing else is sent
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 P = ParamSpec("P")
@@ -349,7 +348,7 @@ async def conversation_messages(
         raise
     await generation.launch(accepted)
     answer_id = str(accepted.answer.id)
-    events = reader.answer_events(answer_id, keep_alive=KEEP_ALIVE)
+    events = reader.answer_events(answer_id)
     if _wants_events(request):
         return StreamingHttpResponse(
             (_sse(event) async for event in events), content_type="text/event-stream", headers=SSE_HEADERS
@@ -405,7 +404,7 @@ async def conversation_stream(
     except BaseException:
         await reader.close()
         raise
-    events = reader.answer_events(answer_id, first=first, keep_alive=KEEP_ALIVE)
+    events = reader.answer_events(answer_id, first=first)
     return StreamingHttpResponse(
         (_sse(event) async for event in events), content_type="text/event-stream", headers=SSE_HEADERS
     )

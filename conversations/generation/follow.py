@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_RETRY = (0.05, 0.1, 0.2, 0.4, 0.8)  # s: an answer just started elsewhere shows up in its log
 CATCH_UP_RETRY = (0.2, 0.5, 1.0, 2.0, 4.0)  # s: while Redis restarts
-KEEP_ALIVE = 15.0  # s between keep-alives of a reader that pulls, while nothing else comes
+KEEP_ALIVE = 15.0  # s between keep-alives (an SSE comment) of a reader that pulls, while nothing else comes
 
 
 class Follow:
@@ -162,7 +162,7 @@ class Follow:
             event = snapshot_event(self.conversation_id, answer, snapshot.seq, snapshot.content)
             self.show(Frame(event, self.conversation_id))
             return
-        self.last_seq.setdefault(answer, last)
+        self.last_seq.setdefault(answer, last)  # known to stream: a later gap is caught up, not dropped
         for seq, text in await self.hub.deltas_after(self.conversation_id, answer, last):
             self._delta(
                 Frame(delta_event(self.conversation_id, answer, seq, text), self.conversation_id),

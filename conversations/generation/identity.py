@@ -106,9 +106,3 @@ def worker_dead(worker: str, *, include_self: bool) -> bool:
         return not _pid_alive(int(pid))
     state, started = found
     return state in ("Z", "X") or (start not in ("", "0") and started != start)
-
-
-def worker_pid(worker: str) -> int | None:
-    """The pid in a worker id (tests, logs)."""
-    parts = worker.split(":")
-    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None

@@ -12,7 +12,7 @@ ready to be sent upstream again (`messages_of`) and stored with an answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +95,3 @@ def spoken(text: str, end: llm.StreamEnd) -> str:
     """What a call that asked for tools produced (its estimate, when the
     server sent no usage): its text and its calls."""
     return text + "".join(call.name + call.arguments for call in end.tool_calls)
-
-
-def with_rounds(messages: Sequence[llm.ChatMessage], rounds: list[ToolRound]) -> list[llm.ChatMessage]:
-    return [*messages, *(message for round_ in rounds for message in messages_of(round_))]
