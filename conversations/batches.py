@@ -43,6 +43,7 @@ class Batches(Generic[Item, Result]):
         self.abandoned = abandoned
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._waking: asyncio.Task[None] | None = None  # the last batch's callers being woken
 
     async def submit(self, item: Item) -> Result:
         loop = asyncio.get_running_loop()
@@ -68,27 +69,53 @@ class Batches(Generic[Item, Result]):
                     outcomes: Sequence[Any] = await in_database(self.run)([item for item, _ in batch])
                 except Exception as exc:  # the database is away: every item of the batch hears it
                     outcomes = [exc] * len(batch)
-                for n, ((item, future), outcome) in enumerate(zip(batch, outcomes, strict=True)):
-                    if n and n % WAKE_AT_ONCE == 0:
-                        # What each caller does next (start an answer, send
-                        # its end) runs in the next turn of the event loop: a
-                        # hundred at once held it for 150 ms, and every
-                        # socket's frames waited. A few per turn keep it moving.
-                        await asyncio.sleep(0)
-                    if future.done():  # cancelled: its caller went away
-                        if self.abandoned is not None and not isinstance(outcome, Exception):
-                            await self.abandoned(item, outcome)
-                        continue
-                    if isinstance(outcome, Exception):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+                # The next batch goes to the database at once, while this
+                # one's callers are woken (a few per turn, after the previous
+                # batch's): a burst's second hundred no longer waits for the
+                # first hundred's answers to start.
+                self._waking = asyncio.get_running_loop().create_task(
+                    self._wake(batch, outcomes, after=self._waking), name=f"wake-{self.run.__name__}"
+                )
+                batch = []
         except asyncio.CancelledError:
             # Nobody waits forever on a batch that will not come: they hear
             # the cancellation (the loop is going down).
             for _item, future in [*batch, *self._waiting]:
                 future.cancel()
             self._waiting = []
+            if self._waking is not None:
+                self._waking.cancel()
+            raise
+
+    async def _wake(
+        self,
+        batch: list[tuple[Item, asyncio.Future[Result]]],
+        outcomes: Sequence[Any],
+        after: asyncio.Task[None] | None,
+    ) -> None:
+        try:
+            if after is not None:
+                await asyncio.wait([after])  # callers hear their outcomes in the order they asked
+            for n, ((item, future), outcome) in enumerate(zip(batch, outcomes, strict=True)):
+                if n and n % WAKE_AT_ONCE == 0:
+                    # What each caller does next (start an answer, send
+                    # its end) runs in the next turn of the event loop: a
+                    # hundred at once held it for 150 ms, and every
+                    # socket's frames waited. A few per turn keep it moving.
+                    await asyncio.sleep(0)
+                if future.done():  # cancelled: its caller went away
+                    if self.abandoned is not None and not isinstance(outcome, Exception):
+                        await self.abandoned(item, outcome)
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+        except asyncio.CancelledError:
+            if after is not None:
+                after.cancel()
+            for _item, future in batch:
+                future.cancel()
             raise
 
 

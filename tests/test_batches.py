@@ -316,3 +316,38 @@ async def test_a_cancelled_batch_leaves_nobody_waiting_and_later_calls_go_alone(
     with pytest.raises(asyncio.CancelledError):
         await second
     assert await late == 6
+
+
+async def test_the_next_batch_goes_to_the_database_while_the_last_ones_callers_are_woken() -> None:
+    in_database = threading.Event()
+    release = threading.Event()
+    second_started = threading.Event()
+
+    def echo(items: list[int]) -> list[int | Exception]:
+        if items == [0]:
+            in_database.set()
+            release.wait(10)
+        if items == [2]:
+            second_started.set()
+        return list(items)
+
+    heard: list[bool] = []
+    handed_over = asyncio.Event()
+
+    async def abandoned(_item: int, _result: int) -> None:
+        # Waking the first batch's callers (here: handing over an answer
+        # nobody waits for) waits until the next batch is in the database.
+        heard.append(await asyncio.to_thread(second_started.wait, 3))
+        handed_over.set()
+
+    batches: Batches[int, int] = Batches(echo, abandoned)
+    first = asyncio.ensure_future(batches.submit(0))
+    await asyncio.to_thread(in_database.wait, 5)
+    first.cancel()  # its caller went away: the result goes to `abandoned`
+    second = asyncio.ensure_future(batches.submit(2))  # waits for the next batch
+    await asyncio.sleep(0)
+    release.set()
+
+    assert await second == 2
+    await asyncio.wait_for(handed_over.wait(), 5)
+    assert heard == [True]

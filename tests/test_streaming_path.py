@@ -1,10 +1,12 @@
 """What keeps the streaming path moving under load: frames paced by how
-late the event loop runs, and the answer log's writer sending bounded
+late the event loop runs, a collector that does not stop the loop for
+the process's own objects, and the answer log's writer sending bounded
 pipelines to Redis without ever starving a flush."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 
 from conversations.generation import answer_log, fanout
+from chatsite.startup import settle_heap
 from conversations.generation.runner import Pace
 from tests.cluster import RedisServer, start_redis
 
@@ -33,6 +36,21 @@ def test_frames_come_every_interval_and_less_often_while_the_loop_is_late(settin
     for _ in range(300):  # on time again
         pace.observe(-0.001)
     assert pace.interval() == pytest.approx(0.04, abs=0.002)
+
+
+def test_a_started_worker_leaves_what_it_set_up_out_of_the_collectors_walks() -> None:
+    before = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 10_000  # Django, the models, the SDK's classes
+        assert gc.get_threshold() == (5_000, 5, 10)
+        garbage: list[object] = []
+        garbage.append(garbage)  # a cycle made after start-up is still collected
+        del garbage
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 @pytest.fixture
