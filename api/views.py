@@ -17,6 +17,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonRespons
 from django.views.decorators.csrf import csrf_exempt
 
 from conversations import generation, llm, refusals, selectors
+from conversations.batches import batches_of
 from conversations.generation import stateless, turns
 from conversations.generation.events import Event
 from conversations.generation.follow import Reader
@@ -50,7 +51,8 @@ def endpoint(*methods: str) -> Callable[[UserView[P]], AsyncView[P]]:
                 response["Allow"] = ", ".join(methods)
                 return response
             try:
-                user = await generation.in_database(tokens.authenticate)(request.headers.get("Authorization"))
+                # Requests that arrive together are authenticated together (batches.py).
+                user = await batches_of(tokens.authenticate_all).submit(request.headers.get("Authorization"))
             except tokens.Refused as exc:
                 return ApiError(exc.status, str(exc), exc.code).response()
             try:
@@ -82,24 +84,13 @@ async def models(request: HttpRequest, user: User) -> HttpResponse:
     )
 
 
-def _prepare_call(user: User, body: dict[str, Any]) -> stateless.Call:
-    """Parse, pick the model, put the staff's default prompt first, accept."""
+def _call_of(user: User, body: dict[str, Any]) -> stateless.Call:
+    """The call a request asks for, parsed (the model and the staff's
+    default prompt are the rules' to settle: `stateless.accept`)."""
     messages = parsing.messages_of(body)
-    requested = parsing.optional_string(body, "model")
-    model = requested or selectors.default_model()
-    if model not in {m.name for m in selectors.usable_models()}:
-        raise ApiError(
-            404,
-            f"The model `{model}` does not exist or you do not have access to it.",
-            "model_not_found",
-            param="model",
-        )
-    if not any(m["role"] == "system" for m in messages):
-        prompt = SystemPrompt.objects.filter(is_default=True).only("text").first()
-        if prompt is not None and prompt.text:
-            messages = [{"role": "system", "content": prompt.text}, *messages]
+    model = parsing.optional_string(body, "model") or ""
     client_tools, builtin = parsing.tools_of(body)
-    call = stateless.Call(
+    return stateless.Call(
         user_id=user.pk,
         model=model,
         messages=messages,
@@ -109,7 +100,6 @@ def _prepare_call(user: User, body: dict[str, Any]) -> stateless.Call:
         client_tools=client_tools,
         builtin=builtin,
     )
-    return stateless.accept_call(user=user, call=call)
 
 
 @endpoint("POST")
@@ -120,7 +110,10 @@ async def chat_completions(request: HttpRequest, user: User) -> HttpResponse | S
     if not isinstance(options, dict):
         raise bad_request("`stream_options` must be an object.", "stream_options")
     include_usage = parsing.flag(options, "include_usage")
-    call = await generation.in_database(_prepare_call)(user, body)
+    try:
+        call = await stateless.accept(user, _call_of(user, body))
+    except stateless.UnknownModel as exc:
+        raise ApiError(404, str(exc), "model_not_found", param="model") from None
     events = stateless.run_call(call)
     try:
         first = await anext(events)  # a failure before the first token is an HTTP error
@@ -129,7 +122,7 @@ async def chat_completions(request: HttpRequest, user: User) -> HttpResponse | S
         return from_llm(exc).response()
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if stream:
-        chunks = _completion_chunks(completion_id, call.model, first, events, include_usage)
+        chunks = _completion_chunks(completion_id, call.model, first, stateless.paced(events), include_usage)
         return StreamingHttpResponse(chunks, content_type="text/event-stream", headers=SSE_HEADERS)
     texts: list[str] = []
     event = first

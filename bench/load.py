@@ -232,6 +232,7 @@ class Bench:
         self.tmp.chmod(0o755)  # nginx workers run as nobody
         self.children: list[Child] = []
         self.daphnes: list[Child] = []
+        self.api_tokens: list[str] = []
         self.nginx: Child | None = None
         self.redis: Child | None = None
         self.upstream: Child | None = None
@@ -479,6 +480,10 @@ class Bench:
                 sessions.append(Session(session_key=key, session_data=store.encode(data), expire_date=expire))
             Session.objects.bulk_create(sessions, batch_size=500)
         self.sessions, self.warm_sessions = keys[:count], keys[count:]
+        if self.args.client == "api":
+            from api import tokens
+
+            self.api_tokens = [tokens.create(by_name[name], "bench")[1] for name in names[:count]]
         log(f"{count} users and sessions in {time.monotonic() - started:.1f} s")
 
     def start_servers(self) -> None:
@@ -609,7 +614,7 @@ class Bench:
         pids = [int(line) for line in result.stdout.decode().split() if line.isdigit()]
         return {pid: proc_cpu(pid) for pid in pids}
 
-    def run_floor(self, offsets: list[float], wait: float) -> dict[str, Any]:
+    def run_floor(self, offsets: list[float], wait: float, reader: str = "sdk") -> dict[str, Any]:
         floor = self.spawn("floor", [PY, str(BENCH / "load_floor.py")], pipes=True, env=dict(os.environ))
         try:
             floor.send(
@@ -618,6 +623,7 @@ class Bench:
                     "offsets": offsets,
                     "timeout": self.args.timeout,
                     "expected": self.expected,
+                    "reader": reader,
                 }
             )
             ready = floor.read_line(60)
@@ -649,8 +655,9 @@ class Bench:
     ) -> dict[str, Any]:
         a = self.args
         procs = max(1, min(a.client_procs, n_sockets))
+        script = "load_api_clients.py" if a.client == "api" else "load_clients.py"
         clients = [
-            self.spawn(f"clients{p}", [PY, str(BENCH / "load_clients.py")], pipes=True, env=dict(os.environ))
+            self.spawn(f"clients{p}", [PY, str(BENCH / script)], pipes=True, env=dict(os.environ))
             for p in range(procs)
         ]
         try:
@@ -658,6 +665,21 @@ class Bench:
             active_set = set(active)
             for p, client in enumerate(clients):
                 mine = list(range(p, n_sockets, procs))
+                if a.client == "api":
+                    client.send(
+                        {
+                            "base": f"http://127.0.0.1:{self.port}",
+                            "tokens": [self.api_tokens[i] for i in mine],
+                            "active": [j for j, i in enumerate(mine) if i in active_set],
+                            "mode": "burst" if offsets is None else "steady",
+                            "offsets": [] if offsets is None else offsets[p::procs],
+                            "timeout": a.timeout,
+                            "expected": self.expected,
+                            "endpoint": a.endpoint,
+                            "seed": a.seed + p,
+                        }
+                    )
+                    continue
                 client.send(
                     {
                         "url": f"ws://127.0.0.1:{self.port}/ws/chat/",
@@ -678,10 +700,11 @@ class Bench:
             for r in readies:
                 for k, v in r["connect_errors"].items():
                     connect_errors[k] = connect_errors.get(k, 0) + v
-            log(
-                f"  {opened}/{n_sockets} sockets open in {max(r['connect_s'] for r in readies):.1f} s"
-                + (f", connect errors {connect_errors}" if connect_errors else "")
-            )
+            if a.client != "api":
+                log(
+                    f"  {opened}/{n_sockets} sockets open in {max(r['connect_s'] for r in readies):.1f} s"
+                    + (f", connect errors {connect_errors}" if connect_errors else "")
+                )
             for d in self.daphnes:
                 d.log_offset = d.log_path.stat().st_size
             nginx_pids = group_pids(self.nginx.pid) if self.nginx else []
@@ -749,8 +772,13 @@ class Bench:
                 self.stop(c)
 
     def check_database(self, answers: list[dict[str, Any]]) -> None:
-        """An exact answer's row must hold the same content, status complete."""
+        """An exact answer's row must hold the same content, status complete
+        (stateless chat completions store no message: their ledger rows are
+        counted instead, `ledger_rows`)."""
         from conversations.models import Message
+
+        if self.args.client == "api" and self.args.endpoint == "completions":
+            return
 
         ids = [ans["message"] for ans in answers if ans["reason"] is None]
         rows = {}
@@ -783,15 +811,24 @@ class Bench:
         log(f"  floor: {len(floor_offsets)} SDK streams")
         floor = self.run_floor(floor_offsets, wait)
         self.wait_quiet_machine()
+        log(f"  raw floor: {len(floor_offsets)} aiohttp streams")
+        raw_floor = self.run_floor(floor_offsets, wait, reader="raw")
+        self.wait_quiet_machine()
         log(f"  product: {len(floor_offsets)} answers over {n_sockets} sockets")
+        from conversations.models import TokenUsage
+
+        kind = TokenUsage.Kind.API if a.client == "api" and a.endpoint == "completions" else "answer"
+        rows_before = TokenUsage.objects.filter(kind=kind).count()
         product = self.run_product(n_sockets, active, offsets, wait)
         self.check_database(product["answers"])
+        ledger_rows = TokenUsage.objects.filter(kind=kind).count() - rows_before
         error_lines = [line for d in self.daphnes for line in d.error_lines()]
         for line in error_lines[:5]:
             log(f"  server log: {line[:200]}")
 
         ours = figures(product["answers"], a.delay, a.tokens, product["server_cpu_s"])
         base = figures(floor["streams"], a.delay, a.tokens, floor["cpu_s"])
+        raw = figures(raw_floor["streams"], a.delay, a.tokens, raw_floor["cpu_s"])
         hwm = [proc_hwm_mib(d.pid) for d in self.daphnes]
         result: dict[str, Any] = {
             "scenario": scenario,
@@ -832,11 +869,31 @@ class Bench:
                 "foreign_cpu_s": floor["foreign_cpu_s"],
                 "steal_pct": floor["steal_pct"],
             },
+            # The cheapest reader of the same streams: raw aiohttp, no SDK.
+            "floor_raw": {
+                "n": raw["n"],
+                "completed": raw["completed"],
+                "failed": raw["failed"],
+                "added_ttft_p50_ms": raw["added_ttft_p50_ms"],
+                "added_ttft_p99_ms": raw["added_ttft_p99_ms"],
+                "frame_gap_p99_ms": raw["frame_gap_p99_ms"],
+                "cpu_s": raw["cpu_s"],
+                "cpu_s_per_1k_tokens": raw["cpu_s_per_1k_tokens"],
+                "window_s": round(raw_floor["window_s"], 2),
+                "steal_pct": raw_floor["steal_pct"],
+            },
             "ratio": {
                 "ttft_p99": ratio(ours["added_ttft_p99_ms"], base["added_ttft_p99_ms"]),
                 "cpu_per_1k": ratio(ours["cpu_s_per_1k_tokens"], base["cpu_s_per_1k_tokens"]),
                 "gap_p99": ratio(ours["frame_gap_p99_ms"], base["frame_gap_p99_ms"]),
             },
+            "ratio_raw": {
+                "ttft_p99": ratio(ours["added_ttft_p99_ms"], raw["added_ttft_p99_ms"]),
+                "cpu_per_1k": ratio(ours["cpu_s_per_1k_tokens"], raw["cpu_s_per_1k_tokens"]),
+                "gap_p99": ratio(ours["frame_gap_p99_ms"], raw["frame_gap_p99_ms"]),
+            },
+            "client": a.client if a.client == "socket" else f"api-{a.endpoint}",
+            "ledger_rows": ledger_rows,  # this run's model calls in the ledger (one per answer)
             "tokens": a.tokens,
             "delay_s": a.delay,
             "sockets": n_sockets,
@@ -997,6 +1054,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="bench/load.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scenario", choices=["burst", "steady", "capacity"], default="burst")
+    parser.add_argument(
+        "--client",
+        choices=["socket", "api"],
+        default="socket",
+        help="socket: the page's websocket; api: the HTTP API with raw aiohttp clients (default socket)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        choices=["completions", "messages"],
+        default="completions",
+        help="--client api: streamed POST /api/v1/chat/completions, or POST "
+        "/api/v1/conversations/{id}/messages with its server-sent events (default completions)",
+    )
     parser.add_argument(
         "--config",
         choices=["embedded", "postgres-redis"],

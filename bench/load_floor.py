@@ -1,11 +1,13 @@
-"""The floor of bench/load.py: the same streams read straight from the fake
-upstream with the openai SDK, in one process, with one shared client. Run as a
-subprocess of bench/load.py (same pipe protocol as load_clients.py).
+"""The floors of bench/load.py: the same streams read straight from the
+fake upstream in one process, with one shared client: the openai SDK
+(`"reader": "sdk"`), or raw aiohttp parsing the server-sent lines itself
+(`"raw"`: the cheapest reader there is). Run as a subprocess of
+bench/load.py (same pipe protocol as load_clients.py).
 
 Plan: {"base_url", "offsets": [seconds after go per stream; all 0 for a burst], "timeout",
-"expected"}. Its "server CPU" is this process's utime+stime (/proc/self/stat)
-from `go` to the end of the last stream: the least CPU any Python server must
-spend to read these tokens with the SDK.
+"expected", "reader"}. Its "server CPU" is this process's utime+stime
+(/proc/self/stat) from `go` to the end of the last stream: the least CPU any
+Python server must spend to read these tokens with that reader.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+import aiohttp
 import openai
 from load_common import proc_cpu, proc_hwm_mib, send_line
 from openai.types.chat import ChatCompletionMessageParam
@@ -28,7 +31,7 @@ QUESTION: list[ChatCompletionMessageParam] = [
 ]
 
 
-async def one_stream(client: openai.AsyncOpenAI, due: float, timeout: float, expected: str) -> dict[str, Any]:
+async def one_stream(client: Any, due: float, timeout: float, expected: str) -> dict[str, Any]:
     await asyncio.sleep(max(0.0, due - monotonic()))
     first: float | None = None
     last = 0.0
@@ -36,8 +39,44 @@ async def one_stream(client: openai.AsyncOpenAI, due: float, timeout: float, exp
     texts: list[str] = []
     finish: str | None = None
 
+    def text(piece: str) -> None:
+        nonlocal first, last
+        now = monotonic()
+        if first is None:
+            first = now
+        else:
+            gaps.append(now - last)
+        last = now
+        texts.append(piece)
+
+    async def read_raw() -> None:
+        nonlocal finish
+        session, url = client
+        body = {
+            "model": "fake-model",
+            "messages": QUESTION,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        async with session.post(url, json=body, headers={"Authorization": "Bearer x"}) as response:
+            async for line in response.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                for choice in json.loads(data).get("choices") or ():
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        text(piece)
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+
     async def read() -> None:
-        nonlocal first, last, finish
+        nonlocal finish
+        if not isinstance(client, openai.AsyncOpenAI):
+            await read_raw()
+            return
         stream = await client.chat.completions.create(
             model="fake-model",
             messages=QUESTION,
@@ -47,13 +86,7 @@ async def one_stream(client: openai.AsyncOpenAI, due: float, timeout: float, exp
         async for chunk in stream:
             for choice in chunk.choices:
                 if choice.delta is not None and choice.delta.content:
-                    now = monotonic()
-                    if first is None:
-                        first = now
-                    else:
-                        gaps.append(now - last)
-                    last = now
-                    texts.append(choice.delta.content)
+                    text(choice.delta.content)
                 if choice.finish_reason:
                     finish = choice.finish_reason
 
@@ -82,7 +115,14 @@ async def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     loop = asyncio.get_running_loop()
     plan = json.loads(await loop.run_in_executor(None, sys.stdin.readline))
-    client = openai.AsyncOpenAI(base_url=plan["base_url"], api_key="x", max_retries=0)
+    client: Any
+    if plan.get("reader", "sdk") == "raw":
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+        )
+        client = (session, plan["base_url"].rstrip("/") + "/chat/completions")
+    else:
+        client = openai.AsyncOpenAI(base_url=plan["base_url"], api_key="x", max_retries=0)
     # One warm-up stream outside the measure: imports, the client's first connection.
     warm = await one_stream(client, monotonic(), max(float(plan["timeout"]), 60.0), plan["expected"])
     send_line({"ready": True, "warmup": warm["reason"]})
@@ -98,7 +138,7 @@ async def main() -> None:
     cpu = proc_cpu(os.getpid()) - cpu_before
     end = monotonic()
     send_line({"streams": streams, "cpu_s": cpu, "end": end, "hwm_mib": proc_hwm_mib(os.getpid())})
-    await client.close()
+    await (client[0] if isinstance(client, tuple) else client).close()
 
 
 if __name__ == "__main__":

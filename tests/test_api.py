@@ -496,7 +496,7 @@ def test_a_client_that_hangs_up_mid_stream_is_charged_an_estimate(
     )
     with urllib.request.urlopen(request, timeout=20) as response:
         for line in response:
-            if b'"w3 "' in line:
+            if b"w3 " in line:  # a chunk may hold several tokens
                 break  # hang up
 
     deadline = time.monotonic() + 10

@@ -575,7 +575,9 @@ def test_a_worker_nobody_has_reached_settles_a_dead_workers_answer(
     fake_llm: FakeLLM, tmp_path: Path, sockets: contextlib.ExitStack
 ) -> None:
     db_url = database_url()
-    fake_llm.default = Reply(chunks=[f" w{i}" for i in range(400)], delay=0.03, usage=(10, 400))
+    # The model stops sending after a few tokens: the answer cannot end on its
+    # own however slowly the survivor starts (a busy machine took 12 s).
+    fake_llm.default = Reply(chunks=[f" w{i}" for i in range(400)], delay=0.03, usage=(10, 400), hang_after=5)
     cookie = session_cookie(make_user(_a_name("orphan")))
     fast: _FastCaretaker = {"CHAT_SWEEP_INTERVAL": "0.2", "CHAT_CHECKPOINT_INTERVAL": "0.2"}
     with run_daphne(db_url, fake_llm.base_url, tmp_path / "doomed.log", **fast) as doomed:

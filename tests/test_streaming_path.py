@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from conversations.generation import answer_log, fanout
 from chatsite.startup import settle_heap
-from conversations.generation.runner import Pace
+from conversations.generation import answer_log, fanout
+from conversations.generation.pace import Pace
 from tests.cluster import RedisServer, start_redis
 
 

@@ -35,6 +35,7 @@ from ..models import Message, TokenUsage, ToolRound
 from . import events, summaries, toolrounds
 from .fanout import get_hub
 from .ledger import AnswerEnd, Saved, record_model_call, save_answers
+from .pace import pace
 from .titles import make_title
 from .turns import Accepted, Send, accept_messages
 
@@ -291,7 +292,7 @@ class Generation:
                         if self.seq == 0:  # the first token goes out at once, however busy
                             self._flush()
                         elif self._timer is None:
-                            interval = _pace.interval()
+                            interval = pace.interval()
                             wait = self.last_frame + interval - time.monotonic()
                             if wait <= 0:
                                 self._flush()
@@ -309,7 +310,7 @@ class Generation:
 
     def _on_timer(self) -> None:
         self._timer = None
-        _pace.observe(asyncio.get_running_loop().time() - self._due)
+        pace.observe(asyncio.get_running_loop().time() - self._due)
         self._flush()
 
     def _flush(self) -> None:
@@ -391,29 +392,6 @@ class Generation:
                 delay = min(delay * 2, 2.0)
 
 
-class Pace:
-    """How often an answer sends a frame: every CHAT_DELTA_INTERVAL, and
-    less often while this process's event loop is late (its frame timers
-    fire late). Each frame costs the same whatever it holds, so a saturated
-    worker sends fewer, fuller frames instead of falling further behind:
-    the wait between two frames stays short, and the first token of a new
-    answer (always sent at once) is not queued behind a flood of small ones."""
-
-    SMOOTHING = 0.05  # of each timer's lateness, into the running average
-    MAX_INTERVAL = 0.08  # s
-
-    def __init__(self) -> None:
-        self.lateness = 0.0  # s, running average
-
-    def observe(self, late: float) -> None:
-        self.lateness += (max(0.0, late) - self.lateness) * self.SMOOTHING
-
-    def interval(self) -> float:
-        base = float(settings.CHAT_DELTA_INTERVAL)
-        return min(max(base, self.MAX_INTERVAL), base + 2 * self.lateness)
-
-
-_pace = Pace()
 
 
 def _names(text: str) -> list[str]:

@@ -25,14 +25,16 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import transaction
 
-from accounts.limits import take_send
+from accounts.limits import take_send, take_sends
 
-from .. import llm, quotas, refusals, tools
+from .. import llm, quotas, refusals, selectors, tools
+from ..batches import batches_of
 from ..database import in_database
 from ..history import messages_tokens
-from ..models import TokenUsage
+from ..models import SystemPrompt, TokenUsage
 from . import toolrounds
 from .ledger import record_model_call, release
+from .pace import pace
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,65 @@ class Call:
     limited: bool = False
 
 
+class UnknownModel(Exception):
+    """The call names a model that does not exist or that users may not use."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.")
+        self.model = model
+
+
+async def accept(user: User, call: Call) -> Call:
+    """`accept_calls` of this call, in one database call with the calls that
+    arrive meanwhile (a script's burst), each with the outcome it would get
+    alone: the call with its model, the staff's default prompt and its
+    reservation, or the exception (UnknownModel, a Refusal)."""
+    return await batches_of(accept_calls).submit((user, call))
+
+
+def accept_calls(asks: list[tuple[User, Call]]) -> list[Call | Exception]:
+    """Calls that arrive together: the usable models and the default prompt
+    read once; the rate limit of users without a quota taken in one cache
+    round trip; a user with a quota has each call reserved on its own, in
+    order (`accept_call`)."""
+    results: list[Call | Exception | None] = [None] * len(asks)
+    usable = {m.name for m in selectors.usable_models()}
+    default = selectors.default_model()
+    needs_prompt = any(not any(m["role"] == "system" for m in call.messages) for _user, call in asks)
+    prompt = SystemPrompt.objects.filter(is_default=True).only("text").first() if needs_prompt else None
+    for index, (_user, call) in enumerate(asks):
+        call.model = call.model or default
+        if call.model not in usable:
+            results[index] = UnknownModel(call.model)
+            continue
+        if prompt is not None and prompt.text and not any(m["role"] == "system" for m in call.messages):
+            call.messages = [{"role": "system", "content": prompt.text}, *call.messages]
+    waiting = [index for index in range(len(asks)) if results[index] is None]
+    limits = quotas.limits_for_many([asks[index][0] for index in waiting])
+    together = [index for index in waiting if limits[asks[index][0].pk].unlimited]
+    if together:
+        try:
+            waits = take_sends([asks[index][0] for index in together])
+        except Exception as exc:  # not expected (take_sends survives a lost cache): each alone
+            log.warning("the rate limit of %d calls failed together (%r): each alone", len(together), exc)
+        else:
+            for index, retry_after in zip(together, waits, strict=True):
+                call = asks[index][1]
+                results[index] = call if retry_after is None else refusals.rate_limited(retry_after)
+    for index in waiting:
+        if results[index] is None:
+            user, call = asks[index]
+            try:
+                results[index] = accept_call(user=user, call=call)
+            except Exception as exc:  # a refusal: its caller hears it
+                results[index] = exc
+    return results  # type: ignore[return-value]
+
+
 def accept_call(*, user: User, call: Call) -> Call:
     """Reserve the call's budget and take one send from the rate limit, in
-    one transaction; refused `rate_limited` or `quota_exceeded` with nothing reserved."""
+    one transaction; refused `rate_limited` or `quota_exceeded` with nothing
+    reserved. `call.model` is already resolved and checked."""
     longest = call.max_tokens or settings.OPENAI_MAX_TOKENS
     try:
         with transaction.atomic():
@@ -124,6 +182,61 @@ async def run_call(call: Call) -> AsyncGenerator[llm.TextDelta | llm.StreamEnd, 
             )
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(ending)
+
+
+async def paced(
+    events: AsyncGenerator[llm.TextDelta | llm.StreamEnd, None],
+) -> AsyncGenerator[llm.TextDelta | llm.StreamEnd, None]:
+    """`events` (what follows a call's first token) at the page's pace: the
+    text that arrives within one frame interval as one delta, fewer and
+    fuller while this worker is late (pace.py), then the end. A task of its
+    own reads the model meanwhile; closing this closes `events` (the call is
+    accounted there)."""
+    loop = asyncio.get_running_loop()
+    pending: list[str] = []
+    ended: list[llm.StreamEnd | Exception] = []
+    arrived = asyncio.Event()
+
+    async def read() -> None:
+        try:
+            async for event in events:
+                if isinstance(event, llm.TextDelta):
+                    pending.append(event.text)
+                    arrived.set()
+                else:
+                    ended.append(event)
+        except Exception as exc:  # the model's error after the first token: the caller's to tell
+            ended.append(exc)
+        finally:
+            arrived.set()
+
+    reader = loop.create_task(read())
+    last = loop.time()  # the first token went out just before
+    try:
+        while True:
+            await arrived.wait()
+            arrived.clear()
+            due = last + pace.interval()
+            if not ended and due > loop.time():
+                await asyncio.sleep(due - loop.time())  # what arrives meanwhile goes in the same delta
+                pace.observe(loop.time() - due)
+            if pending:
+                text = "".join(pending)
+                pending.clear()
+                last = loop.time()
+                yield llm.TextDelta(text)
+            if ended and reader.done():
+                end = ended[0]
+                if isinstance(end, Exception):
+                    raise end
+                yield end
+                return
+    finally:
+        if not reader.done():
+            reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await events.aclose()
 
 
 def _record(
