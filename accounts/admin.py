@@ -30,7 +30,7 @@ else:
 class QuotaAdmin(_QuotaAdmin):
     list_display = [
         "__str__", "tokens_per_day", "tokens_per_month", "cost_per_day", "cost_per_month",
-        "answers_per_minute", "updated_at",
+        "answers_per_minute", "file_storage_bytes", "updated_at",
     ]  # fmt: skip
     list_filter = ["is_default"]
     list_select_related = ["user", "group"]
@@ -41,6 +41,7 @@ class QuotaAdmin(_QuotaAdmin):
         ("Tokens (blank = unlimited)", {"fields": ["tokens_per_day", "tokens_per_month"]}),
         ("Cost (blank = unlimited)", {"fields": ["cost_per_day", "cost_per_month"]}),
         ("Pace", {"fields": ["answers_per_minute"]}),
+        ("Files", {"fields": ["file_storage_bytes"]}),
     ]
 
 

@@ -26,6 +26,11 @@ class Quota(models.Model):
     cost_per_day = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     cost_per_month = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     answers_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    file_storage_bytes = models.PositiveBigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Uploaded files kept at most, in bytes. Blank: CHAT_FILE_STORAGE_PER_USER.",
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import account, views
+from . import account, files, views
 
 app_name = "api"
 
@@ -19,6 +19,9 @@ urlpatterns = [
         views.conversation_stream,
         name="conversation-stream",
     ),
+    path("api/v1/files", files.files, name="files"),
+    path("api/v1/files/<uuid:file_id>", files.file, name="file"),
+    path("api/v1/files/<uuid:file_id>/content", files.file_content, name="file-content"),
     path("accounts/tokens/", account.tokens_page, name="tokens"),
     path("accounts/tokens/<int:token_id>/revoke/", account.revoke, name="token-revoke"),
 ]

@@ -22,6 +22,7 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from chatsite.bodylimit import BodyLimit  # noqa: E402
 from chatsite.origin import SameOriginValidator  # noqa: E402
 from chatsite.startup import SweepOnStartup  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
@@ -29,7 +30,7 @@ from conversations.routing import websocket_urlpatterns  # noqa: E402
 application = SweepOnStartup(
     ProtocolTypeRouter(
         {
-            "http": django_asgi_app,
+            "http": BodyLimit(django_asgi_app),
             "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     )

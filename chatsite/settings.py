@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "accounts",
+    "files",
     "conversations",
     "api",
 ]
@@ -262,8 +263,12 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = env.path("STATIC_ROOT", default=BASE_DIR / "staticfiles")
+# Uploaded files (files/): the file system under MEDIA_ROOT by default; for
+# several hosts, an S3-compatible store through django-storages (README).
+MEDIA_ROOT = env.path("MEDIA_ROOT", default=BASE_DIR / "media")
+MEDIA_URL = "media/"  # never served as such: files go out through their owner's view
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": {"BACKEND": env.str("FILE_STORAGE", default="django.core.files.storage.FileSystemStorage")},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 # Without `collectstatic`, serve straight from the finders (the embedded default)
@@ -291,3 +296,20 @@ LOGGING = {
         "django.channels.server": {"level": "INFO", "propagate": False},
     },
 }
+
+# --- Files in the chat (files/) -------------------------------------------------
+CHAT_FILE_MAX_BYTES = env.int("CHAT_FILE_MAX_BYTES", default=20 * 1024 * 1024)
+CHAT_FILE_MAX_PER_MESSAGE = env.int("CHAT_FILE_MAX_PER_MESSAGE", default=10)
+# Per user, unless staff set `file_storage_bytes` on a quota (user, group, default).
+CHAT_FILE_STORAGE_PER_USER = env.int("CHAT_FILE_STORAGE_PER_USER", default=500 * 1024 * 1024)
+CHAT_FILE_MAX_TEXT_CHARS = env.int("CHAT_FILE_MAX_TEXT_CHARS", default=2_000_000)  # of one file's text
+# A PDF's text is read by a child process with these limits, a few at a time.
+CHAT_FILE_EXTRACT_SECONDS = env.float("CHAT_FILE_EXTRACT_SECONDS", default=20.0)
+CHAT_FILE_EXTRACT_MEMORY_MB = env.int("CHAT_FILE_EXTRACT_MEMORY_MB", default=768)
+CHAT_FILE_EXTRACT_CONCURRENCY = env.int("CHAT_FILE_EXTRACT_CONCURRENCY", default=2)
+# FILE_STORAGE=storages.backends.s3.S3Storage (django-storages): its bucket and
+# endpoint from the environment (the keys: boto3 reads AWS_ACCESS_KEY_ID and
+# AWS_SECRET_ACCESS_KEY itself).
+for _name in ("AWS_STORAGE_BUCKET_NAME", "AWS_S3_ENDPOINT_URL", "AWS_S3_REGION_NAME"):
+    if _name in os.environ:
+        globals()[_name] = os.environ[_name]

@@ -12,6 +12,7 @@ def favicon(request: HttpRequest) -> HttpResponsePermanentRedirect:
 
 urlpatterns = [
     path("", include("api.urls")),
+    path("", include("files.urls")),
     path("accounts/usage/", usage, name="usage"),  # what the user spent, and what is left
     path("accounts/", include("accounts.urls")),
     path("admin/", admin.site.urls),

@@ -16,6 +16,7 @@ saving answers' ends (`ledger.save_answers`) and titles
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -57,7 +58,13 @@ class Batches(Generic[Item, Result]):
         future: asyncio.Future[Result] = loop.create_future()
         self._waiting.append((item, future))
         if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drain(), name=f"batches-{self.run.__name__}")
+            # A context of its own: the batch outlives the request that
+            # happened to start it, and must not run its database work on
+            # that request's thread (gone with its response: "CurrentThread-
+            # Executor already quit", measured under a burst of API sends).
+            self._task = loop.create_task(
+                self._drain(), name=f"batches-{self.run.__name__}", context=contextvars.Context()
+            )
         return await future
 
     async def _drain(self) -> None:

@@ -3,11 +3,14 @@ clients over the real ASGI stack, and a real daphne server process."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -38,10 +41,16 @@ REQUIRE_REDIS = bool(os.environ.get("REQUIRE_REDIS"))
 # server process the tests start (they inherit the environment).
 FAST_HASHERS = "django.contrib.auth.hashers.MD5PasswordHasher"
 os.environ["PASSWORD_HASHERS"] = FAST_HASHERS
+# Uploaded files go to a directory of the session's (this process and the
+# servers it starts share it), never into the checkout.
+MEDIA_ROOT = tempfile.mkdtemp(prefix="chat-test-media-")
+os.environ["MEDIA_ROOT"] = MEDIA_ROOT
+atexit.register(shutil.rmtree, MEDIA_ROOT, True)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     django_settings.PASSWORD_HASHERS = [FAST_HASHERS]
+    django_settings.MEDIA_ROOT = MEDIA_ROOT
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

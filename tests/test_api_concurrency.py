@@ -117,3 +117,59 @@ async def test_a_hundred_simultaneous_api_streams_are_each_exact_and_accounted_o
         else:
             assert user.pk not in counters  # no quota: nothing to count
     assert "Traceback" not in daphne_server.log()
+
+
+async def test_simultaneous_sends_to_conversations_each_get_their_events(
+    daphne_server: LiveServer, fake_llm: Any
+) -> None:
+    """A burst of `POST /api/v1/conversations/{id}/messages` with their
+    server-sent events: the batch that accepts them must not run on the
+    thread of the request that happened to start it (that thread ends with
+    its response: every later send of the batch failed with 500)."""
+    import json
+
+    import aiohttp
+
+    fake_llm.default = Reply(chunks=TOKENS, delay=0.02, usage=(PROMPT_TOKENS, len(TOKENS)))
+    users = (await sync_to_async(_users_and_tokens)())[:40]
+
+    ready: list[str] = []
+    all_ready = asyncio.Event()
+
+    async def send(session: aiohttp.ClientSession, token: str, start: asyncio.Event) -> dict[str, Any]:
+        auth = {"Authorization": f"Bearer {token}"}
+        async with session.post(daphne_server.url + "/api/v1/conversations", json={}, headers=auth) as made:
+            conversation = (await made.json())["id"]
+        ready.append(conversation)
+        if len(ready) == len(users):
+            all_ready.set()
+        await start.wait()
+        texts: list[str] = []
+        async with session.post(
+            f"{daphne_server.url}/api/v1/conversations/{conversation}/messages",
+            json={"content": "count for me"},
+            headers={**auth, "Accept": "text/event-stream"},
+        ) as response:
+            assert response.status == 200, await response.text()
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if event["type"] == "generation.delta":
+                    texts.append(event["text"])
+                elif event["type"] == "generation.finished":
+                    return {"deltas": "".join(texts), "finished": event}
+        raise AssertionError("the stream ended without generation.finished")
+
+    start = asyncio.Event()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        sends = [asyncio.create_task(send(session, token, start)) for _user, token in users]
+        await asyncio.wait_for(all_ready.wait(), 60)  # every conversation made, then all at once
+        start.set()
+        results = await asyncio.gather(*sends)
+
+    for result in results:
+        assert result["finished"]["status"] == "complete"
+        assert result["deltas"] == result["finished"]["content"] == "".join(TOKENS)
+    assert "Traceback" not in daphne_server.log()

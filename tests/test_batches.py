@@ -6,6 +6,7 @@ burst as it counts sends one by one."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import uuid
 from decimal import Decimal
@@ -351,3 +352,22 @@ async def test_the_next_batch_goes_to_the_database_while_the_last_ones_callers_a
     assert await second == 2
     await asyncio.wait_for(handed_over.wait(), 5)
     assert heard == [True]
+
+
+async def test_a_batch_runs_in_a_context_of_its_own_not_its_first_callers() -> None:
+    # The request that starts a batch may end before the batch does: its
+    # context (under Django, the thread its database work must use, which
+    # ends with its response) must not be the batch's. Under a burst of API
+    # sends, every later batch failed with "CurrentThreadExecutor already quit".
+    request_context: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
+
+    def seen(items: list[int]) -> list[str | Exception | None]:
+        return [request_context.get() for _ in items]
+
+    batches: Batches[int, str | None] = Batches(seen)
+
+    async def a_request() -> str | None:
+        request_context.set("the first request's")
+        return await batches.submit(1)
+
+    assert await asyncio.create_task(a_request()) is None

@@ -392,8 +392,6 @@ class Generation:
                 delay = min(delay * 2, 2.0)
 
 
-
-
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
