@@ -102,3 +102,21 @@ def _count(counts: dict[str, int], *, timeout: int) -> dict[str, int]:
             cache.set(key, n, timeout)
             totals[key] = n
     return totals
+
+
+def take_upload(user: User) -> int | None:
+    """Count one file upload against CHAT_FILE_UPLOAD_RATE (its own window,
+    not the messages'). None if it is allowed, else the seconds until it
+    would be. A lost cache lets uploads through (storage limits still hold)."""
+    limit, period = parse_rate(settings.CHAT_FILE_UPLOAD_RATE)
+    now = time.time()
+    window = int(now // period)
+    key = f"chat.upload:{user.pk}:{period}:{window}"
+    try:
+        total = _count({key: 1}, timeout=period + 1)[key]
+    except Exception as exc:
+        log.warning("upload rate not counted, cache unavailable: %s", exc)
+        return None
+    if total > limit:
+        return max(1, math.ceil((window + 1) * period - now))
+    return None

@@ -69,7 +69,7 @@ async def files(request: HttpRequest, user: User) -> HttpResponse:
         name, data = await read_upload(request)
         row = await uploads.upload(user, name, data)
     except Refused as exc:
-        raise ApiError(exc.status, exc.message, exc.code, param="file") from None
+        raise ApiError(exc.status, exc.message, exc.code, param="file", retry_after=exc.retry_after) from None
     return JsonResponse(row.as_json(), status=201)
 
 

@@ -300,6 +300,7 @@ LOGGING = {
 # --- Files in the chat (files/) -------------------------------------------------
 CHAT_FILE_MAX_BYTES = env.int("CHAT_FILE_MAX_BYTES", default=20 * 1024 * 1024)
 CHAT_FILE_MAX_PER_MESSAGE = env.int("CHAT_FILE_MAX_PER_MESSAGE", default=10)
+CHAT_FILE_UPLOAD_RATE = env.str("CHAT_FILE_UPLOAD_RATE", default="60/m")  # uploads per user
 # Per user, unless staff set `file_storage_bytes` on a quota (user, group, default).
 CHAT_FILE_STORAGE_PER_USER = env.int("CHAT_FILE_STORAGE_PER_USER", default=500 * 1024 * 1024)
 CHAT_FILE_MAX_TEXT_CHARS = env.int("CHAT_FILE_MAX_TEXT_CHARS", default=2_000_000)  # of one file's text

@@ -32,11 +32,19 @@ class Refused(Exception):
     """A file the product does not take: the message says why, for a person;
     `code` and `status` for the HTTP API."""
 
-    def __init__(self, message: str, *, code: str = "unsupported_file", status: int = 400) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "unsupported_file",
+        status: int = 400,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.status = status
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

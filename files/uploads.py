@@ -73,6 +73,16 @@ def storage_limit(user: User) -> int:
 
 async def upload(user: User, filename: str, data: bytes) -> File:
     """Store `data` as the user's file, or raise Refused."""
+    from accounts.limits import take_upload
+
+    wait = await database_sync_to_async(take_upload)(user)
+    if wait is not None:  # before anything is read: a flood costs nothing
+        raise Refused(
+            f"Too many uploads. Try again in {wait} s.",
+            code="rate_limit_exceeded",
+            status=429,
+            retry_after=wait,
+        )
     limit = int(settings.CHAT_FILE_MAX_BYTES)
     if len(data) > limit:
         raise Refused(

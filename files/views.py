@@ -36,7 +36,10 @@ async def upload(request: HttpRequest) -> HttpResponse:
         data = await asyncio.to_thread(sent.read)
         row = await uploads.upload(user, sent.name or "file", data)  # type: ignore[arg-type]
     except Refused as exc:
-        return _error(exc.status, exc.message, exc.code)
+        refused = _error(exc.status, exc.message, exc.code)
+        if exc.retry_after is not None:
+            refused["Retry-After"] = str(exc.retry_after)
+        return refused
     return JsonResponse(row.as_json(), status=201)
 
 

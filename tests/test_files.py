@@ -254,6 +254,7 @@ def strict_server(
         CHAT_FILE_MAX_BYTES="102400",
         CHAT_FILE_STORAGE_PER_USER="250000",
         CHAT_FILE_EXTRACT_SECONDS="2",
+        CHAT_FILE_UPLOAD_RATE="8/h",
     ) as server:
         yield server
 
@@ -318,3 +319,22 @@ def test_a_pdf_that_never_finishes_is_refused_in_time_while_an_answer_streams(
     assert len(during) >= 10, (len(during), answered - started)
     assert not File.objects.filter(owner=frank).exists()
     assert "Traceback" not in strict_server.log()
+
+
+def test_uploads_have_a_rate_limit_of_their_own(strict_server: LiveServer) -> None:
+    token = tokens.create(make_user("files_flood"), "files")[1]
+    for i in range(8):
+        assert _upload(strict_server, token, f"n{i}.txt", b"note %d" % i)[0] == 201
+    body, content_type = _multipart("n8.txt", b"one too many")
+    request = urllib.request.Request(
+        strict_server.url + "/api/v1/files",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 429
+    assert int(refused.value.headers["Retry-After"]) > 0
+    assert json.loads(refused.value.read())["error"]["code"] == "rate_limit_exceeded"
+    assert File.objects.filter(filename="n8.txt").count() == 0
