@@ -3,7 +3,6 @@ delete. Another person's file is 404 on every route."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import TYPE_CHECKING
 
@@ -23,16 +22,6 @@ if TYPE_CHECKING:
 
 def _not_found() -> ApiError:
     return ApiError(404, "No such file.", "not_found")
-
-
-async def read_upload(request: HttpRequest) -> tuple[str, bytes]:
-    """The multipart field `file`: its name and bytes (parsed off the event loop)."""
-    files = await asyncio.to_thread(lambda: request.FILES)
-    upload = files.get("file")
-    if upload is None:
-        raise Refused("Send the file as the multipart form field `file`.", code="invalid_request")
-    data = await asyncio.to_thread(upload.read)
-    return upload.name or "file", data
 
 
 def _page(user: User, after: str | None, limit: int) -> dict[str, object]:
@@ -66,7 +55,7 @@ async def files(request: HttpRequest, user: User) -> HttpResponse:
         page = await database_sync_to_async(_page)(user, request.GET.get("after"), limit)
         return JsonResponse(page)
     try:
-        name, data = await read_upload(request)
+        name, data = await serve.read_upload(request)
         row = await uploads.upload(user, name, data)
     except Refused as exc:
         raise ApiError(exc.status, exc.message, exc.code, param="file", retry_after=exc.retry_after) from None

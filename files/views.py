@@ -3,7 +3,6 @@ rules and shapes as the API's /api/v1/files."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 from channels.db import database_sync_to_async
@@ -29,12 +28,8 @@ async def upload(request: HttpRequest) -> HttpResponse:
     if user is None:
         return _error(401, "You are signed out. Log in again.", "signed_out")
     try:
-        files = await asyncio.to_thread(lambda: request.FILES)
-        sent = files.get("file")
-        if sent is None:
-            raise Refused("Choose a file to send.", code="invalid_request")
-        data = await asyncio.to_thread(sent.read)
-        row = await uploads.upload(user, sent.name or "file", data)  # type: ignore[arg-type]
+        name, data = await serve.read_upload(request)
+        row = await uploads.upload(user, name, data)  # type: ignore[arg-type]
     except Refused as exc:
         refused = _error(exc.status, exc.message, exc.code)
         if exc.retry_after is not None:
