@@ -10,7 +10,8 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
-from conversations import inputs, tools
+from chatsite import bodylimit
+from conversations import attachments, inputs, tools
 
 from .errors import ApiError, bad_request
 
@@ -20,18 +21,21 @@ ROLES = {"system", "developer", "user", "assistant", "tool"}
 RESPONSE_FORMATS = {"text", "json_object", "json_schema"}
 
 
-def body_of(request: HttpRequest) -> dict[str, Any]:
+def body_of(request: HttpRequest, *, inline_files: bool = False) -> dict[str, Any]:
     """The request's JSON object: 413 past MAX_BODY_BYTES (also when Django
-    refuses to read it: DATA_UPLOAD_MAX_MEMORY_SIZE), 400 for anything that
-    is not JSON, nested too deeply or holds a string that is not text."""
-    too_large = ApiError(
-        413, f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB.", "too_large"
-    )
+    refuses to read it: DATA_UPLOAD_MAX_MEMORY_SIZE), or with `inline_files`
+    (a chat completion's files in base64) past what the site's body limit
+    lets through for them; 400 for anything that is not JSON, nested too
+    deeply or holds a string that is not text."""
+    most = bodylimit.limit_for(request.path) if inline_files else MAX_BODY_BYTES
+    too_large = ApiError(413, f"The request body is larger than {most // (1024 * 1024)} MB.", "too_large")
     try:
-        raw = request.body
+        # Read from the stream: Django's `body` refuses what passes
+        # DATA_UPLOAD_MAX_MEMORY_SIZE, which is right for every other body.
+        raw = request.read(most + 1) if inline_files else request.body
     except RequestDataTooBig:
         raise too_large from None
-    if len(raw) > MAX_BODY_BYTES:
+    if len(raw) > most:
         raise too_large
     try:
         body = inputs.load_json(raw or b"{}")
@@ -39,7 +43,30 @@ def body_of(request: HttpRequest) -> dict[str, Any]:
         raise bad_request(str(exc)) from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    if inline_files and len(raw) - _inline_bytes(body) > MAX_BODY_BYTES:
+        # Only files may take the larger room: the rest is held to the usual limit.
+        raise ApiError(
+            413,
+            f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB besides its files.",
+            "too_large",
+        )
     return body
+
+
+def _inline_bytes(body: dict[str, Any]) -> int:
+    """How much of a chat completion's body is files sent inline (data: URLs of content parts)."""
+    total = 0
+    for message in body.get("messages") or () if isinstance(body.get("messages"), list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict):
+                continue
+            holder = part.get("image_url") if part.get("type") == "image_url" else part.get("file")
+            if isinstance(holder, dict):
+                value = holder.get("url") if part.get("type") == "image_url" else holder.get("file_data")
+                if isinstance(value, str) and value.startswith("data:"):
+                    total += len(value)
+    return total
 
 
 def text_of(content: object, where: str) -> str | None:
@@ -60,6 +87,69 @@ def text_of(content: object, where: str) -> str | None:
     raise bad_request(f"`{where}.content` must be a string or a list of text parts.", where)
 
 
+IMAGE_DETAILS = {"auto", "low", "high"}
+
+
+def user_content_of(content: object, where: str) -> str | list[dict[str, Any]] | None:
+    """A user message's content: a string, or content parts as Chat
+    Completions takes them: `text`, `image_url` (a `data:` URL; an http(s)
+    address only where staff allow it: CHAT_REMOTE_IMAGES) and `file`
+    (`file_id` of an uploaded file, or `file_data`, a `data:` URL, with a
+    `filename`). Only text parts: their text, joined. The files are read
+    later (`attachments.read_parts`)."""
+    if not isinstance(content, list) or all(
+        isinstance(part, dict) and part.get("type") == "text" for part in content
+    ):
+        return text_of(content, where)
+    parts: list[dict[str, Any]] = []
+    for i, part in enumerate(content):
+        at = f"{where}.content[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise bad_request(f"`{at}.image_url.url` must be a string.", at)
+            if url.startswith(("http://", "https://")):
+                if not settings.CHAT_REMOTE_IMAGES:
+                    raise bad_request(
+                        f"`{at}`: send the image itself, as a data: URL (base64); this server does not "
+                        "take images by address.",
+                        at,
+                    )
+            elif not url.startswith("data:"):
+                raise bad_request(f"`{at}.image_url.url` must be a data: URL.", at)
+            detail = image.get("detail") if isinstance(image, dict) else None
+            parts.append(
+                {
+                    "type": "image_url",
+                    "image_url": {"url": url, **({"detail": detail} if detail in IMAGE_DETAILS else {})},
+                }
+            )
+        elif kind == "file" and isinstance(part.get("file"), dict):
+            file = part["file"]
+            if isinstance(file.get("file_id"), str):
+                parts.append({"type": "file", "file": {"file_id": file["file_id"]}})
+            elif isinstance(file.get("file_data"), str) and file["file_data"].startswith("data:"):
+                name = file.get("filename")
+                parts.append(
+                    {
+                        "type": "file",
+                        "file": {
+                            "file_data": file["file_data"],
+                            "filename": name if isinstance(name, str) else "",
+                        },
+                    }
+                )
+            else:
+                raise bad_request(f"`{at}.file` needs a `file_id`, or `file_data` (a data: URL).", at)
+        else:
+            raise bad_request(f"`{at}`: a part is `text`, `image_url` or `file`.", at)
+    return parts
+
+
 def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
@@ -72,7 +162,11 @@ def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(item, dict) or item.get("role") not in ROLES:
             raise bad_request(f"`{where}.role` must be one of {', '.join(sorted(ROLES))}.", where)
         role = "system" if item["role"] == "developer" else item["role"]
-        message: dict[str, Any] = {"role": role, "content": text_of(item.get("content"), where)}
+        content = item.get("content")
+        message: dict[str, Any] = {
+            "role": role,
+            "content": user_content_of(content, where) if role == "user" else text_of(content, where),
+        }
         if role == "assistant" and item.get("tool_calls") is not None:
             message["tool_calls"] = _tool_calls(item["tool_calls"], where)
         elif message["content"] is None:
@@ -196,9 +290,18 @@ def optional_uuid(body: dict[str, Any], name: str) -> uuid.UUID | None:
         raise bad_request(f"`{name}` must be a UUID.", name) from None
 
 
-def content_of(body: dict[str, Any]) -> str:
-    content = body.get("content")
-    if not isinstance(content, str) or not content.strip():
+def attachments_of(body: dict[str, Any]) -> list[uuid.UUID]:
+    """A send's files: `attachments`, a list of file ids (optional)."""
+    ids = attachments.parse_ids(body.get("attachments"))
+    if isinstance(ids, str):
+        raise bad_request(ids, "attachments")
+    return ids
+
+
+def content_of(body: dict[str, Any], *, files: bool = False) -> str:
+    """A send's text: non-empty, unless `files` go with it."""
+    content = body.get("content", "" if files else None)
+    if not isinstance(content, str) or not (content.strip() or files):
         raise bad_request("`content` must be a non-empty string.", "content")
     limit = settings.CHAT_MAX_MESSAGE_CHARS
     if len(content) > limit:

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, cast
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from conversations import generation, llm, refusals, selectors
+from conversations import attachments, generation, llm, refusals, selectors
 from conversations.batches import batches_of
 from conversations.generation import stateless, turns
 from conversations.generation.events import Event
 from conversations.generation.follow import Reader
 from conversations.models import ChatModel, Conversation, SystemPrompt
+from files.sniff import Refused
 
 from . import parsing, tokens
 from .errors import ApiError, bad_request, from_llm, from_refusal
@@ -104,14 +105,19 @@ def _call_of(user: User, body: dict[str, Any]) -> stateless.Call:
 
 @endpoint("POST")
 async def chat_completions(request: HttpRequest, user: User) -> HttpResponse | StreamingHttpResponse:
-    body = parsing.body_of(request)
+    body = parsing.body_of(request, inline_files=True)
     stream = parsing.flag(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("`stream_options` must be an object.", "stream_options")
     include_usage = parsing.flag(options, "include_usage")
+    call = _call_of(user, body)
     try:
-        call = await stateless.accept(user, _call_of(user, body))
+        call.messages = await attachments.read_parts(user, call.messages)
+    except Refused as exc:
+        raise ApiError(exc.status, str(exc), exc.code, retry_after=exc.retry_after) from None
+    try:
+        call = await stateless.accept(user, call)
     except stateless.UnknownModel as exc:
         raise ApiError(404, str(exc), "model_not_found", param="model") from None
     events = stateless.run_call(call)
@@ -323,13 +329,18 @@ async def conversation_messages(
     as they happen (the websocket's frames), else the finished answer as
     JSON. Closing the connection does not stop the answer."""
     body = parsing.body_of(request)
-    content = parsing.content_of(body)
+    files = parsing.attachments_of(body)
+    content = parsing.content_of(body, files=bool(files))
     client_id = parsing.optional_uuid(body, "client_id") or uuid.uuid4()
     topic = str(conversation_id)
     reader = await Reader(topic).open()  # before the answer starts: nothing is missed
     try:
         accepted = await generation.accept_send(
-            user=user, conversation_id=conversation_id, content=content, client_id=client_id
+            user=user,
+            conversation_id=conversation_id,
+            content=content,
+            client_id=client_id,
+            attachments=files,
         )
     except refusals.Refusal as refusal:
         await reader.close()

@@ -13,7 +13,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "default-src 'self'",
         "script-src 'self'",
         "style-src 'self'",
-        "img-src 'self' data:",
+        "img-src 'self' data: blob:",  # blob: a picture's preview before it is sent
         "connect-src 'self'",
         "object-src 'none'",
         "base-uri 'none'",

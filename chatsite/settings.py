@@ -158,6 +158,8 @@ OPENAI_TEMPERATURE = env.float("OPENAI_TEMPERATURE", default=0.7)
 # Tried in order when the chosen model fails before its first token
 # (unreachable, 5xx, timeout, unknown model, rate limited after retries).
 OPENAI_FALLBACK_MODELS = env.list("OPENAI_FALLBACK_MODELS", default=[])
+# Models that can see images, for models not in the staff's list (a listed one has its own flag).
+OPENAI_VISION_MODELS = env.list("OPENAI_VISION_MODELS", default=[])
 
 # --- Chat behaviour ---------------------------------------------------------
 CHAT_MAX_MESSAGE_CHARS = env.int("CHAT_MAX_MESSAGE_CHARS", default=16000)
@@ -300,6 +302,10 @@ LOGGING = {
 # --- Files in the chat (files/) -------------------------------------------------
 CHAT_FILE_MAX_BYTES = env.int("CHAT_FILE_MAX_BYTES", default=20 * 1024 * 1024)
 CHAT_FILE_MAX_PER_MESSAGE = env.int("CHAT_FILE_MAX_PER_MESSAGE", default=10)
+# What the model reads of a message's text files and PDFs, together, at most (the rest is cut, and said).
+CHAT_FILE_CONTEXT_TOKENS = env.int("CHAT_FILE_CONTEXT_TOKENS", default=6000)
+# The API may name images by an http(s) address (the upstream fetches it): off unless staff allow it.
+CHAT_REMOTE_IMAGES = env.bool("CHAT_REMOTE_IMAGES", default=False)
 CHAT_FILE_UPLOAD_RATE = env.str("CHAT_FILE_UPLOAD_RATE", default="60/m")  # uploads per user
 # Per user, unless staff set `file_storage_bytes` on a quota (user, group, default).
 CHAT_FILE_STORAGE_PER_USER = env.int("CHAT_FILE_STORAGE_PER_USER", default=500 * 1024 * 1024)

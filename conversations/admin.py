@@ -344,9 +344,9 @@ class ChatModelAdmin(_ChatModelAdminBase):
     """The models users may pick for a new chat, each with a link to its
     price (a model without one is accounted at cost 0, which the list says)."""
 
-    list_display = ["name", "label", "enabled", "position", "price"]
-    list_editable = ["enabled", "position"]
-    list_filter = ["enabled"]
+    list_display = ["name", "label", "enabled", "vision", "position", "price"]
+    list_editable = ["enabled", "vision", "position"]
+    list_filter = ["enabled", "vision"]
     search_fields = ["name", "label"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ChatModel]:

@@ -27,7 +27,7 @@ from django.db import InterfaceError, OperationalError
 
 from accounts import security, sessions
 
-from . import generation, inputs, refusals
+from . import attachments, generation, inputs, refusals
 from .batches import batches_of
 from .generation import Frame, events
 from .generation.follow import Follow
@@ -108,9 +108,20 @@ def _model(frame: dict[str, Any]) -> str | None:
     return value
 
 
-def _content(frame: dict[str, Any], extra: dict[str, Any]) -> str:
-    content = frame.get("content")
-    if not isinstance(content, str) or not content.strip():
+def _attachments(frame: dict[str, Any], extra: dict[str, Any]) -> list[uuid.UUID] | None:
+    """A send's files (`attachments`: file ids); None when the frame has none."""
+    if frame.get("attachments") is None:
+        return None
+    ids = attachments.parse_ids(frame["attachments"])
+    if isinstance(ids, str):
+        raise FrameError("invalid_request", ids, **extra)
+    return ids
+
+
+def _content(frame: dict[str, Any], extra: dict[str, Any], *, files: bool = False) -> str:
+    """The message's text; empty only when `files` go with it."""
+    content = frame.get("content", "" if files else None)
+    if not isinstance(content, str) or not (content.strip() or files):
         raise FrameError("invalid_request", "The message is empty.", **extra)
     limit = settings.CHAT_MAX_MESSAGE_CHARS
     if len(content) > limit:
@@ -357,7 +368,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         model = _model(frame) if conversation_id is None else None
         if conversation_id is not None:
             extra["conversation"] = str(conversation_id)
-        content = _content(frame, extra)
+        files = _attachments(frame, extra) or []
+        content = _content(frame, extra, files=bool(files))
         asked = time.monotonic()
         due = asked - self._signed_in_checked >= settings.CHAT_SESSION_RECHECK
         await self._start(
@@ -369,6 +381,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             prompt_id=prompt_id,
             model=model,
             sign_in=self.sign_in if due else None,
+            attachments=files,
         )
         if due and not self._closing:
             self._signed_in_checked = asked
@@ -378,7 +391,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         conversation_id = _uuid(frame, "conversation")
         extra: dict[str, Any] = {"client_id": str(client_id), "conversation": str(conversation_id)}
         message_id = _uuid(frame, "message")
-        content = _content(frame, extra)
+        files = _attachments(frame, extra)
+        # Without `attachments` the edited question keeps its files (it may then be only them).
+        content = _content(frame, extra, files=files is None or bool(files))
         await self._start(
             generation.in_database(generation.accept_edit),
             extra,
@@ -386,6 +401,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             message_id=message_id,
             content=content,
             client_id=client_id,
+            attachments=files,
         )
 
     async def _answer_again(self, frame: dict[str, Any]) -> None:

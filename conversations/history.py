@@ -14,21 +14,22 @@ from typing import Any
 
 from django.conf import settings
 
-from .llm import ChatMessage, estimate_tokens
-from .models import Conversation, Message, ToolRound
+from . import attachments
+from .llm import ChatMessage, content_tokens
+from .models import ChatModel, Conversation, Message, ToolRound
 
 # Every message costs a few tokens of framing on top of its text.
 PER_MESSAGE_OVERHEAD = 4
 FIRST_PAGE = 32  # most turns fit in the first page; later pages grow
 
 
-def message_tokens(content: str | None) -> int:
-    return estimate_tokens(content or "") + PER_MESSAGE_OVERHEAD
+def message_tokens(content: str | list[dict[str, Any]] | None) -> int:
+    return content_tokens(content) + PER_MESSAGE_OVERHEAD
 
 
 def _tokens(message: ChatMessage) -> int:
     calls = message.get("tool_calls") or ()
-    extra = sum(estimate_tokens(c["function"]["name"] + c["function"]["arguments"]) for c in calls)
+    extra = sum(content_tokens(c["function"]["name"] + c["function"]["arguments"]) for c in calls)
     return message_tokens(message.get("content")) + extra
 
 
@@ -112,13 +113,43 @@ def _rows(conversation: Conversation) -> Any:
     return (
         Message.objects.filter(conversation=conversation, is_active=True)
         .exclude(status=Message.Status.STREAMING)
-        .exclude(content="", tool_rounds__isnull=True)
-        .values_list("role", "content", "tool_rounds", "created_at", "pk")
+        .exclude(content="", tool_rounds__isnull=True, attachments__isnull=True)
+        .values_list("role", "content", "tool_rounds", "created_at", "pk", "attachments")
     )
 
 
-def _unit(role: str, content: str, tool_rounds: Any) -> list[ChatMessage]:
-    return with_tool_rounds(content, tool_rounds) if tool_rounds else [{"role": role, "content": content}]
+Row = tuple[str, str, Any, Any, Any, Any]  # `_rows`' values
+
+
+class _Units:
+    """A conversation's rows as what the model reads: an answer with its
+    tool rounds, a question with its files (one unit: kept or dropped
+    whole). Whether the model can see is asked once, and only of a chat
+    that sent images."""
+
+    def __init__(self, conversation: Conversation) -> None:
+        self.conversation = conversation
+        self._sees: bool | None = None
+
+    def sees(self) -> bool:
+        if self._sees is None:
+            self._sees = ChatModel.can_see(self.conversation.chosen_model)
+        return self._sees
+
+    def of(self, rows: list[Row], *, images: bool = True) -> list[list[ChatMessage]]:
+        """`images`: False for a summary's turns (an image is named, not read)."""
+        loaded = attachments.load((row[5] for row in rows), images=images)
+        images = any(found.data_url for found in loaded.values())
+        return [self._unit(row, loaded, images) for row in rows]
+
+    def _unit(self, row: Row, loaded: dict[str, attachments.Loaded], images: bool) -> list[ChatMessage]:
+        role, content, tool_rounds, _created, _pk, held = row
+        if tool_rounds:
+            return with_tool_rounds(content, tool_rounds)
+        if held:
+            parts = attachments.user_content(content, held, loaded, sees=images and self.sees())
+            return [{"role": role, "content": parts}]
+        return [{"role": role, "content": content}]
 
 
 def _newest_first(conversation: Conversation, upto: Message) -> Iterable[tuple[Key, list[ChatMessage]]]:
@@ -128,13 +159,14 @@ def _newest_first(conversation: Conversation, upto: Message) -> Iterable[tuple[K
     rows = _rows(conversation).order_by("-created_at", "-pk")
     page = rows.filter(created_at__lte=upto.created_at)
     size = FIRST_PAGE
+    units = _Units(conversation)
     while True:
         batch = list(page[:size])
-        for role, content, tool_rounds, created, pk in batch:
-            yield (created, pk), _unit(role, content, tool_rounds)
+        for row, unit in zip(batch, units.of(batch), strict=True):
+            yield (row[3], row[4]), unit
         if len(batch) < size:
             return
-        _, _, _, created, pk = batch[-1]
+        _, _, _, created, pk, _ = batch[-1]
         page = rows.filter(created_at__lte=created).exclude(created_at=created, pk__gte=pk)
         size *= 4
 
@@ -149,12 +181,12 @@ def _between(
     if after is not None:
         rows = rows.filter(created_at__gte=after[0]).exclude(created_at=after[0], pk__lte=after[1])
     used = 0
-    for role, content, tool_rounds, created, pk in rows[:PENDING_ROWS]:
-        unit = _unit(role, content, tool_rounds)
+    batch = list(rows[:PENDING_ROWS])
+    for row, unit in zip(batch, _Units(conversation).of(batch, images=False), strict=True):
         used += messages_tokens(unit)
         if used > budget and used != messages_tokens(unit):
             return
-        yield (created, pk), unit
+        yield (row[3], row[4]), unit
 
 
 @dataclass
@@ -238,7 +270,8 @@ def transcript(messages: Sequence[ChatMessage]) -> str:
     lines = []
     for message in messages:
         role = message["role"]
-        text = (message.get("content") or "")[:TRANSCRIPT_CHARS]
+        own, files = attachments.named_files(message.get("content"))
+        text = own[:TRANSCRIPT_CHARS] + (f"\n(Files sent with it: {', '.join(files)})" if files else "")
         if role == "tool":
             lines.append(f"Tool result: {text}")
         elif message.get("tool_calls"):

@@ -169,6 +169,11 @@ class Message(models.Model):
     # "summary", "ok", "content"}]}: sent upstream again on later turns as the
     # `assistant` tool-call message and its `tool` messages, shown as chips.
     tool_rounds = models.JSONField(null=True, blank=True, editable=False)
+    # For questions: the files sent with it, as they were then (the contract's
+    # `attachments`: [{"id", "filename", "bytes", "content_type", "tokens",
+    # "read_tokens"}], `read_tokens` what the model reads of it); the files
+    # themselves through `Attachment`. None: no files.
+    attachments = models.JSONField(null=True, blank=True, editable=False)
     # Versions: a regenerated answer or an edited question is a new message in
     # the same `version_group`; the replaced one stays, inactive (shown as 1/2).
     version_group = models.UUIDField(default=uuid.uuid4, editable=False)
@@ -178,6 +183,7 @@ class Message(models.Model):
 
     # Not columns: set on the rows of a page by `selectors.messages_for_page`.
     html: str
+    files: list[dict[str, object]]  # a question's attachments, each with its `note` (what was cut)
     usage: AnswerUsage | None
     version_index: int
     version_count: int
@@ -213,6 +219,21 @@ class Message(models.Model):
         return f"{self.role}: {self.content[:50]}"
 
 
+class Attachment(models.Model):
+    """A file sent with a question. The file stays while a message holds it;
+    one no message holds is pruned (`prune_history`), and deleting its
+    conversation deletes it (`attachments.delete_unattached`)."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="attached")
+    file = models.ForeignKey("files.File", on_delete=models.CASCADE, related_name="attachments")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["message", "file"], name="unique_file_per_message")]
+
+    def __str__(self) -> str:
+        return f"{self.file_id} on {self.message_id}"
+
+
 class ChatModel(models.Model):
     """A model users may pick for a new chat (staff keep the list in the
     admin). With no enabled model listed, every chat uses its prompt's model
@@ -221,6 +242,9 @@ class ChatModel(models.Model):
     name = models.CharField(max_length=100, unique=True, help_text="The model's name at the upstream API.")
     label = models.CharField(max_length=100, blank=True, help_text="What users see; blank = the name.")
     enabled = models.BooleanField(default=True)
+    vision = models.BooleanField(
+        default=False, help_text="The model can see images (people may send pictures to it)."
+    )
     position = models.PositiveIntegerField(default=0, help_text="Order in the page's list (smallest first).")
 
     class Meta:
@@ -242,6 +266,17 @@ class ChatModel(models.Model):
     def is_pickable(cls, name: str) -> bool:
         """May a user pick this model for a new chat (page, terminal, API)?"""
         return cls.objects.filter(name=name, enabled=True).exists()
+
+    @classmethod
+    def can_see(cls, name: str) -> bool:
+        """May images be sent to this model? Its row's `vision` flag, else
+        OPENAI_VISION_MODELS; the offline demo model describes what it got."""
+        from . import llm
+
+        if name == llm.DEMO_MODEL:
+            return True
+        found = cls.objects.filter(name=name).values_list("vision", flat=True).first()
+        return bool(found) if found is not None else name in settings.OPENAI_VISION_MODELS
 
     @classmethod
     def label_of(cls, name: str) -> str:

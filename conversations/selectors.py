@@ -13,7 +13,10 @@ from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import ValidationError
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Sum
 
+from files.uploads import describe_bytes
+
 from . import refusals
+from .attachments import cut_note
 from .models import AnswerUsage, ChatModel, Conversation, Message, SystemPrompt, TokenUsage
 from .rendering import render_many
 
@@ -153,6 +156,15 @@ def messages_for_page(conversation: Conversation) -> list[Message]:
     for message in messages:
         groups[message.version_group].append(message)
         message.usage = usage.get(message.pk)
+        message.files = [
+            {
+                **record,
+                "note": cut_note(record),
+                "size": describe_bytes(record["bytes"]),
+                "image": record["content_type"].startswith("image/"),
+            }
+            for record in message.attachments or ()
+        ]
         if message.role != Message.Role.ASSISTANT:
             message.html = ""
     for versions in groups.values():
@@ -170,6 +182,9 @@ def export_markdown(conversation: Conversation) -> str:
         who = "You" if message.role == Message.Role.USER else f"Assistant ({message.model or 'model'})"
         note = "" if message.status in ("complete",) else f" _[{message.status}]_"
         lines += [f"**{who}:**{note}", "", message.content, ""]
+        if message.attachments:
+            named = ", ".join(f"{a['filename']} ({describe_bytes(a['bytes'])})" for a in message.attachments)
+            lines += [f"_Files: {named}_", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -189,6 +204,7 @@ def export_json(conversation: Conversation) -> dict[str, Any]:
                 "created_at": message.created_at.isoformat(),
                 "is_active": message.is_active,
                 "version_group": str(message.version_group),
+                "attachments": message.attachments or [],
                 "usage": (
                     {
                         "prompt_tokens": row["prompt_tokens"],

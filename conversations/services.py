@@ -6,7 +6,7 @@ from __future__ import annotations
 from asgiref.sync import async_to_sync
 from django.db import transaction
 
-from . import generation, inputs
+from . import attachments, generation, inputs
 from .generation import events
 from .models import Conversation, Message
 
@@ -38,8 +38,8 @@ def conversation_rename(*, conversation: Conversation, title: str) -> Conversati
 
 
 def conversation_delete(*, conversation: Conversation) -> None:
-    """Delete a conversation and its messages; its usage rows stay in the
-    ledger. A streaming answer is stopped first."""
+    """Delete a conversation, its messages and their files; its usage rows
+    stay in the ledger. A streaming answer is stopped first."""
     conversation_id, owner_id = conversation.pk, conversation.owner_id
     if Message.objects.filter(conversation=conversation, status=Message.Status.STREAMING).exists():
         async_to_sync(generation.request_stop)(conversation_id)
@@ -48,5 +48,7 @@ def conversation_delete(*, conversation: Conversation) -> None:
         # another thread or worker) either saves its ledger row before the
         # delete collects it, or sees its message gone and keeps the row alone.
         list(Message.objects.select_for_update().filter(conversation=conversation).values_list("pk"))
+        files = attachments.held_by(Message.objects.filter(conversation=conversation))
         conversation.delete()
+        attachments.delete_unattached(files)  # its files, unless another chat holds one too
     transaction.on_commit(lambda: _tell_user(owner_id, events.conversation_deleted(conversation_id)))

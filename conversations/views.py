@@ -62,6 +62,8 @@ def _page_urls() -> dict[str, str]:
         "delete": per_conversation("delete"),
         "exportMd": per_conversation("export_md"),
         "exportJson": per_conversation("export_json"),
+        "files": reverse("files:upload"),
+        "file": reverse("files:content", kwargs={"file_id": _ANY}).replace(str(_ANY), "{id}"),
     }
 
 
@@ -92,6 +94,10 @@ def _chat_page(request: AuthenticatedHttpRequest, conversation: Conversation | N
             "demo": llm.is_demo(),
             "currency": settings.CHAT_CURRENCY,
             "conversationsNext": next_cursor,
+            "files": {
+                "maxBytes": settings.CHAT_FILE_MAX_BYTES,
+                "maxPerMessage": settings.CHAT_FILE_MAX_PER_MESSAGE,
+            },
         },
     }
     return render(request, "conversations/chat.html", context)

@@ -71,12 +71,14 @@ def storage_limit(user: User) -> int:
     return int(settings.CHAT_FILE_STORAGE_PER_USER)
 
 
-async def upload(user: User, filename: str, data: bytes) -> File:
-    """Store `data` as the user's file, or raise Refused."""
+async def read(user: User, filename: str, data: bytes) -> File:
+    """`data` taken in as the user's file, unsaved: the upload rate limit
+    (counted before anything is read: a flood costs nothing), the size, the
+    kind from the bytes, a PDF's text (extract.py). Raises Refused."""
     from accounts.limits import take_upload
 
     wait = await database_sync_to_async(take_upload)(user)
-    if wait is not None:  # before anything is read: a flood costs nothing
+    if wait is not None:
         raise Refused(
             f"Too many uploads. Try again in {wait} s.",
             code="rate_limit_exceeded",
@@ -104,7 +106,7 @@ async def upload(user: User, filename: str, data: bytes) -> File:
     # What the database can hold (PostgreSQL takes no NUL, no lone surrogate).
     text = text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
     tokens = IMAGE_TOKENS if found.kind == File.Kind.IMAGE else (len(text) + 3) // 4
-    row = File(
+    return File(
         id=uuid.uuid4(),
         owner=user,
         filename=name,
@@ -114,6 +116,12 @@ async def upload(user: User, filename: str, data: bytes) -> File:
         text=text,
         tokens=tokens,
     )
+
+
+async def upload(user: User, filename: str, data: bytes) -> File:
+    """Store `data` as the user's file, or raise Refused."""
+    row = await read(user, filename, data)
+    name = row.filename
     blob = row.blob.field.generate_filename(row, name)
     saved = await asyncio.to_thread(default_storage.save, blob, ContentFile(data))
     row.blob.name = saved

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 
 from channels.db import database_sync_to_async
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views.decorators.http import require_http_methods
 
 from . import serve, uploads
@@ -39,7 +39,7 @@ async def upload(request: HttpRequest) -> HttpResponse:
 
 
 @require_http_methods(["GET", "DELETE"])
-async def content(request: HttpRequest, file_id: uuid.UUID) -> HttpResponse:
+async def content(request: HttpRequest, file_id: uuid.UUID) -> HttpResponseBase:
     user = await _signed_in(request)
     if user is None:
         return _error(401, "You are signed out. Log in again.", "signed_out")

@@ -70,6 +70,7 @@ def message_payload(message: Message) -> dict[str, Any]:
         "status": message.status,
         "created_at": message.created_at.isoformat(),
         "version_group": str(message.version_group),
+        "attachments": message.attachments or [],  # a question's files
     }
 
 

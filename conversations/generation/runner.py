@@ -81,6 +81,12 @@ async def launch(accepted: Accepted) -> asyncio.Task[None]:
     return task
 
 
+def _question_text(question: Message) -> str:
+    """What a title is made of: the question, else the names of its files."""
+    names = ", ".join(record["filename"] for record in question.attachments or ())
+    return question.content if question.content.strip() or not names else names
+
+
 def running_tasks() -> set[asyncio.Task[None]]:
     """The answers this process is writing now."""
     return set(_running)
@@ -153,7 +159,7 @@ class Generation:
         if first_answer and settings.CHAT_AUTO_TITLE:
             await make_title(
                 self.conversation,
-                self.accepted.question.content,
+                _question_text(self.accepted.question),
                 "".join(self.sent),
                 limited=self.accepted.reservation is not None,
             )

@@ -28,10 +28,11 @@ from django.db import transaction
 from accounts.limits import take_send, take_sends
 
 from .. import llm, quotas, refusals, selectors, tools
+from ..attachments import has_images
 from ..batches import batches_of
 from ..database import in_database
 from ..history import messages_tokens
-from ..models import SystemPrompt, TokenUsage
+from ..models import ChatModel, SystemPrompt, TokenUsage
 from . import toolrounds
 from .ledger import record_model_call, release
 from .pace import pace
@@ -85,6 +86,9 @@ def accept_calls(asks: list[tuple[User, Call]]) -> list[Call | Exception]:
         call.model = call.model or default
         if call.model not in usable:
             results[index] = UnknownModel(call.model)
+            continue
+        if has_images(call.messages) and not ChatModel.can_see(call.model):
+            results[index] = refusals.invalid(f"The model “{call.model[:100]}” cannot see images.")
             continue
         if prompt is not None and prompt.text and not any(m["role"] == "system" for m in call.messages):
             call.messages = [{"role": "system", "content": prompt.text}, *call.messages]

@@ -25,7 +25,8 @@ from django.utils import timezone
 from accounts import sessions
 from accounts.limits import take_send, take_sends
 
-from .. import inputs, llm, prompts, quotas, refusals
+from .. import attachments, inputs, llm, prompts, quotas, refusals
+from ..attachments import files_for_send
 from ..history import History, fit_history, messages_tokens, plan_history
 from ..models import ChatModel, Conversation, Message, SystemPrompt
 from ..selectors import conversation_for_user
@@ -132,6 +133,20 @@ def _question_row(conversation: Conversation, content: str, client_id: uuid.UUID
     )
 
 
+def _store_question(question: Message, files: list[Any]) -> None:
+    """Insert the question with what it holds of its files."""
+    if not question.content.strip() and not files:
+        raise refusals.invalid("The message is empty.")
+    question.attachments = attachments.records(files) or None
+    question.save(force_insert=True)
+    attachments.attach(question, files)
+
+
+def _title_text(content: str, files: list[Any]) -> str:
+    """What a new chat's provisional title is made of: its question, else its first file's name."""
+    return content if content.strip() or not files else files[0].filename
+
+
 def _own_conversation(user: User, conversation_id: Any) -> Conversation:
     return conversation_for_user(user=user, conversation_id=conversation_id, with_prompt=True)
 
@@ -167,9 +182,13 @@ def _first_heartbeat(answer_ids: list[Any]) -> None:
 
 def _history(accepted: Accepted) -> History:
     if accepted.conversation_created:  # nothing to read: the prompt and the question
+        question = accepted.question
+        held = question.attachments
+        # An image reached here only for a model that can see (files_for_send).
+        content = attachments.user_content(question.content, held, attachments.load([held]), sees=True)
         messages = fit_history(
             accepted.conversation.prompt_text,
-            [{"role": "user", "content": accepted.question.content}],
+            [{"role": "user", "content": content}],
             settings.CHAT_CONTEXT_TOKENS,
         )
         return History(before=[], after=messages)
@@ -234,6 +253,7 @@ class Send:
     prompt_id: uuid.UUID | None = None
     model: str | None = None
     sign_in: tuple[str | None, Any] | None = None
+    attachments: list[uuid.UUID] = field(default_factory=list)  # the user's file ids
 
 
 def accept_message(
@@ -244,11 +264,13 @@ def accept_message(
     client_id: uuid.UUID,
     prompt_id: uuid.UUID | None = None,
     model: str | None = None,
+    attachments: list[uuid.UUID] | None = None,
 ) -> Accepted:
     """Store the question and an empty `streaming` answer, in one transaction:
     a batch of one (`accept_messages`). A new conversation gets `prompt_id`'s
     system prompt (else the default one) and `model` (one of the enabled
-    ChatModels; else the prompt's).
+    ChatModels; else the prompt's). `attachments`: the user's files that go
+    with the question (`attachments.files_for_send` refuses the rest).
 
     Refuses (`refusals.Refusal`): `resent` for a `client_id` already stored,
     `not_found` for a conversation that is not the user's, `busy` when an
@@ -256,7 +278,7 @@ def accept_message(
     `rate_limited`, `quota_exceeded`; `invalid_request` for a model users may
     not pick or text that cannot be stored.
     """
-    send = Send(user, conversation_id, content, client_id, prompt_id, model)
+    send = Send(user, conversation_id, content, client_id, prompt_id, model, attachments=attachments or [])
     (outcome,) = accept_messages([send])
     if isinstance(outcome, Exception):
         raise outcome
@@ -273,25 +295,27 @@ def _accept_one(send: Send) -> Accepted:
         raise refusals.invalid(f"The model “{model[:100]}” is not available.")
 
     def build() -> Accepted:
+        # Files are refused before anything is stored.
         if conversation_id is None:
+            prompt = _prompt_for_new_conversation(send.prompt_id)
+            answers = llm.resolve_model(model or "", prompt.model if prompt else "")
+            files = files_for_send(send.user, send.attachments, answers)
             conversation = new_conversation(
-                send.user,
-                _prompt_for_new_conversation(send.prompt_id),
-                model=model,
-                title=title_from(content),
+                send.user, prompt, model=model, title=title_from(_title_text(content, files))
             )
         else:
             conversation = _own_conversation(send.user, conversation_id)
+            files = files_for_send(send.user, send.attachments, conversation.chosen_model)
         # A conversation made empty (the HTTP API) gets its title from its first
         # question. (Every other one has a title: no query on a normal turn.)
         first_turn = conversation_id is None or (
             not conversation.title and not Message.objects.filter(conversation=conversation).exists()
         )
         if first_turn and not conversation.title:
-            conversation.title = title_from(content)
+            conversation.title = title_from(_title_text(content, files))
             Conversation.objects.filter(pk=conversation.pk).update(title=conversation.title)
         question = _question_row(conversation, content, send.client_id)
-        question.save(force_insert=True)
+        _store_question(question, files)
         return Accepted(
             conversation,
             question,
@@ -337,6 +361,7 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
             and send.client_id not in seen
             and send.conversation_id is None
             and not send.model
+            and not send.attachments
             and limits[send.user.pk].unlimited
         ):
             candidates.append(index)
@@ -446,10 +471,18 @@ def accept_regenerate(*, user: User, conversation_id: uuid.UUID) -> Accepted:
 
 
 def accept_edit(
-    *, user: User, conversation_id: uuid.UUID, message_id: uuid.UUID, content: str, client_id: uuid.UUID
+    *,
+    user: User,
+    conversation_id: uuid.UUID,
+    message_id: uuid.UUID,
+    content: str,
+    client_id: uuid.UUID,
+    attachments: list[uuid.UUID] | None = None,
 ) -> Accepted:
     """Replace the last question with new text and answer it anew; the old
-    question and its answers stay as replaced versions."""
+    question and its answers stay as replaced versions. `attachments`: the
+    new question's files; None keeps the old one's."""
+    file_ids = attachments
     _refuse_unstorable(content)
     _refuse_resent(user, client_id)
 
@@ -463,11 +496,13 @@ def accept_edit(
             old_answer = None
         if old_answer is not None and old_answer.status == Message.Status.STREAMING:
             raise refusals.busy()
+        kept = [uuid.UUID(r["id"]) for r in old_question.attachments or ()] if file_ids is None else file_ids
+        files = files_for_send(user, kept, conversation.chosen_model)
         Message.objects.filter(
             conversation=conversation, is_active=True, created_at__gte=old_question.created_at
         ).update(is_active=False)
         question = _question_row(conversation, content, client_id, version_group=old_question.version_group)
-        question.save(force_insert=True)
+        _store_question(question, files)
         answer = _new_answer(
             conversation, **({"version_group": old_answer.version_group} if old_answer else {})
         )

@@ -36,6 +36,7 @@ from .errors import (
 from .redaction import redact
 from .streaming import is_demo, no_tools, stream_chat
 from .types import (
+    IMAGE_TOKENS,
     ChatMessage,
     Completion,
     StreamEnd,
@@ -43,11 +44,14 @@ from .types import (
     TextDelta,
     ToolCall,
     Usage,
+    content_text,
+    content_tokens,
     estimate_tokens,
 )
 
 __all__ = [
     "DEMO_MODEL",
+    "IMAGE_TOKENS",
     "REASONS",
     "ChatMessage",
     "Completion",
@@ -65,6 +69,8 @@ __all__ = [
     "Usage",
     "close",
     "complete_chat",
+    "content_text",
+    "content_tokens",
     "estimate_tokens",
     "forget_refusals",
     "is_demo",

@@ -9,18 +9,31 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator, Sequence
 
-from .types import ChatMessage, Completion, StreamEnd, StreamEvent, TextDelta, Usage, estimate_tokens
+from .types import (
+    ChatMessage,
+    Completion,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    Usage,
+    content_text,
+    content_tokens,
+    estimate_tokens,
+)
 
 DEMO_MODEL = "demo"
 DEMO_DELAY = 0.02  # seconds between demo tokens: enough to watch it stream
 
 
-def demo_answer(question: str) -> str:
+def demo_answer(question: str, parts: int = 0) -> str:
+    """`parts`: how many content parts the question came with (its files)."""
     excerpt = " ".join(question.split())[:200]
+    files = f"It came with {parts} content parts: your files, as a model reads them.\n\n" if parts else ""
     return (
         "**Demo mode.** No model is configured, so this is a canned answer from the "
         "offline demo model, not an AI.\n\n"
         f"You wrote: _{excerpt}_\n\n"
+        f"{files}"
         "To chat with a real model, set `OPENAI_API_KEY` (and `OPENAI_MODEL`), or "
         "`OPENAI_BASE_URL` for any OpenAI-compatible server such as Ollama or vLLM, "
         "then restart the server. For example:\n\n"
@@ -36,13 +49,13 @@ def demo_title(question: str) -> str:
 
 
 def _prompt_tokens(messages: Sequence[ChatMessage]) -> int:
-    return sum(estimate_tokens(message.get("content") or "") + 4 for message in messages)
+    return sum(content_tokens(message.get("content")) + 4 for message in messages)
 
 
 async def stream(messages: Sequence[ChatMessage]) -> AsyncGenerator[StreamEvent, None]:
     """The demo's answer, a word at a time (it offers no tools and calls none)."""
-    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    answer = demo_answer(question)
+    content = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    answer = demo_answer(content_text(content), 0 if isinstance(content, str) else len(content))
     words = answer.split(" ")
     for i, word in enumerate(words):
         await asyncio.sleep(DEMO_DELAY)
@@ -56,7 +69,7 @@ async def stream(messages: Sequence[ChatMessage]) -> AsyncGenerator[StreamEvent,
 
 def complete(messages: Sequence[ChatMessage], *, json_object: bool, demo_text: str | None) -> Completion:
     """A short completion: `demo_text`, or a title made of the question's first words."""
-    question = next((m["content"] for m in messages if m["role"] == "user"), "")
+    question = next((content_text(m["content"]) for m in messages if m["role"] == "user"), "")
     text = demo_text if demo_text is not None else demo_title(question)
     if json_object:
         text = json.dumps({"title": text}, ensure_ascii=False)

@@ -60,3 +60,31 @@ class Completion:
 def estimate_tokens(text: str) -> int:
     """A download-free token estimate: about four characters a token in English."""
     return (len(text) + 3) // 4
+
+
+# What one image costs the model, about (OpenAI: a 1024x1024 picture in
+# detail); files.uploads.IMAGE_TOKENS, the same estimate, is stored with an
+# uploaded image.
+IMAGE_TOKENS = 765
+
+
+def content_tokens(content: str | list[dict[str, Any]] | None) -> int:
+    """A message's content, estimated: a string, or content parts (text
+    parts by their text, an image by IMAGE_TOKENS)."""
+    if not content:
+        return 0
+    if isinstance(content, str):
+        return estimate_tokens(content)
+    return sum(
+        estimate_tokens(part.get("text") or "") if part.get("type") == "text" else IMAGE_TOKENS
+        for part in content
+    )
+
+
+def content_text(content: str | list[dict[str, Any]] | None) -> str:
+    """A message's text: a string, or its text parts one after the other."""
+    if not content:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(part.get("text") or "" for part in content if part.get("type") == "text")

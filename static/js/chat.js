@@ -7,6 +7,7 @@
 //   versions.js  "‹ 2/3 ›": versions of a question or an answer
 //   stream.js    the answer streaming now; live.js formats it as it grows
 //   composer.js  typing, drafts, sending, stop, edit
+//   attachments.js  files: the composer's tray, the files on a question
 //   scroll.js    following the bottom, "jump to latest"
 //   shell.js     title, errors, connection line, drawer, menus, shortcuts
 //   sidebar.js   the conversation list
@@ -17,6 +18,7 @@
 
 import { config, urlFor } from "./config.js";
 import { $ } from "./dom.js";
+import { createTray } from "./attachments.js";
 import { createComposer } from "./composer.js";
 import { createFrames } from "./frames.js";
 import { createMessages } from "./messages.js";
@@ -60,6 +62,7 @@ function start() {
   const messages = createMessages({
     inner,
     versions,
+    fileUrl: (id) => urlFor("file", id),
     onAction: (type) => composer.action(type),
     onEdit: (article) => composer.startEdit(article),
   });
@@ -76,10 +79,12 @@ function start() {
     askSnapshot: (after) => socket.send({ type: "conversation.join", conversation, after }),
     onChange: changed,
   });
+  const tray = createTray({ config, shell, onChange: () => composer && composer.update() });
   composer = createComposer({
     config,
     socket,
     messages,
+    tray,
     shell,
     scroller,
     isStreaming: stream.isStreaming,

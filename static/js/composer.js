@@ -10,7 +10,7 @@ import { $, make } from "./dom.js";
 const DRAFT_PREFIX = "chat.draft.";
 const DRAFT_SAVE_DELAY = 300;
 
-export function createComposer({ config, socket, messages, shell, scroller, isStreaming, conversation, onChange }) {
+export function createComposer({ config, socket, messages, tray, shell, scroller, isStreaming, conversation, onChange }) {
   const el = {
     form: $("composer"),
     input: $("composer-input"),
@@ -37,7 +37,8 @@ export function createComposer({ config, socket, messages, shell, scroller, isSt
     const isBusy = busy();
     const hadFocus = document.activeElement === el.input || document.activeElement === el.stop;
     el.input.disabled = isBusy;
-    el.send.disabled = isBusy;
+    el.send.disabled = isBusy || tray.uploading();
+    tray.setDisabled(isBusy);
     el.send.hidden = streaming;
     el.stop.hidden = !streaming || ended;
     if (streaming) el.stop.disabled = stopRequested;
@@ -105,7 +106,11 @@ export function createComposer({ config, socket, messages, shell, scroller, isSt
   function submit() {
     if (busy()) return;
     const content = el.input.value;
-    if (!content.trim()) return;
+    if (tray.uploading()) {
+      shell.showError("A file is still uploading: send once it is done.");
+      return;
+    }
+    if (!content.trim() && !tray.hasReady()) return;
     if (content.length > config.maxChars) {
       shell.showError(`The message is too long (${content.length} > ${config.maxChars} characters).`);
       return;
@@ -115,8 +120,10 @@ export function createComposer({ config, socket, messages, shell, scroller, isSt
     const frame = { type: "message.send", conversation: conversation(), content, client_id: clientId };
     if (!conversation() && el.promptSelect && el.promptSelect.value) frame.prompt = el.promptSelect.value;
     if (!conversation() && el.modelSelect && el.modelSelect.value) frame.model = el.modelSelect.value;
-    const article = messages.addUser({ clientId, status: "sending", content });
-    pending.set(clientId, { kind: "send", frame, el: article });
+    const files = tray.take();
+    if (files.ids.length) frame.attachments = files.ids;
+    const article = messages.addUser({ clientId, status: "sending", content, attachments: files.records });
+    pending.set(clientId, { kind: "send", frame, el: article, records: files.records });
     el.input.value = "";
     clearDraft();
     autoGrow();
@@ -239,7 +246,8 @@ export function createComposer({ config, socket, messages, shell, scroller, isSt
       p.el.dataset.status = "failed";
       messages.setPendingLabel(p.el, "Not sent");
       const current = el.input.value;
-      el.input.value = current ? `${p.frame.content}\n${current}` : p.frame.content;
+      el.input.value = current && p.frame.content ? `${p.frame.content}\n${current}` : p.frame.content || current;
+      tray.restore(p.records);
       refocus = true;
     }
     return true;

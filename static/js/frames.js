@@ -44,12 +44,13 @@ export function createFrames({ conversation, adopt, leaveDeleted, messages, vers
         if (m.conversation !== conversation()) adopt(m.conversation);
         if (mine.kind === "edit") {
           const old = versions.retire(messages.find(replaces || mine.frame.message));
-          const article = messages.addUser({ id: m.id, status: m.status, content: m.content });
+          const article = messages.addUser({ id: m.id, status: m.status, content: m.content, attachments: m.attachments });
           versions.join(article, group, old);
           if (old) messages.setPendingLabel(old, null);
         } else {
           mine.el.dataset.messageId = m.id;
           mine.el.dataset.status = m.status;
+          messages.showFiles(mine.el, m.attachments); // with what the model read of each
           if (group) mine.el.dataset.versionGroup = group;
           delete mine.el.dataset.clientId;
           messages.setPendingLabel(mine.el, null);
@@ -62,7 +63,7 @@ export function createFrames({ conversation, adopt, leaveDeleted, messages, vers
       if (m.conversation !== conversation() || messages.find(m.id)) return;
       // Sent from another tab into the conversation shown here.
       const old = replaces ? versions.retire(messages.find(replaces)) : null;
-      const article = messages.addUser({ id: m.id, status: m.status, content: m.content, group });
+      const article = messages.addUser({ id: m.id, status: m.status, content: m.content, group, attachments: m.attachments });
       if (old) versions.join(article, group, old);
       if (sidebar) sidebar.upsert(m.conversation, null);
       changed();

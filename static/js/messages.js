@@ -7,6 +7,7 @@
 // finished answer is the server's, already sanitised.
 
 import { formatMoney } from "./config.js";
+import { showHeld } from "./attachments.js";
 import { $, copyText, flashCopied, iconButton, make } from "./dom.js";
 
 const STATUS_LABELS = {
@@ -16,7 +17,7 @@ const STATUS_LABELS = {
   interrupted: "Interrupted",
 };
 
-export function createMessages({ inner, versions, onAction, onEdit }) {
+export function createMessages({ inner, versions, fileUrl, onAction, onEdit }) {
   // The raw markdown of answers seen finishing on this page (copy gives it back).
   const rawContent = new WeakMap();
   let lastUser = null;
@@ -27,7 +28,7 @@ export function createMessages({ inner, versions, onAction, onEdit }) {
     return inner.querySelector(`.msg[data-message-id="${CSS.escape(id)}"]`);
   }
 
-  function build({ role, id = "", clientId = "", status, content = "", group = "", index = 1, count = 1 }) {
+  function build({ role, id = "", clientId = "", status, content = "", group = "", index = 1, count = 1, attachments }) {
     $("empty-state")?.remove();
     const article = make("article", `msg msg-${role}`);
     article.dataset.messageId = id;
@@ -40,6 +41,7 @@ export function createMessages({ inner, versions, onAction, onEdit }) {
     article.setAttribute("aria-label", role === "user" ? "You" : "Assistant");
     article.append(make("div", "msg-body msg-text", content));
     article.append(make("div", "msg-meta"));
+    showHeld(article, attachments, fileUrl);
     decorate(article);
     return article;
   }
@@ -237,6 +239,7 @@ export function createMessages({ inner, versions, onAction, onEdit }) {
     setPendingLabel,
     enhanceProse,
     showFinal,
+    showFiles: (article, records) => showHeld(article, records, fileUrl),
     addToolChip,
     showSummaryMarker,
     refreshLastActions,

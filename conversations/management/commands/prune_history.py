@@ -11,10 +11,13 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from conversations.models import Conversation, Message, TokenUsage
+from conversations import attachments
+from conversations.models import Attachment, Conversation, Message, TokenUsage
+from files.models import File
 
 _AGE = re.compile(r"^(\d+)\s*([hdw])$")
 _UNITS = {"h": "hours", "d": "days", "w": "weeks"}
+UNSENT_FILE_AGE = timedelta(days=1)
 
 
 def parse_age(text: str) -> timedelta:
@@ -30,6 +33,7 @@ class Pruned:
     conversations: int = 0
     messages: int = 0
     usage_unlinked: int = 0
+    files: int = 0
 
 
 class Command(BaseCommand):
@@ -38,7 +42,9 @@ class Command(BaseCommand):
         "activity is older; with --what messages, also the old messages of conversations "
         "still in use. Pinned conversations are always kept, and so is the token ledger: "
         "usage rows stay, only their links to the deleted conversation or message are "
-        "cleared. Works in batches, so memory stays flat whatever the size."
+        "cleared. The files of deleted messages go with them (unless a kept message holds them "
+        "too), and so do files uploaded more than a day ago and never sent. Works in batches, "
+        "so memory stays flat whatever the size."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -91,14 +97,29 @@ class Command(BaseCommand):
         self._prune_conversations(conversations, batch, pruned)
         if options["what"] == "messages":
             self._prune_messages(old_messages, batch, pruned)
+        pruned.files += self._prune_unsent_files(owners)
         self.stdout.write(
             f"Deleted {pruned.conversations} conversation(s) and {pruned.messages} message(s) {scope}; "
-            f"kept {kept} pinned conversation(s)."
+            f"kept {kept} pinned conversation(s). Deleted {pruned.files} file(s) no message holds."
         )
         self.stdout.write(
             f"Token ledger untouched: {pruned.usage_unlinked} usage row(s) kept, "
             "unlinked from the deleted history."
         )
+
+    def _prune_unsent_files(self, owners: list[int] | None) -> int:
+        """Files uploaded more than a day ago that no message holds (never
+        sent, or let go of by a message deleted since)."""
+        unsent = File.objects.filter(
+            created_at__lt=timezone.now() - UNSENT_FILE_AGE, attachments__isnull=True
+        )
+        if owners is not None:
+            unsent = unsent.filter(owner__in=owners)
+        gone = 0
+        for found in unsent.only("pk", "blob").iterator():
+            found.delete()  # one by one: its blob goes too (files.apps)
+            gone += 1
+        return gone
 
     def _owners(self, usernames: list[str] | None) -> list[int] | None:
         if not usernames:
@@ -144,12 +165,15 @@ class Command(BaseCommand):
                 pruned.usage_unlinked += TokenUsage.objects.filter(conversation_id__in=ids).update(
                     conversation=None, message=None
                 )
-                pruned.messages += _raw_delete(Message.objects.filter(conversation_id__in=ids))
+                messages = Message.objects.filter(conversation_id__in=ids)
+                files = _unhold(messages)
+                pruned.messages += _raw_delete(messages)
                 # Still idle: a conversation that came back to life meanwhile
                 # stays (and its new messages with it, through the cascade).
                 _, per_model = conversations.filter(pk__in=ids).delete()
                 pruned.conversations += per_model.get("conversations.Conversation", 0)
                 pruned.messages += per_model.get("conversations.Message", 0)
+                pruned.files += attachments.delete_unattached(files)
 
     def _prune_messages(self, old_messages: QuerySet[Message], batch: int, pruned: Pruned) -> None:
         # Batches are ranges of `created_at` (indexed): find where the next
@@ -163,9 +187,20 @@ class Command(BaseCommand):
                 pruned.usage_unlinked += TokenUsage.objects.filter(message__in=chunk.values("pk")).update(
                     message=None
                 )
+                files = _unhold(chunk)
                 pruned.messages += _raw_delete(chunk)
+                pruned.files += attachments.delete_unattached(files)
             if not ends:
                 return
+
+
+def _unhold(messages: QuerySet[Message]) -> list[Any]:
+    """Let go of the files these messages hold (before their raw delete);
+    the ids of those files."""
+    files = attachments.held_by(messages)
+    held = Attachment.objects.filter(message__in=messages.values("pk"))
+    held._raw_delete(held.db)
+    return files
 
 
 def _raw_delete(messages: QuerySet[Message]) -> int:

@@ -1,0 +1,165 @@
+"""Files on the page, in a real Chromium against a real daphne: a file by the
+attach button (with its upload's progress), a picture by drag and drop, a
+refused upload and a refused send explained, the files on the question
+after sending and after a reload, and the same on a phone."""
+
+from __future__ import annotations
+
+import base64
+import re
+import struct
+import zlib
+from typing import Any
+
+import pytest
+from playwright.sync_api import FilePayload, Page, expect
+
+from conversations.models import ChatModel
+from tests.conftest import LiveServer
+from tests.fake_llm import FakeLLM, Reply
+from tests.test_browser import SHOTS, Tabs, composer, finished, in_thread, open_chat
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+LOG = b"".join(
+    b"2026-12-02 10:%02d:%02d INFO all quiet on node %d\n" % (i // 60 % 60, i % 60, i) for i in range(6000)
+)
+
+
+def _picture(size: int = 48) -> bytes:
+    """A PNG of four coloured squares (something to see in a thumbnail)."""
+    colours = [(47, 111, 235), (240, 180, 40), (40, 160, 90), (198, 47, 47)]
+    rows = b""
+    for y in range(size):
+        row = b"\x00"
+        for x in range(size):
+            row += bytes(colours[(y >= size // 2) * 2 + (x >= size // 2)])
+        rows += row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+PNG = _picture()
+
+
+def _drop(page: Page, name: str, data: bytes, mime: str) -> None:
+    """Drop a file onto the composer as a person dragging it from their desktop would."""
+    transfer = page.evaluate_handle(
+        """([name, b64, mime]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: mime }));
+            return transfer;
+        }""",
+        [name, base64.b64encode(data).decode(), mime],
+    )
+    page.dispatch_event("#composer", "dragenter", {"dataTransfer": transfer})
+    expect(page.locator("#composer.is-dropping")).to_have_count(1)
+    page.dispatch_event("#composer", "drop", {"dataTransfer": transfer})
+
+
+def test_attach_by_button_and_by_drop_see_progress_and_chips_send_and_reload(
+    daphne_server: LiveServer, alice: Any, fake_llm: FakeLLM, tabs: Tabs
+) -> None:
+    page = tabs.new(alice)
+    open_chat(page, daphne_server, "/")
+    # A slow uplink, so that the upload's progress can be watched.
+    network = page.context.new_cdp_session(page)
+    network.send("Network.enable")
+    network.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 200 * 1024},
+    )
+
+    page.locator("#file-input").set_input_files(
+        [FilePayload(name="node.log", mimeType="text/plain", buffer=LOG)]
+    )
+    chip = page.locator("#attach-list .file-chip").first
+    expect(chip).to_contain_text("node.log")
+    expect(chip).to_contain_text("KB")
+    bar = chip.locator("progress.file-progress")
+    page.wait_for_function(
+        "() => { const bar = document.querySelector('#attach-list progress');"
+        " return bar && bar.value > 0 && bar.value < 100; }"
+    )
+    page.screenshot(path=str(SHOTS / "files-uploading.png"))
+    expect(chip).to_have_class("file-chip is-ready", timeout=30_000)
+    expect(bar).to_be_hidden()
+    network.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
+
+    # A file of a kind the product does not read: refused, and said why
+    # (the browser logs the 400 of its upload).
+    tabs.allowed.append(re.compile(r"status of 400 \(Bad Request\)"))
+    binary = b"\x7fELF\x02" + bytes(range(256)) * 4
+    page.locator("#file-input").set_input_files(
+        [FilePayload(name="tool.bin", mimeType="application/octet-stream", buffer=binary)]
+    )
+    refused = page.locator("#attach-list .file-chip.is-error")
+    expect(refused).to_contain_text("cannot be read here")
+    expect(refused).to_contain_text("PDF documents and images")
+    page.screenshot(path=str(SHOTS / "files-refused-upload.png"))
+    refused.get_by_role("button", name="Remove tool.bin").click()
+    expect(refused).to_have_count(0)
+
+    _drop(page, "dot.png", PNG, "image/png")
+    picture = page.locator("#attach-list .file-chip", has_text="dot.png")
+    expect(picture).to_have_class("file-chip is-ready")
+    expect(picture.locator("img.file-thumb")).to_have_count(1)
+    page.screenshot(path=str(SHOTS / "files-tray.png"))
+
+    # The chat's model cannot see: the send is refused and nothing is lost.
+    composer(page).fill("What do these show?")
+    composer(page).press("Enter")
+    expect(page.locator("#chat-error")).to_contain_text("cannot see images")
+    expect(composer(page)).to_have_value("What do these show?")
+    expect(page.locator("#attach-list .file-chip.is-ready")).to_have_count(2)
+    page.screenshot(path=str(SHOTS / "files-refused-send.png"))
+
+    in_thread(lambda: ChatModel.objects.create(name="fake-model", label="Fake", vision=True))
+    fake_llm.script(Reply(chunks=["A log ", "and a dot."]))
+    composer(page).press("Enter")
+    expect(finished(page).last).to_contain_text("A log and a dot.")
+    question = page.locator(".msg-user").last
+    expect(question.locator(".msg-files .file-chip")).to_have_count(2)
+    expect(question.locator(".msg-files")).to_contain_text("node.log")
+    expect(question.locator(".file-note")).to_contain_text("Only the first 6,000 of")
+    expect(page.locator("#attach-list")).to_be_hidden()
+    parts = [m for m in fake_llm.streamed_requests[-1].body["messages"] if m["role"] == "user"][-1]["content"]
+    assert parts[0] == {"type": "text", "text": "What do these show?"}
+    assert parts[1]["text"].startswith("File: node.log")
+    assert parts[3]["image_url"]["url"].startswith("data:image/png;base64,")
+    page.screenshot(path=str(SHOTS / "files-sent.png"))
+
+    page.reload()
+    question = page.locator(".msg-user").last
+    expect(question.locator(".msg-files .file-chip")).to_have_count(2)
+    expect(question.locator(".file-note")).to_contain_text("Only the first 6,000 of")
+    thumb = question.locator("img.file-thumb")
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
+    link = question.locator("a.file-chip-link", has_text="node.log")
+    with page.expect_download() as download:
+        link.click()
+    assert download.value.suggested_filename == "node.log"
+
+    phone = tabs.new(alice, viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    open_chat(phone, daphne_server, page.url.removeprefix(daphne_server.url))
+    expect(phone.locator(".msg-user .msg-files .file-chip")).to_have_count(2)
+    expect(phone.get_by_role("button", name="Attach files")).to_be_visible()
+    _drop(phone, "dot.png", PNG, "image/png")
+    expect(phone.locator("#attach-list .file-chip.is-ready")).to_have_count(1)
+    box = phone.locator("#attach-list").bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
+    phone.screenshot(path=str(SHOTS / "files-phone.png"))
+    assert tabs.unexpected_errors() == []
