@@ -88,6 +88,7 @@ def text_of(content: object, where: str) -> str | None:
 
 
 IMAGE_DETAILS = {"auto", "low", "high"}
+MAX_PARTS = 100  # of one message
 
 
 def user_content_of(content: object, where: str) -> str | list[dict[str, Any]] | None:
@@ -122,11 +123,9 @@ def user_content_of(content: object, where: str) -> str | list[dict[str, Any]] |
             elif not url.startswith("data:"):
                 raise bad_request(f"`{at}.image_url.url` must be a data: URL.", at)
             detail = image.get("detail") if isinstance(image, dict) else None
+            known = isinstance(detail, str) and detail in IMAGE_DETAILS
             parts.append(
-                {
-                    "type": "image_url",
-                    "image_url": {"url": url, **({"detail": detail} if detail in IMAGE_DETAILS else {})},
-                }
+                {"type": "image_url", "image_url": {"url": url, **({"detail": detail} if known else {})}}
             )
         elif kind == "file" and isinstance(part.get("file"), dict):
             file = part["file"]
@@ -147,7 +146,20 @@ def user_content_of(content: object, where: str) -> str | list[dict[str, Any]] |
                 raise bad_request(f"`{at}.file` needs a `file_id`, or `file_data` (a data: URL).", at)
         else:
             raise bad_request(f"`{at}`: a part is `text`, `image_url` or `file`.", at)
+    if len(parts) > MAX_PARTS:
+        raise bad_request(f"`{where}.content`: at most {MAX_PARTS} parts.", where)
     return parts
+
+
+def files_in(messages: list[dict[str, Any]]) -> int:
+    """How many files and images a request's messages carry."""
+    return sum(
+        1
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if part["type"] in ("file", "image_url")
+    )
 
 
 def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -176,6 +188,10 @@ def messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
                 raise bad_request(f"`{where}.tool_call_id` is missing.", where)
             message["tool_call_id"] = item["tool_call_id"]
         messages.append(message)
+    limit = settings.CHAT_FILE_MAX_PER_MESSAGE
+    if files_in(messages) > limit:
+        # Each is read (an image whole, as base64) and sent on: one request carries few.
+        raise bad_request(f"At most {limit} files and images in one request.", "messages")
     return messages
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from django.conf import settings
+from django.db import transaction
 
 from files.models import File
 from files.sniff import Refused, sniff
@@ -65,9 +66,13 @@ def parse_ids(raw: object) -> list[uuid.UUID] | str:
     return ids
 
 
-def files_for_send(user: User, file_ids: Sequence[uuid.UUID], model: str) -> list[File]:
-    """The user's files for a question answered by `model`, in order.
-    Refuses `not_found` for a file that is not theirs (never saying whose),
+def files_for_send(
+    user: User, file_ids: Sequence[uuid.UUID], model: str, *, missing_ok: bool = False
+) -> list[File]:
+    """The user's files for a question answered by `model`, in order, locked
+    until the turn commits (a prune waits: `delete_unattached`). Refuses
+    `not_found` for a file that is not theirs (never saying whose), unless
+    `missing_ok` (an edit keeping its question's files, one deleted since);
     `invalid_request` past CHAT_FILE_MAX_PER_MESSAGE or for an image to a
     model that cannot see."""
     if not file_ids:
@@ -75,10 +80,11 @@ def files_for_send(user: User, file_ids: Sequence[uuid.UUID], model: str) -> lis
     limit = settings.CHAT_FILE_MAX_PER_MESSAGE
     if len(file_ids) > limit:
         raise refusals.invalid(f"At most {limit} files can go with one message.")
-    found = {f.pk: f for f in File.objects.filter(owner=user, pk__in=file_ids).defer("text")}
-    if len(found) < len(set(file_ids)):
+    rows = File.objects.select_for_update().filter(owner=user, pk__in=file_ids).defer("text")
+    found = {f.pk: f for f in rows}
+    if len(found) < len(set(file_ids)) and not missing_ok:
         raise refusals.not_found("file")
-    files = [found[file_id] for file_id in file_ids]
+    files = [found[file_id] for file_id in file_ids if file_id in found]
     images = [f.filename for f in files if f.kind == File.Kind.IMAGE]
     if images and not ChatModel.can_see(model):
         raise refusals.invalid(
@@ -137,24 +143,58 @@ class Loaded:
     data_url: str  # an image's, else ""
 
 
-def load(held: Iterable[Sequence[AttachmentRecord] | None], *, images: bool = True) -> dict[str, Loaded]:
-    """The files of these questions, by id, in one query (and each image's
-    bytes from storage, unless not `images`); a file deleted since is absent."""
+# An image's `image_url` until `fill_images` reads its bytes: only the turns
+# the history keeps are read from storage, never the ones it drops.
+PLACEHOLDER = "chat-file:"
+
+
+def load(held: Iterable[Sequence[AttachmentRecord] | None]) -> dict[str, Loaded]:
+    """The files of these questions, by id, in one query (an image's bytes
+    are read later, by `fill_images`); a file deleted since is absent."""
     ids = {record["id"] for records_ in held for record in records_ or ()}
     if not ids:
         return {}
-    loaded: dict[str, Loaded] = {}
-    for f in File.objects.filter(pk__in=ids):
-        data_url = ""
-        if f.kind == File.Kind.IMAGE and images:
-            try:
-                with f.blob.open("rb") as blob:
-                    data = blob.read()
-            except OSError:
-                continue  # its blob is gone: as if deleted
-            data_url = f"data:{f.content_type};base64,{base64.b64encode(data).decode('ascii')}"
-        loaded[str(f.pk)] = Loaded(kind=f.kind, text=f.text, data_url=data_url)
-    return loaded
+    return {
+        str(f.pk): Loaded(
+            kind=f.kind, text=f.text, data_url=PLACEHOLDER + str(f.pk) if f.kind == "image" else ""
+        )
+        for f in File.objects.filter(pk__in=ids)
+    }
+
+
+def fill_images(messages: list[dict[str, Any]]) -> None:
+    """Read the images these messages show (their placeholders) from
+    storage, each once, as data URLs; one whose bytes are gone is said to be."""
+    read: dict[str, str | None] = {}
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for index, part in enumerate(content):
+            url = part.get("image_url", {}).get("url", "") if part.get("type") == "image_url" else ""
+            if not url.startswith(PLACEHOLDER):
+                continue
+            file_id = url.removeprefix(PLACEHOLDER)
+            if file_id not in read:
+                read[file_id] = _data_url(file_id)
+            found = read[file_id]
+            content[index] = (
+                {"type": "image_url", "image_url": {**part["image_url"], "url": found}}
+                if found
+                else {"type": "text", "text": "(This picture was deleted since.)"}
+            )
+
+
+def _data_url(file_id: str) -> str | None:
+    f = File.objects.filter(pk=file_id).only("blob", "content_type").first()
+    if f is None:
+        return None
+    try:
+        with f.blob.open("rb") as blob:
+            data = blob.read()
+    except OSError:
+        return None
+    return f"data:{f.content_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _cut(text: str, tokens: int) -> str:
@@ -234,9 +274,14 @@ def delete_unattached(file_ids: Iterable[Any]) -> int:
     if not ids:
         return 0
     gone = 0
-    for f in File.objects.filter(pk__in=ids, attachments__isnull=True):
-        f.delete()
-        gone += 1
+    with transaction.atomic():
+        # Locked first: a send attaching one of them meanwhile either commits
+        # before (and is seen below) or waits and then finds it gone.
+        locked = list(File.objects.select_for_update().filter(pk__in=ids).values_list("pk", flat=True))
+        held = set(Attachment.objects.filter(file_id__in=locked).values_list("file_id", flat=True))
+        for f in File.objects.filter(pk__in=[pk for pk in locked if pk not in held]):
+            f.delete()
+            gone += 1
     return gone
 
 
@@ -268,24 +313,22 @@ def _is_image(data: bytes) -> bool:
         return False
 
 
-def _owned_files(user: User, file_ids: list[str]) -> dict[str, File]:
-    """The user's files by id, each image with its bytes read (`data_url`)."""
-    valid = []
-    for file_id in file_ids:
-        try:
-            valid.append(uuid.UUID(file_id))
-        except ValueError:
-            raise refusals.not_found("file") from None
-    found = {str(f.pk): f for f in File.objects.filter(owner=user, pk__in=valid)}
-    if len(found) < len(set(valid)):
+def _file_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise refusals.not_found("file") from None
+
+
+def _owned_files(user: User, file_ids: list[uuid.UUID]) -> dict[uuid.UUID, File]:
+    """The user's files by id (someone else's: `not_found`)."""
+    found = {f.pk: f for f in File.objects.filter(owner=user, pk__in=file_ids)}
+    if len(found) < len(set(file_ids)):
         raise refusals.not_found("file")
     return found
 
 
-def _image_url(f: File, data: bytes | None) -> str:
-    if data is None:
-        with f.blob.open("rb") as blob:
-            data = blob.read()
+def _inline_image(f: File, data: bytes) -> str:
     return f"data:{f.content_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -295,7 +338,6 @@ async def read_parts(user: User, messages: list[dict[str, Any]]) -> list[dict[st
     uploaded file (another's: `not_found`), `file_data` a file sent inline
     (taken in as an upload is, never stored: files.uploads.read), an inline
     image checked to be one. Raises Refused (the file's fault) or a Refusal."""
-    from asgiref.sync import sync_to_async
     from channels.db import database_sync_to_async
 
     from files.uploads import read
@@ -306,12 +348,14 @@ async def read_parts(user: User, messages: list[dict[str, Any]]) -> list[dict[st
         if message.get("role") != "user" or not isinstance(content, list):
             result.append(message)
             continue
-        ids = [p["file"]["file_id"] for p in content if p["type"] == "file" and "file_id" in p["file"]]
+        ids = [
+            _file_id(p["file"]["file_id"]) for p in content if p["type"] == "file" and "file_id" in p["file"]
+        ]
         owned = await database_sync_to_async(_owned_files)(user, ids) if ids else {}
         files: list[tuple[File, bytes | None]] = []  # each file part's, in order
         for part in content:
             if part["type"] == "file" and "file_id" in part["file"]:
-                files.append((owned[part["file"]["file_id"]], None))
+                files.append((owned[_file_id(part["file"]["file_id"])], None))
             elif part["type"] == "file":
                 data = _decoded(part["file"]["file_data"])
                 files.append((await read(user, part["file"]["filename"] or "file", data), data))
@@ -329,11 +373,14 @@ async def read_parts(user: User, messages: list[dict[str, Any]]) -> list[dict[st
                 parts.append(part)
                 continue
             (f, inline), record = next(read_files)
-            url = await sync_to_async(_image_url)(f, inline) if f.kind == File.Kind.IMAGE else ""
+            url = ""
+            if f.kind == File.Kind.IMAGE:  # an uploaded one is read below, each once
+                url = _inline_image(f, inline) if inline is not None else PLACEHOLDER + str(f.pk)
             loaded = {record["id"]: Loaded(kind=f.kind, text=f.text, data_url=url)}
             made = user_content("", [record], loaded, sees=True)
             parts.extend(made if isinstance(made, list) else [])
         result.append({**message, "content": parts})
+    await database_sync_to_async(fill_images)(result)
     return result
 
 

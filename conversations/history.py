@@ -137,9 +137,10 @@ class _Units:
         return self._sees
 
     def of(self, rows: list[Row], *, images: bool = True) -> list[list[ChatMessage]]:
-        """`images`: False for a summary's turns (an image is named, not read)."""
-        loaded = attachments.load((row[5] for row in rows), images=images)
-        images = any(found.data_url for found in loaded.values())
+        """`images`: False for a summary's turns (an image is named, not shown).
+        An image's bytes are read only for the turns kept (`attachments.fill_images`)."""
+        loaded = attachments.load(row[5] for row in rows)
+        images = images and any(found.kind == "image" for found in loaded.values())
         return [self._unit(row, loaded, images) for row in rows]
 
     def _unit(self, row: Row, loaded: dict[str, attachments.Loaded], images: bool) -> list[ChatMessage]:

@@ -260,8 +260,14 @@ def _live_server_quiet_before_flush(request: pytest.FixtureRequest) -> Iterator[
     """A test that used the live server ends when its client saw what it
     waited for; the server may still be writing (a title after the answer).
     Its teardown waits for the server to be quiet before the test database is
-    flushed: on PostgreSQL a TRUNCATE racing those writes deadlocks."""
-    if "daphne_server" not in request.fixturenames:
+    flushed: on PostgreSQL a TRUNCATE racing those writes deadlocks. Every
+    live server (the session's, or a module's own) answers through the
+    fake model: a test with both and a flushed database waits."""
+    names = request.fixturenames
+    transactional = "transactional_db" in names or any(
+        mark.kwargs.get("transaction") for mark in request.node.iter_markers("django_db")
+    )
+    if not ("daphne_server" in names or ("fake_llm_server" in names and transactional)):
         yield
         return
     request.getfixturevalue("transactional_db")  # so that this teardown comes first

@@ -245,6 +245,7 @@ def test_the_sdk_sends_file_and_image_parts_through_chat_completions(
     pdf_data = "data:application/pdf;base64," + base64.b64encode(text_pdf("Quarterly figures: up.")).decode()
     image = "data:image/png;base64," + base64.b64encode(PNG).decode()
 
+    odd_detail: Any = {"type": "image_url", "image_url": {"url": image, "detail": []}}  # ignored, not a 500
     reply = client.chat.completions.create(
         model="eyes-model",
         messages=[
@@ -252,9 +253,9 @@ def test_the_sdk_sends_file_and_image_parts_through_chat_completions(
                 "role": "user",
                 "content": [
                     {"type": "text", "text": "What do these say?"},
-                    {"type": "file", "file": {"file_id": uploaded["id"]}},
+                    {"type": "file", "file": {"file_id": uploaded["id"].upper()}},  # any spelling of the id
                     {"type": "file", "file": {"filename": "q3.pdf", "file_data": pdf_data}},
-                    {"type": "image_url", "image_url": {"url": image}},
+                    odd_detail,
                 ],
             }
         ],
@@ -284,6 +285,9 @@ def test_the_sdk_sends_file_and_image_parts_through_chat_completions(
     assert fake.status_code == 400 and "must be a picture" in str(fake.body)
     bad = refused("eyes-model", [{"type": "file", "file": {"file_data": "data:text/plain;base64,@@@"}}])
     assert bad.status_code == 400 and "base64" in str(bad.body)
+    # One small upload named again and again: refused before anything is read.
+    many = refused("eyes-model", [{"type": "file", "file": {"file_id": uploaded["id"]}}] * 5)
+    assert many.status_code == 400 and "At most 4 files and images in one request" in str(many.body)
 
 
 def test_pruning_and_deleting_take_the_files_nobody_holds(
@@ -307,6 +311,10 @@ def test_pruning_and_deleting_take_the_files_nobody_holds(
     File.objects.filter(pk=never_sent["id"]).update(created_at=timezone.now() - timedelta(days=2))
     blob = Path(str(settings.MEDIA_ROOT)) / str(File.objects.get(pk=old["id"]).blob.name)
 
+    out = io.StringIO()
+    call_command("prune_history", "--older-than", "90d", "--dry-run", stdout=out)
+    assert "and 2 file(s) no message would hold" in out.getvalue()
+    assert File.objects.filter(owner=user).count() == 5
     out = io.StringIO()
     call_command("prune_history", "--older-than", "90d", stdout=out)
     assert "Deleted 2 file(s) no message holds" in out.getvalue()

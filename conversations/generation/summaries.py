@@ -50,7 +50,7 @@ def demo_summary(summary: str, pending: list[llm.ChatMessage], max_tokens: int) 
     lines = [line for line in summary.splitlines() if line]
     for message in pending:
         if message["role"] == "user" and message.get("content"):
-            words = (message["content"] or "").split()
+            words = llm.content_text(message["content"]).split()
             lines.append("The user said: " + " ".join(words[:30]) + ("…" if len(words) > 30 else ""))
     while len(lines) > 1 and llm.estimate_tokens("\n".join(lines)) > max_tokens:
         lines.pop(0)

@@ -191,12 +191,15 @@ def _history(accepted: Accepted) -> History:
             [{"role": "user", "content": content}],
             settings.CHAT_CONTEXT_TOKENS,
         )
+        attachments.fill_images(messages)
         return History(before=[], after=messages)
     if accepted.continues is None:
-        return plan_history(accepted.conversation, upto=accepted.question)
-    # The truncated answer is the last turn; ask the model to go on.
-    history = plan_history(accepted.conversation, upto=accepted.continues)
-    history.after.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+        history = plan_history(accepted.conversation, upto=accepted.question)
+    else:
+        # The truncated answer is the last turn; ask the model to go on.
+        history = plan_history(accepted.conversation, upto=accepted.continues)
+        history.after.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+    attachments.fill_images(history.after)  # the pictures of the turns it keeps
     return history
 
 
@@ -497,7 +500,7 @@ def accept_edit(
         if old_answer is not None and old_answer.status == Message.Status.STREAMING:
             raise refusals.busy()
         kept = [uuid.UUID(r["id"]) for r in old_question.attachments or ()] if file_ids is None else file_ids
-        files = files_for_send(user, kept, conversation.chosen_model)
+        files = files_for_send(user, kept, conversation.chosen_model, missing_ok=file_ids is None)
         Message.objects.filter(
             conversation=conversation, is_active=True, created_at__gte=old_question.created_at
         ).update(is_active=False)

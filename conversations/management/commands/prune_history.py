@@ -91,7 +91,7 @@ class Command(BaseCommand):
             scope += " of " + ", ".join(options["users"])
 
         if options["dry_run"]:
-            self._dry_run(conversations, old_messages, options["what"], scope, kept)
+            self._dry_run(conversations, old_messages, options["what"], scope, kept, owners)
             return
         pruned = Pruned()
         self._prune_conversations(conversations, batch, pruned)
@@ -107,16 +107,16 @@ class Command(BaseCommand):
             "unlinked from the deleted history."
         )
 
+    def _unsent_files(self, owners: list[int] | None) -> QuerySet[File]:
+        old = timezone.now() - UNSENT_FILE_AGE
+        unsent = File.objects.filter(created_at__lt=old, attachments__isnull=True)
+        return unsent.filter(owner__in=owners) if owners is not None else unsent
+
     def _prune_unsent_files(self, owners: list[int] | None) -> int:
         """Files uploaded more than a day ago that no message holds (never
         sent, or let go of by a message deleted since)."""
-        unsent = File.objects.filter(
-            created_at__lt=timezone.now() - UNSENT_FILE_AGE, attachments__isnull=True
-        )
-        if owners is not None:
-            unsent = unsent.filter(owner__in=owners)
         gone = 0
-        for found in unsent.only("pk", "blob").iterator():
+        for found in self._unsent_files(owners).only("pk", "blob").iterator():
             found.delete()  # one by one: its blob goes too (files.apps)
             gone += 1
         return gone
@@ -137,14 +137,25 @@ class Command(BaseCommand):
         what: str,
         scope: str,
         kept: int,
+        owners: list[int] | None,
     ) -> None:
         n_conversations = conversations.count()
-        n_messages = Message.objects.filter(conversation__in=conversations).count()
+        going = Message.objects.filter(conversation__in=conversations)
         if what == "messages":
-            n_messages += old_messages.exclude(conversation__in=conversations).count()
+            going = going | old_messages
+        n_messages = going.count()
+        # The files only going messages hold, and the old ones never sent.
+        still_held = Attachment.objects.exclude(message__in=going.values("pk")).values("file_id")
+        n_files = (
+            File.objects.filter(attachments__message__in=going.values("pk"))
+            .exclude(pk__in=still_held)
+            .distinct()
+            .count()
+        ) + self._unsent_files(owners).count()
         self.stdout.write(
-            f"Dry run: would delete {n_conversations} conversation(s) and {n_messages} message(s) {scope}; "
-            f"would keep {kept} pinned conversation(s). Nothing was deleted."
+            f"Dry run: would delete {n_conversations} conversation(s) and {n_messages} message(s) {scope}, "
+            f"and {n_files} file(s) no message would hold; would keep {kept} pinned conversation(s). "
+            "Nothing was deleted."
         )
 
     def _prune_conversations(self, conversations: QuerySet[Conversation], batch: int, pruned: Pruned) -> None:
