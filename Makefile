@@ -12,6 +12,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+# The tests' identity provider (tests/oidc: oidc-provider from npm, run by Node.js).
+OIDC_TESTS := tests/oidc/node_modules/.installed
+$(OIDC_TESTS): tests/oidc/package-lock.json
+	npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
+	touch $@
+
 install: $(VENV)/.installed
 
 run: install
@@ -19,7 +25,7 @@ run: install
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
-test: install
+test: install $(OIDC_TESTS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -27,4 +33,4 @@ lint: install
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) db.sqlite3 .pytest_cache artifacts
+	rm -rf $(VENV) db.sqlite3 .pytest_cache artifacts tests/oidc/node_modules

@@ -83,3 +83,19 @@ class QuotaCounter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id} {self.window} {self.start:%Y-%m-%d %H:%M}"
+
+
+class ProviderMembership(models.Model):
+    """A group the identity provider gave a user (accounts/sso.py): replaced
+    on every sign-in through it, while groups staff gave by hand stay."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="provider_memberships"
+    )
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="+")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "group"], name="one_provider_membership")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.group} (from the identity provider)"

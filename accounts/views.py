@@ -16,7 +16,7 @@ from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 from django.views.decorators.debug import sensitive_post_parameters
 
-from . import security
+from . import security, sso
 from .forms import InviteForm, SignupForm
 from .links import one_time_links
 
@@ -41,9 +41,22 @@ class LoginView(auth_views.LoginView):
     redirect_authenticated_user = True
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
-        return {**super().get_context_data(**kwargs), "signup_open": security.signup_policy() != "closed"}
+        return {
+            **super().get_context_data(**kwargs),
+            "signup_open": security.signup_policy() != "closed",
+            "password_login": settings.CHAT_PASSWORD_LOGIN,
+            "sso_providers": sso.providers(self.request),
+        }
+
+    def render_to_response(self, context: dict[str, Any], **response_kwargs: Any) -> HttpResponse:
+        response = super().render_to_response(context, **response_kwargs)
+        return sso.with_form_action(response, context.get("sso_providers") or [])
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not settings.CHAT_PASSWORD_LOGIN:
+            # Staff keep a way in: `manage.py createsuperuser` / `changepassword` and the admin's own login.
+            security.event("password_login_off", address=security.request_address(request))
+            return self.render_to_response(self.get_context_data(password_refused=True), status=403)
         username = str(request.POST.get("username", ""))[:150]
         wait = security.login_wait(request, username)
         if wait:

@@ -42,6 +42,10 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",
+    "allauth",
+    "allauth.account",
+    "allauth.socialaccount",
+    "allauth.socialaccount.providers.openid_connect",
     "accounts",
     "files",
     "conversations",
@@ -56,6 +60,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "chatsite.middleware.ContentSecurityPolicyMiddleware",
 ]
@@ -73,6 +78,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "accounts.context.signed_in_with",
             ],
         },
     },
@@ -217,6 +223,59 @@ LOGOUT_REDIRECT_URL = "login"
 # staff create users or send invitations). The first account of an empty
 # install (open or approval) is staff and superuser.
 CHAT_SIGNUP = env.str("CHAT_SIGNUP", default="approval")
+# Password logins (the form on /accounts/login/): off when a team signs in only through its provider.
+CHAT_PASSWORD_LOGIN = env.bool("CHAT_PASSWORD_LOGIN", default=True)
+
+# Sign-in through the company's identity provider (OpenID Connect, django-allauth:
+# accounts/sso.py). One provider from the environment, its id `sso`: its callback
+# is /accounts/oidc/sso/login/callback/. More through the admin ("Social applications").
+OIDC_SERVER_URL = env.str("OIDC_SERVER_URL", default="")  # the issuer (discovery from its .well-known)
+OIDC_CLIENT_ID = env.str("OIDC_CLIENT_ID", default="")
+OIDC_CLIENT_SECRET = env.str("OIDC_CLIENT_SECRET", default="")
+OIDC_NAME = env.str("OIDC_NAME", default="Single sign-on")
+OIDC_SCOPES = env.list("OIDC_SCOPES", default=["openid", "profile", "email"])
+OIDC_GROUPS_CLAIM = env.str("OIDC_GROUPS_CLAIM", default="groups")
+OIDC_REQUIRED_GROUPS = env.list("OIDC_REQUIRED_GROUPS", default=[])
+OIDC_STAFF_GROUPS = env.list("OIDC_STAFF_GROUPS", default=[])
+SOCIALACCOUNT_PROVIDERS = {
+    "openid_connect": {
+        "provider_class": "accounts.sso.SSOProvider",  # with a nonce
+        "OAUTH_PKCE_ENABLED": True,
+        "APPS": (
+            [
+                {
+                    "provider_id": "sso",
+                    "name": OIDC_NAME,
+                    "client_id": OIDC_CLIENT_ID,
+                    "secret": OIDC_CLIENT_SECRET,
+                    "settings": {
+                        "server_url": OIDC_SERVER_URL,
+                        "oauth_pkce_enabled": True,
+                        "fetch_userinfo": True,
+                        "scope": OIDC_SCOPES,
+                    },
+                }
+            ]
+            if OIDC_SERVER_URL and OIDC_CLIENT_ID
+            else []
+        ),
+    }
+}
+SOCIALACCOUNT_ADAPTER = "accounts.sso.SSOAdapter"
+ACCOUNT_ADAPTER = "accounts.sso.AccountAdapter"
+SOCIALACCOUNT_AUTO_SIGNUP = True
+# An existing account is found by its e-mail only when the provider says it is
+# verified, and is then linked (allauth wipes a password set on an address this
+# site never verified: someone may have signed up with another's address).
+SOCIALACCOUNT_EMAIL_AUTHENTICATION = True
+SOCIALACCOUNT_EMAIL_AUTHENTICATION_AUTO_CONNECT = True
+SOCIALACCOUNT_LOGIN_ON_GET = False  # the button POSTs (with CSRF): no sign-in started by a link
+SOCIALACCOUNT_STORE_TOKENS = False
+SOCIALACCOUNT_EMAIL_VERIFICATION = "none"
+ACCOUNT_EMAIL_VERIFICATION = "none"
+ACCOUNT_LOGIN_METHODS = {"username"}
+ACCOUNT_SIGNUP_FIELDS = ["username*", "email", "password1*", "password2*"]
+ACCOUNT_UNIQUE_EMAIL = False
 # Throttles, counted in the cache (shared by every worker with REDIS_URL):
 # failed logins per client address and per username (successes never count),
 # accounts made and password-reset mails per address.
