@@ -408,3 +408,27 @@ def test_an_edited_question_keeps_its_files_unless_it_names_others(
     assert _last_user_content(fake_llm)[1]["text"] == "File: second.txt\n\nsecond version"
     dropped = edit(swapped, attachments=[])
     assert dropped["attachments"] == [] and _last_user_content(fake_llm) == "read again"
+
+
+def test_exports_name_the_files_and_deleting_an_account_deletes_its_files(
+    server: LiveServer, fake_llm: FakeLLM, sockets: contextlib.ExitStack
+) -> None:
+    user, token = _person("export")
+    notes = _file(server, token, "minutes.txt", b"We agreed on Friday.")
+    fake_llm.default = Reply(chunks=["Friday."], usage=(5, 1))
+    ws = open_socket(server, session_cookie(user), sockets)
+    _send(ws, "When?", [notes["id"]])
+    conversation = _until(ws, lambda f: f["type"] == "message.created")["message"]["conversation"]
+    _until(ws, lambda f: f["type"] == "generation.finished")
+    page = _page_client(user)
+
+    markdown = page.get(f"/c/{conversation}/export.md").content.decode()
+    assert "**You:**\n\nWhen?\n\n_Files: minutes.txt (20 bytes)_" in markdown
+    exported = json.loads(page.get(f"/c/{conversation}/export.json").content)
+    assert exported["messages"][0]["attachments"][0]["filename"] == "minutes.txt"
+
+    blob = Path(str(settings.MEDIA_ROOT)) / str(File.objects.get(pk=notes["id"]).blob.name)
+    assert blob.exists()
+    user.delete()
+    assert not File.objects.filter(pk=notes["id"]).exists()
+    assert not blob.exists()

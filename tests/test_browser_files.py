@@ -67,6 +67,20 @@ def _drop(page: Page, name: str, data: bytes, mime: str) -> None:
     page.dispatch_event("#composer", "drop", {"dataTransfer": transfer})
 
 
+def _paste(page: Page, name: str, data: bytes) -> None:
+    """Paste a picture into the message box, as after taking a screenshot."""
+    page.locator("#composer-input").evaluate(
+        """(box, [name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/png" }));
+            const options = { clipboardData: transfer, bubbles: true, cancelable: true };
+            box.dispatchEvent(new ClipboardEvent("paste", options));
+        }""",
+        [name, base64.b64encode(data).decode()],
+    )
+
+
 def test_attach_by_button_and_by_drop_see_progress_and_chips_send_and_reload(
     daphne_server: LiveServer, alice: Any, fake_llm: FakeLLM, tabs: Tabs
 ) -> None:
@@ -157,8 +171,8 @@ def test_attach_by_button_and_by_drop_see_progress_and_chips_send_and_reload(
     open_chat(phone, daphne_server, page.url.removeprefix(daphne_server.url))
     expect(phone.locator(".msg-user .msg-files .file-chip")).to_have_count(2)
     expect(phone.get_by_role("button", name="Attach files")).to_be_visible()
-    _drop(phone, "dot.png", PNG, "image/png")
-    expect(phone.locator("#attach-list .file-chip.is-ready")).to_have_count(1)
+    _paste(phone, "screenshot.png", PNG)  # a screenshot pasted into the box
+    expect(phone.locator("#attach-list .file-chip.is-ready")).to_contain_text("screenshot.png")
     box = phone.locator("#attach-list").bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
     phone.screenshot(path=str(SHOTS / "files-phone.png"))

@@ -110,12 +110,17 @@ def test_prune_one_user_only(alice: Any, bob: Any) -> None:
 def test_prune_messages_keeps_a_live_conversations_recent_turns(alice: Any) -> None:
     conversation = old_conversation(alice, days=100, messages=2)
     fresh = Message.objects.create(conversation=conversation, role="user", content="back again")
-    conversation.save(update_fields=["updated_at"])  # as a new question does
+    # Its summary covers the old turns, up to a message that goes now.
+    conversation.summary = "They talked about the weather."
+    conversation.summary_through = Message.objects.filter(conversation=conversation).order_by("created_at")[0]
+    conversation.save(update_fields=["updated_at", "summary", "summary_through"])  # as a new question does
     old_empty = old_conversation(alice, days=95)
 
     output = prune("--older-than", "90d", "--what", "messages")
 
     assert list(Message.objects.values_list("pk", flat=True)) == [fresh.pk]
+    conversation.refresh_from_db()
+    assert conversation.summary_through is None and conversation.summary  # no dangling pointer
     assert not Conversation.objects.filter(pk=old_empty.pk).exists()
     assert "Deleted 1 conversation(s) and 4 message(s)" in output
     assert TokenUsage.objects.count() == 2 and not TokenUsage.objects.exclude(message=None).exists()

@@ -365,3 +365,24 @@ def test_in_chromium_the_button_signs_in_and_a_refusal_is_a_page(open_site: Site
     expect(page.locator("#sso-reason")).to_contain_text("cancelled the sign-in at Acme SSO")
     page.screenshot(path=str(SHOTS / "sso-cancelled.png"))
     context.close()
+
+
+def test_an_id_token_whose_nonce_is_not_this_sign_ins_is_refused(rf: Any) -> None:
+    from types import SimpleNamespace
+
+    from allauth.core.exceptions import ImmediateHttpResponse
+
+    from accounts.sso import SSOAdapter
+
+    def login(expected: str | None, got: object) -> Any:
+        account = SimpleNamespace(extra_data={"id_token": {"nonce": got, "sub": "x"}, "userinfo": {}})
+        return SimpleNamespace(
+            state={"nonce": expected} if expected else {}, account=account, is_existing=False
+        )
+
+    for expected, got in (("right-nonce", "replayed-nonce"), (None, "any"), ("right-nonce", None)):
+        with pytest.raises(ImmediateHttpResponse) as refused:
+            SSOAdapter().pre_social_login(rf.get("/accounts/oidc/sso/login/callback/"), login(expected, got))
+        assert refused.value.response.status_code == 403
+        assert b"nonce did not match" in refused.value.response.content
+    SSOAdapter().pre_social_login(rf.get("/"), login("right-nonce", "right-nonce"))  # the right one passes
