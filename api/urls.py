@@ -19,6 +19,11 @@ urlpatterns = [
         views.conversation_stream,
         name="conversation-stream",
     ),
+    path(
+        "api/v1/conversations/<uuid:conversation_id>/share",
+        views.conversation_share,
+        name="conversation-share",
+    ),
     path("api/v1/files", files.files, name="files"),
     path("api/v1/files/<uuid:file_id>", files.file, name="file"),
     path("api/v1/files/<uuid:file_id>/content", files.file_content, name="file-content"),

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, cast
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from conversations import attachments, generation, llm, refusals, selectors
+from conversations import attachments, generation, llm, refusals, selectors, sharing
 from conversations.batches import batches_of
 from conversations.generation import stateless, turns
 from conversations.generation.events import Event
 from conversations.generation.follow import Reader
 from conversations.models import ChatModel, Conversation, SystemPrompt
+from conversations.share_views import link_json
 from files.sniff import Refused
 
 from . import parsing, tokens
@@ -412,3 +413,22 @@ async def conversation_stream(
     return StreamingHttpResponse(
         (_sse(event) async for event in events), content_type="text/event-stream", headers=SSE_HEADERS
     )
+
+
+@endpoint("POST", "DELETE")
+async def conversation_share(request: HttpRequest, user: User, conversation_id: uuid.UUID) -> HttpResponse:
+    """POST: share the conversation as it is now, or update its link's
+    snapshot (`show_owner` optional); DELETE: revoke its link."""
+    if request.method == "DELETE":
+        await generation.in_database(sharing.revoke)(user=user, conversation_id=conversation_id)
+        return JsonResponse({"revoked": True})
+    show = parsing.body_of(request).get("show_owner")
+    if show is not None and not isinstance(show, bool):
+        raise bad_request("`show_owner` must be true or false.", "show_owner")
+    try:
+        link, made = await generation.in_database(sharing.share)(
+            user=user, conversation_id=conversation_id, show_owner=show
+        )
+    except sharing.SharingOff:
+        raise ApiError(403, "Sharing is turned off on this site.", "sharing_off") from None
+    return JsonResponse(link_json(request, link), status=201 if made else 200)

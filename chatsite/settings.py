@@ -223,6 +223,8 @@ LOGOUT_REDIRECT_URL = "login"
 # staff create users or send invitations). The first account of an empty
 # install (open or approval) is staff and superuser.
 CHAT_SIGNUP = env.str("CHAT_SIGNUP", default="approval")
+# Shared links (/s/<token>/): `off`, `members` (anyone signed in here) or `public` (anyone with the link).
+CHAT_SHARING = env.str("CHAT_SHARING", default="members")
 # Password logins (the form on /accounts/login/): off when a team signs in only through its provider.
 CHAT_PASSWORD_LOGIN = env.bool("CHAT_PASSWORD_LOGIN", default=True)
 

@@ -30,6 +30,7 @@ from .models import (
     Conversation,
     Message,
     ModelPrice,
+    Share,
     SystemPrompt,
     SystemPromptVersion,
     TokenUsage,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     _TokenUsageAdminBase = admin.ModelAdmin[TokenUsage]
     _MessageInlineBase = admin.TabularInline[Message, Conversation]
     _ConversationAdminBase = admin.ModelAdmin[Conversation]
+    _ShareAdminBase = admin.ModelAdmin[Share]
 
     class _InputFilterChoice(_ListFilterChoices):
         others: list[tuple[str, str]]
@@ -66,7 +68,7 @@ if TYPE_CHECKING:
 else:
     _SystemPromptFormBase = forms.ModelForm
     _SystemPromptAdminBase = _SystemPromptVersionAdminBase = _ModelPriceAdminBase = admin.ModelAdmin
-    _ChatModelAdminBase = _TokenUsageAdminBase = _ConversationAdminBase = admin.ModelAdmin
+    _ChatModelAdminBase = _TokenUsageAdminBase = _ConversationAdminBase = _ShareAdminBase = admin.ModelAdmin
     _SystemPromptVersionInlineBase = _MessageInlineBase = admin.TabularInline
 
 REVIEW_PERMISSION = "conversations.review_conversation"
@@ -631,3 +633,25 @@ class ConversationAdmin(_ConversationAdminBase):
 
     def has_delete_permission(self, request: HttpRequest, obj: Conversation | None = None) -> bool:
         return False  # history is pruned by `manage.py prune_history`, not by hand
+
+
+@admin.register(Share)
+class ShareAdmin(_ShareAdminBase):
+    """Every shared link; deleting one revokes it (its address is then 404)."""
+
+    list_display = ["title", "owner", "show_owner", "created_at", "updated_at"]
+    list_select_related = ["conversation__owner"]
+    search_fields = ["title", "conversation__owner__username"]
+    fields = ["conversation", "title", "show_owner", "created_at", "updated_at"]
+    readonly_fields = cast("list[str]", fields)  # names only, no groups
+    actions = ["delete_selected"]
+
+    @admin.display(description="owner", ordering="conversation__owner__username")
+    def owner(self, link: Share) -> str:
+        return link.conversation.owner.get_username()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Share | None = None) -> bool:
+        return False

@@ -234,6 +234,27 @@ class Attachment(models.Model):
         return f"{self.file_id} on {self.message_id}"
 
 
+class Share(models.Model):
+    """A conversation's shared link: a snapshot of its active messages when
+    the owner shared it (or last updated it), opened at /s/<token>/ by whoever
+    CHAT_SHARING lets in. Deleting the row revokes the link."""
+
+    conversation = models.OneToOneField(Conversation, on_delete=models.CASCADE, related_name="share")
+    token = models.CharField(max_length=64, unique=True, editable=False)
+    title = models.CharField(max_length=200)
+    # [{"id", "role", "content", "model", "status", "created_at", "attachments"}], in order.
+    messages = models.JSONField(editable=False)
+    show_owner = models.BooleanField(default=False, help_text="The page names the owner.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+
+    def __str__(self) -> str:
+        return f"Link to {self.title}"
+
+
 class ChatModel(models.Model):
     """A model users may pick for a new chat (staff keep the list in the
     admin). With no enabled model listed, every chat uses its prompt's model

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import share_views, views
 
 app_name = "chat"
 
@@ -14,4 +14,9 @@ urlpatterns = [
     path(
         "c/<uuid:conversation_id>/export.json", views.conversation_export, {"fmt": "json"}, name="export_json"
     ),
+    path("c/<uuid:conversation_id>/share/", share_views.conversation_share, name="share"),
+    path("s/<str:token>/", share_views.shared_page, name="shared"),
+    path("s/<str:token>/continue/", share_views.shared_continue, name="shared_continue"),
+    path("s/<str:token>/files/<uuid:file_id>/", share_views.shared_file, name="shared_file"),
+    path("accounts/shared-links/", share_views.my_links, name="shared_links"),
 ]

@@ -14,7 +14,7 @@ from django.utils.text import slugify
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from . import inputs, llm, quotas, refusals, selectors, services
+from . import inputs, llm, quotas, refusals, selectors, services, sharing
 from .health import health_report
 from .models import ChatModel, Conversation, SystemPrompt
 
@@ -62,6 +62,7 @@ def _page_urls() -> dict[str, str]:
         "delete": per_conversation("delete"),
         "exportMd": per_conversation("export_md"),
         "exportJson": per_conversation("export_json"),
+        "share": per_conversation("share"),
         "files": reverse("files:upload"),
         "file": reverse("files:content", kwargs={"file_id": _ANY}).replace(str(_ANY), "{id}"),
     }
@@ -86,6 +87,7 @@ def _chat_page(request: AuthenticatedHttpRequest, conversation: Conversation | N
         "default_model": labels.get(default_model, default_model),
         "conversation_model": ChatModel.label_of(shown_model) if shown_model else "",
         "demo_mode": llm.is_demo(),
+        "sharing_on": sharing.mode() != "off",
         "chat_config": {
             "wsPath": "/ws/chat/",
             "urls": _page_urls(),
@@ -93,6 +95,7 @@ def _chat_page(request: AuthenticatedHttpRequest, conversation: Conversation | N
             "maxChars": settings.CHAT_MAX_MESSAGE_CHARS,
             "demo": llm.is_demo(),
             "currency": settings.CHAT_CURRENCY,
+            "sharing": sharing.mode() != "off",
             "conversationsNext": next_cursor,
             "files": {
                 "maxBytes": settings.CHAT_FILE_MAX_BYTES,

@@ -1,7 +1,8 @@
 """Files on the page, in a real Chromium against a real daphne: a file by the
 attach button (with its upload's progress), a picture by drag and drop, a
 refused upload and a refused send explained, the files on the question
-after sending and after a reload, and the same on a phone."""
+after sending and after a reload, and the same on a phone; a conversation
+shared by its Share button and read by another user (on a phone too)."""
 
 from __future__ import annotations
 
@@ -177,3 +178,43 @@ def test_attach_by_button_and_by_drop_see_progress_and_chips_send_and_reload(
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
     phone.screenshot(path=str(SHOTS / "files-phone.png"))
     assert tabs.unexpected_errors() == []
+
+
+def test_share_a_conversation_and_open_the_link_as_another_user(
+    daphne_server: LiveServer, alice: Any, bob: Any, tabs: Tabs
+) -> None:
+    from tests.test_browser import make_conversation
+
+    conversation = in_thread(lambda: make_conversation(alice, "Launch plan", turns=2))
+    page = tabs.new(alice)
+    open_chat(page, daphne_server, f"/c/{conversation.pk}/")
+    page.get_by_role("button", name="Share").click()
+    dialog = page.locator("#share-dialog")
+    expect(dialog).to_be_visible()
+    address = page.locator("#share-url")
+    expect(address).to_have_value(re.compile(r"/s/[A-Za-z0-9_-]{40,}/$"))
+    url = address.input_value()
+    page.screenshot(path=str(SHOTS / "share-dialog.png"))
+    page.get_by_role("button", name="Done").click()
+
+    reader = tabs.new(bob)
+    reader.goto(url)
+    expect(reader.locator("#shared-title")).to_have_text("Launch plan")
+    expect(reader.locator(".msg-assistant")).to_have_count(2)
+    expect(reader.locator("#composer")).to_have_count(0)
+    reader.screenshot(path=str(SHOTS / "shared-page.png"))
+    phone = tabs.new(bob, viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    phone.goto(url)
+    expect(phone.get_by_role("button", name="Continue in your own chat")).to_be_visible()
+    phone.screenshot(path=str(SHOTS / "shared-page-phone.png"))
+    phone.get_by_role("button", name="Continue in your own chat").click()
+    expect(phone.locator("#composer[data-ready]")).to_have_count(1)  # the reader's own copy, to carry on
+    expect(phone.locator(".msg-assistant")).to_have_count(2)
+
+    # Revoked: the link no longer opens.
+    page.get_by_role("button", name="Share").click()
+    page.get_by_role("button", name="Revoke").click()
+    expect(page.locator("#share-status")).to_contain_text("revoked")
+    tabs.allowed.append(re.compile(r"status of 404 \(Not Found\)"))
+    gone = reader.goto(url)
+    assert gone is not None and gone.status == 404

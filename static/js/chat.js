@@ -23,6 +23,7 @@ import { createComposer } from "./composer.js";
 import { createFrames } from "./frames.js";
 import { createMessages } from "./messages.js";
 import { createScroller } from "./scroll.js";
+import { setupShare } from "./share.js";
 import { createShell, setupDrawer, setupHeadMenu, setupShortcuts } from "./shell.js";
 import { createSidebar } from "./sidebar.js";
 import { createSocket } from "./socket.js";
@@ -128,6 +129,8 @@ function start() {
     $("export-md").href = urlFor("exportMd", id);
     $("export-json").href = urlFor("exportJson", id);
     $("export-links").hidden = false;
+    const share = $("share-button");
+    if (share && config.sharing) share.hidden = false;
     if (title) shell.setTitle(title);
     if (sidebar) sidebar.setCurrent(id);
   }
@@ -162,6 +165,7 @@ function start() {
     changed,
   });
 
+  setupShare({ current, shell });
   const drawer = setupDrawer();
   setupHeadMenu();
   setupShortcuts({

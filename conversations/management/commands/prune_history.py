@@ -200,7 +200,9 @@ class Command(BaseCommand):
                 )
                 # The raw delete runs no on_delete: a summary's mark on a
                 # deleted message is cleared here (its summary stays).
-                Conversation.objects.filter(summary_through__in=chunk.values("pk")).update(summary_through=None)
+                Conversation.objects.filter(summary_through__in=chunk.values("pk")).update(
+                    summary_through=None
+                )
                 files = _unhold(chunk)
                 pruned.messages += _raw_delete(chunk)
                 pruned.files += attachments.delete_unattached(files)
