@@ -23,6 +23,7 @@ import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import requests
 from allauth.account.adapter import DefaultAccountAdapter
 from allauth.core.exceptions import ImmediateHttpResponse
 from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
@@ -60,9 +61,20 @@ class SSOProvider(OpenIDConnectProvider):
         auth_params = kwargs.pop("auth_params", None)
         auth_params = dict(auth_params if auth_params is not None else self.get_auth_params())
         auth_params["nonce"] = nonce
-        response: HttpResponse = super().redirect(
-            request, process, next_url, data, auth_params=auth_params, nonce=nonce, **kwargs
-        )
+        try:
+            response: HttpResponse = super().redirect(
+                request, process, next_url, data, auth_params=auth_params, nonce=nonce, **kwargs
+            )
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            # Its discovery document did not come (down, unreachable, not JSON).
+            security.event("sso_unreachable", address=security.request_address(request), error=repr(exc))
+            page: HttpResponse = refused(
+                request,
+                f"{settings.OIDC_NAME} did not answer. Try again in a moment; if it keeps failing, "
+                "tell your administrator.",
+                status=503,
+            ).response
+            return page
         return response
 
 
@@ -83,7 +95,8 @@ def claimed_groups(claims: dict[str, Any]) -> list[str] | None:
     names: list[str] = []
     for value in values[:MAX_GROUPS]:
         if isinstance(value, str):
-            name = " ".join(value.split())[:MAX_GROUP_NAME]
+            printable = "".join(ch for ch in value if ch.isprintable())
+            name = " ".join(printable.split())[:MAX_GROUP_NAME]
             if name and name not in names:
                 names.append(name)
     return names
@@ -115,14 +128,19 @@ def sync_groups(user: User, groups: list[str] | None) -> None:
             if name not in groups:
                 user.groups.remove(membership.group)
                 membership.delete()
+        staff_groups = set(settings.OIDC_STAFF_GROUPS)
         for name in groups:
             if name in given:
                 continue
             group, _made = Group.objects.get_or_create(name=name)
+            if name not in staff_groups and group.permissions.exists():
+                # A group that grants rights in the admin is given by staff
+                # (or listed in OIDC_STAFF_GROUPS), never by a claim alone.
+                security.event("sso_group_skipped", user=user, group=name)
+                continue
             if not user.groups.filter(pk=group.pk).exists():
                 user.groups.add(group)
                 ProviderMembership.objects.create(user=user, group=group)
-        staff_groups = set(settings.OIDC_STAFF_GROUPS)
         if staff_groups:
             staff = bool(staff_groups & set(groups)) or user.is_superuser
             if staff != user.is_staff:
@@ -148,6 +166,19 @@ class SSOAdapter(DefaultSocialAccountAdapter):
             )
         if sociallogin.is_existing:
             sync_groups(sociallogin.user, claimed_groups(claims))
+
+    def authenticate_by_email(self, sociallogin: SocialLogin) -> tuple[Any, str] | None:
+        """The existing account a verified address points to: only when
+        exactly one account has it as its e-mail (allauth would take the
+        first of any that ever added it, verified or not)."""
+        User = get_user_model()
+        for address in sociallogin.email_addresses:
+            if not address.verified or not address.email:
+                continue
+            users = list(User.objects.filter(email__iexact=address.email)[:2])
+            if len(users) == 1:
+                return users[0], address.email
+        return None
 
     def is_open_for_signup(self, request: HttpRequest, sociallogin: SocialLogin) -> bool:
         # `closed`: only accounts that exist (or were invited) get in; they

@@ -266,6 +266,10 @@ SOCIALACCOUNT_PROVIDERS = {
 SOCIALACCOUNT_ADAPTER = "accounts.sso.SSOAdapter"
 ACCOUNT_ADAPTER = "accounts.sso.AccountAdapter"
 SOCIALACCOUNT_AUTO_SIGNUP = True
+# allauth for the identity provider only: its own account pages (e-mail
+# addresses, password set / change / reset, sign-up) are not mounted; this
+# site's views keep those policies (CHAT_SIGNUP, throttles, invitations).
+SOCIALACCOUNT_ONLY = True
 # An existing account is found by its e-mail only when the provider says it is
 # verified, and is then linked (allauth wipes a password set on an address this
 # site never verified: someone may have signed up with another's address).

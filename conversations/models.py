@@ -245,6 +245,9 @@ class Share(models.Model):
     # [{"id", "role", "content", "model", "status", "created_at", "attachments"}], in order.
     messages = models.JSONField(editable=False)
     show_owner = models.BooleanField(default=False, help_text="The page names the owner.")
+    # What a reader's copy ("continue in your own chat") starts with, as shared.
+    prompt_text = models.TextField(blank=True, editable=False)
+    model = models.CharField(max_length=100, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

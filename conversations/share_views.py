@@ -4,6 +4,7 @@ account's list of links. They only parse, delegate to `sharing` and format."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
@@ -42,9 +43,13 @@ def conversation_share(request: AuthenticatedHttpRequest, conversation_id: uuid.
     # The account page's revoke button: a form can only POST.
     from_form = request.method == "POST" and request.POST.get("_method") == "DELETE"
     try:
-        if request.method == "DELETE" or from_form:
+        if from_form:  # gone already (another tab): the list shows what is left
+            with contextlib.suppress(refusals.Refusal):
+                sharing.revoke(user=request.user, conversation_id=conversation_id)
+            return redirect("chat:shared_links")
+        if request.method == "DELETE":
             sharing.revoke(user=request.user, conversation_id=conversation_id)
-            return redirect("chat:shared_links") if from_form else JsonResponse({"revoked": True})
+            return JsonResponse({"revoked": True})
         show = _posted(request).get("show_owner")
         link, made = sharing.share(
             user=request.user,
@@ -95,7 +100,7 @@ def shared_page(request: HttpRequest, token: str) -> HttpResponseBase:
 
 
 @require_GET
-def shared_file(request: HttpRequest, token: str, file_id: uuid.UUID) -> HttpResponseBase:
+def shared_file(request: HttpRequest, token: str, file_id: str) -> HttpResponseBase:
     found = _opened(request, token)
     if isinstance(found, HttpResponse):
         return found
@@ -106,9 +111,10 @@ def shared_file(request: HttpRequest, token: str, file_id: uuid.UUID) -> HttpRes
     return _private(serve.download(row))
 
 
-@login_required
 @require_POST
-def shared_continue(request: AuthenticatedHttpRequest, token: str) -> HttpResponseBase:
+def shared_continue(request: HttpRequest, token: str) -> HttpResponseBase:
+    if not request.user.is_authenticated:  # back to the shared page once signed in
+        return redirect_to_login(reverse("chat:shared", kwargs={"token": token}))
     found = _opened(request, token)
     if isinstance(found, HttpResponse):
         return found

@@ -64,11 +64,15 @@ def share(*, user: User, conversation_id: Any, show_owner: bool | None = None) -
         raise SharingOff
     with transaction.atomic():
         conversation = conversation_for_user(user=user, conversation_id=conversation_id)
-        found = Share.objects.select_for_update().filter(conversation=conversation).first()
+        # The conversation's row is the lock: two first shares at once make one link.
+        Conversation.objects.select_for_update().filter(pk=conversation.pk).exists()
+        found = Share.objects.filter(conversation=conversation).first()
         made = found is None
         link = found or Share(conversation=conversation, token=secrets.token_urlsafe(32))
         link.title = conversation.display_title
         link.messages = _snapshot(conversation)
+        link.prompt_text = conversation.prompt_text
+        link.model = conversation.model
         if show_owner is not None:
             link.show_owner = show_owner
         link.save()
@@ -92,7 +96,7 @@ def opened(token: str, viewer: Any) -> Share:
     SignInNeeded (`members`, a stranger)."""
     current = mode()
     link = Share.objects.filter(token=token).select_related("conversation__owner").first() if token else None
-    if link is None or current == "off":
+    if link is None or current == "off" or not link.conversation.owner.is_active:
         raise refusals.not_found("shared link")
     if current == "members" and not viewer.is_authenticated:
         raise SignInNeeded
@@ -124,13 +128,12 @@ def copy_for(link: Share, viewer: User) -> Conversation:
     """'Continue in your own chat': the shared messages as a new conversation
     of the viewer's, with the owner's system prompt text. The files stay the
     owner's: a copied question names them, and the model is told so."""
-    source = link.conversation
     with transaction.atomic():
         copy = Conversation.objects.create(
             owner=viewer,
             title=f"{link.title} (shared)"[:200],
-            prompt_text=source.prompt_text,
-            model=source.model,
+            prompt_text=link.prompt_text,  # as shared, like its messages
+            model=link.model,
         )
         rows = []
         for item in link.messages:

@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import path, re_path
 
 from . import share_views, views
 
@@ -15,8 +15,15 @@ urlpatterns = [
         "c/<uuid:conversation_id>/export.json", views.conversation_export, {"fmt": "json"}, name="export_json"
     ),
     path("c/<uuid:conversation_id>/share/", share_views.conversation_share, name="share"),
-    path("s/<str:token>/", share_views.shared_page, name="shared"),
-    path("s/<str:token>/continue/", share_views.shared_continue, name="shared_continue"),
-    path("s/<str:token>/files/<uuid:file_id>/", share_views.shared_file, name="shared_file"),
+    # A link's token: what secrets.token_urlsafe makes (anything else is 404 before a query).
+    re_path(r"^s/(?P<token>[A-Za-z0-9_-]{20,64})/$", share_views.shared_page, name="shared"),
+    re_path(
+        r"^s/(?P<token>[A-Za-z0-9_-]{20,64})/continue/$", share_views.shared_continue, name="shared_continue"
+    ),
+    re_path(
+        r"^s/(?P<token>[A-Za-z0-9_-]{20,64})/files/(?P<file_id>[0-9a-f-]{36})/$",
+        share_views.shared_file,
+        name="shared_file",
+    ),
     path("accounts/shared-links/", share_views.my_links, name="shared_links"),
 ]

@@ -221,3 +221,19 @@ def test_public_links_open_for_anyone_and_off_opens_none(
     assert _browser(no_sharing_server, owner).get(f"/s/{token}/").status_code == 404
     refused = _post(_browser(no_sharing_server, owner), f"/c/{conversation.pk}/share/", json={})
     assert refused.status_code == 403 and "turned off" in refused.json()["error"]
+
+
+def test_odd_tokens_a_turned_off_owner_and_a_stranger_who_continues(daphne_server: LiveServer) -> None:
+    owner, reader = make_user("share_odd"), make_user("share_odd_reader")
+    conversation = _chat(owner, ("Q", "A"))
+    token = _post(_browser(daphne_server, owner), f"/c/{conversation.pk}/share/", json={}).json()["token"]
+    theirs = _browser(daphne_server, reader)
+    for odd in ("%00" * 30, "a" * 500, "../../etc/passwd", "x" * 19):
+        assert theirs.get(f"/s/{odd}/").status_code == 404, odd
+
+    stranger = _browser(daphne_server)
+    sent = _post(stranger, f"/s/{token}/continue/")
+    assert sent.status_code == 302 and sent.headers["Location"] == f"/accounts/login/?next=/s/{token}/"
+
+    type(owner).objects.filter(pk=owner.pk).update(is_active=False)  # staff turned the owner off
+    assert theirs.get(f"/s/{token}/").status_code == 404

@@ -386,3 +386,60 @@ def test_an_id_token_whose_nonce_is_not_this_sign_ins_is_refused(rf: Any) -> Non
         assert refused.value.response.status_code == 403
         assert b"nonce did not match" in refused.value.response.content
     SSOAdapter().pre_social_login(rf.get("/"), login("right-nonce", "right-nonce"))  # the right one passes
+
+
+def test_allauths_own_account_pages_are_not_there_and_an_address_two_accounts_hold_links_neither(
+    open_site: Site,
+) -> None:
+    client = httpx.Client(base_url=open_site.url, timeout=20)
+    for path in (
+        "/accounts/email/",
+        "/accounts/password/set/",
+        "/accounts/password/reset/",
+        "/accounts/3rdparty/signup/",
+    ):
+        assert client.get(path).status_code in (302, 404), path  # no page of allauth's own to add an address
+    assert client.get("/accounts/password/reset/").status_code == 404
+    first = make_user("nia_one", email="nia@acme.test")
+    second = make_user("nia_two", email="NIA@acme.test")  # someone else put her address on theirs
+    open_site.people(nia=person("nia@acme.test", verified=True, username="nia"))
+
+    assert sign_in(open_site, "nia").page.headers.get("Location") == "/"
+
+    assert first.socialaccount_set.count() == 0 and second.socialaccount_set.count() == 0
+    assert User.objects.filter(email__iexact="nia@acme.test").count() == 3  # a new account, nothing merged
+
+
+def test_a_claim_never_gives_a_group_that_carries_admin_rights(open_site: Site) -> None:
+    from django.contrib.auth.models import Permission
+
+    make_user("someone_first")
+    reviewers = Group.objects.create(name="reviewers")
+    reviewers.permissions.add(Permission.objects.get(codename="review_conversation"))
+    open_site.people(oli=person("oli@acme.test", groups=["reviewers", "eng\x00ops", "support"]))
+
+    sign_in(open_site, "oli")
+
+    oli = User.objects.get(email="oli@acme.test")
+    assert sorted(oli.groups.values_list("name", flat=True)) == ["engops", "support"]
+
+
+def test_a_provider_that_does_not_answer_gets_a_page_not_an_error(
+    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path: Path
+) -> None:
+    with django_db_blocker.unblock():
+        db_url = database_url()
+    with run_daphne(
+        db_url,
+        fake_llm_server.base_url,
+        tmp_path / "daphne.log",
+        OIDC_SERVER_URL=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        OIDC_CLIENT_ID="chat",
+        OIDC_CLIENT_SECRET="chat-secret",
+        OIDC_NAME="Acme SSO",
+    ) as server:
+        client = httpx.Client(base_url=server.url, timeout=20)
+        action, fields = _form(client.get("/accounts/login/"))
+        answer = client.post(action, data=fields)
+        assert answer.status_code == 503 and "Acme SSO did not answer" in answer.text
+        assert "Traceback" not in server.log()
