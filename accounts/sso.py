@@ -49,10 +49,26 @@ MAX_GROUPS = 200  # of one claim: more is a misconfigured claim, not a person
 MAX_GROUP_NAME = 150  # Django's Group.name
 
 
+def storable(value: Any) -> Any:
+    """The provider's claims as the database can keep them: no NUL and no
+    lone surrogate in any string (PostgreSQL refuses both in JSON), at any depth."""
+    if isinstance(value, str):
+        return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    return value
+
+
 class SSOProvider(OpenIDConnectProvider):
-    """allauth's OpenID Connect provider, with a nonce."""
+    """allauth's OpenID Connect provider, with a nonce; the claims it gets
+    are made storable before allauth saves them."""
 
     package = "allauth.socialaccount.providers.openid_connect"  # its URLs and templates
+
+    def sociallogin_from_response(self, request: HttpRequest, response: Any) -> Any:
+        return super().sociallogin_from_response(request, storable(response))
 
     def redirect(
         self, request: HttpRequest, process: Any, next_url: Any = None, data: Any = None, **kwargs: Any
