@@ -343,6 +343,7 @@ async def read_parts(user: User, messages: list[dict[str, Any]]) -> list[dict[st
     from files.uploads import read
 
     result = []
+    uploaded_images = False
     for message in messages:
         content = message.get("content")
         if message.get("role") != "user" or not isinstance(content, list):
@@ -380,7 +381,11 @@ async def read_parts(user: User, messages: list[dict[str, Any]]) -> list[dict[st
             made = user_content("", [record], loaded, sees=True)
             parts.extend(made if isinstance(made, list) else [])
         result.append({**message, "content": parts})
-    await database_sync_to_async(fill_images)(result)
+        uploaded_images = uploaded_images or any(
+            str(p.get("image_url", {}).get("url", "")).startswith(PLACEHOLDER) for p in parts
+        )
+    if uploaded_images:  # no database call for a request without uploaded images (most of them)
+        await database_sync_to_async(fill_images)(result)
     return result
 
 
