@@ -11,6 +11,10 @@ export function createScroller({ messages, inner, jump, isStreaming, onJump }) {
   let stuck = true;
   let queued = false;
   let lastTop = messages.scrollTop;
+  // Where this code last put the view: the scroll event that follows it must
+  // not stick again a view the user has just unstuck (the wheel's own
+  // scrolling may not have begun when it arrives).
+  let placedAt = null;
 
   function atBottom() {
     return messages.scrollHeight - messages.scrollTop - messages.clientHeight < STICK_THRESHOLD;
@@ -34,7 +38,10 @@ export function createScroller({ messages, inner, jump, isStreaming, onJump }) {
     queued = true;
     requestAnimationFrame(() => {
       queued = false;
-      if (stuck) messages.scrollTop = messages.scrollHeight;
+      if (stuck) {
+        messages.scrollTop = messages.scrollHeight;
+        placedAt = messages.scrollTop;
+      }
       update();
     });
   }
@@ -46,8 +53,11 @@ export function createScroller({ messages, inner, jump, isStreaming, onJump }) {
     "scroll",
     () => {
       const top = messages.scrollTop;
-      // Not while moving up (a smooth wheel scroll starts near the bottom).
-      if (top >= lastTop && atBottom()) stuck = true;
+      const placed = top === placedAt;
+      placedAt = null;
+      // Not while moving up (a smooth wheel scroll starts near the bottom),
+      // and not for a scroll this code made.
+      if (!placed && top >= lastTop && atBottom()) stuck = true;
       lastTop = top;
       update();
     },
