@@ -19,6 +19,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 # Set up Django (apps, models) before anything imports a model.
 django_asgi_app = get_asgi_application()
 
+from django.urls import get_resolver  # noqa: E402
+
+# Import the URLconf now, not in the first HTTP request: with allauth's
+# URLs it takes 150 ms of imports with the GIL held, which a burst's first
+# requests (an API burst after a socket-only start) all waited for.
+get_resolver().url_patterns  # noqa: B018
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 

@@ -125,3 +125,12 @@ def test_check_deploy_is_clean_with_production_settings() -> None:
     assert result.returncode == 0, output
     assert "no issues" in output, output
     assert "WARNING" not in output.upper(), output
+
+
+def test_the_asgi_application_imports_the_urlconf_before_any_request() -> None:
+    # Else the first HTTP request imports it (allauth's URLs: 150 ms, the GIL
+    # held) while a burst of requests waits (bench/load.py --client api).
+    check = "import sys, chatsite.asgi; print('allauth.urls' in sys.modules, 'api.views' in sys.modules)"
+    result = run(["-c", check])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
