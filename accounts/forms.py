@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import unicodedata
+from typing import TYPE_CHECKING, Any, cast
 
+from allauth.account import forms as allauth_forms
 from django import forms
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.forms import UserCreationForm
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.mail import send_mail
 from django.template.loader import render_to_string
@@ -13,27 +14,39 @@ from django.template.loader import render_to_string
 if TYPE_CHECKING:
     from django.contrib.auth.models import AnonymousUser, User
 
-    # Django's forms are not subscriptable at run time (no django_stubs_ext here).
-    _UserCreationForm = UserCreationForm[User]
-else:
-    _UserCreationForm = UserCreationForm
+
+class LoginForm(allauth_forms.LoginForm):
+    """allauth's login by username, its field named `username` as it always
+    was here (password managers and scripts post it) and what was typed
+    NFKC-normalised as Django's own login form does (`bob` typed in fullwidth
+    letters is `bob`; the throttle counts both under one key)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        fields = cast(dict[str, forms.Field], self.fields)  # type: ignore[has-type]  # allauth: untyped
+        field = fields.pop("login")
+        field.widget.attrs.update(autofocus=True, autocapitalize="none")
+        self.fields = {"username": field, **fields}
+
+    def clean_username(self) -> str:
+        username = unicodedata.normalize("NFKC", str(self.cleaned_data["username"]).strip())
+        self.cleaned_data["login"] = username  # where allauth's own steps read it
+        return username
 
 
-class SignupForm(_UserCreationForm):
-    """Django's sign-up form, with its errors where a person looks for them:
-    a password the validators refuse ("too short") is said under the
-    password, not under its confirmation; and a form refused for another
-    reason (a username taken) keeps the passwords typed."""
-
-    def validate_password_for_user(self, user: User, password_field_name: str = "password1") -> None:
-        # SetPasswordMixin's, which django-stubs leave out of BaseUserCreationForm's bases.
-        super().validate_password_for_user(user, password_field_name="password1")  # type: ignore[misc]
+class SignupForm(allauth_forms.SignupForm):
+    """allauth's sign-up (username, an optional e-mail, the password twice),
+    with its errors where a person looks for them: a form refused for a
+    reason that is not the password (a username taken) keeps the passwords
+    typed."""
 
     def full_clean(self) -> None:
         super().full_clean()
         if self.is_bound and self.errors and not {"password1", "password2"} & set(self.errors):
             for name in ("password1", "password2"):
-                self.fields[name].widget.render_value = True
+                widget = self.fields[name].widget
+                if isinstance(widget, forms.PasswordInput):
+                    widget.render_value = True
 
 
 class InviteForm(forms.Form):

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
-from allauth.account.adapter import DefaultAccountAdapter
 from allauth.core.exceptions import ImmediateHttpResponse
 from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
 from allauth.socialaccount.providers.openid_connect.provider import OpenIDConnectProvider
@@ -250,32 +249,6 @@ class SSOAdapter(DefaultSocialAccountAdapter):
             exception=repr(exception),
         )
         raise refused(request, reason, status=400)
-
-
-class AccountAdapter(DefaultAccountAdapter):
-    """allauth's account rules where this product has its own."""
-
-    def is_open_for_signup(self, request: HttpRequest) -> bool:
-        return security.signup_policy() != "closed"
-
-    def respond_user_inactive(self, request: HttpRequest, user: Any) -> HttpResponse:
-        """A new account from the provider waiting for staff (CHAT_SIGNUP
-        `approval`), or one staff turned off."""
-        if not user.last_login:
-            return render(
-                request,
-                "accounts/signup_pending.html",
-                {"username": user.username, "via_provider": settings.OIDC_NAME},
-            )
-        return render(
-            request,
-            "accounts/sso_refused.html",
-            {
-                "reason": "This account has been turned off. Ask your administrator.",
-                "provider": settings.OIDC_NAME,
-            },
-            status=403,
-        )
 
 
 def providers(request: HttpRequest) -> list[dict[str, str]]:

@@ -1,23 +1,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import wraps
 from typing import TYPE_CHECKING, Any
 
+from allauth.account import views as allauth_views
 from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
-from django.contrib.auth import get_user_model, login
+from django.contrib.auth import get_user_model
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm, SetPasswordForm
-from django.db import transaction
+from django.contrib.auth.forms import SetPasswordForm
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse, reverse_lazy
 from django.utils.encoding import force_bytes
-from django.utils.http import urlsafe_base64_encode
-from django.views.decorators.debug import sensitive_post_parameters
+from django.utils.http import url_has_allowed_host_and_scheme, urlencode, urlsafe_base64_encode
 
 from . import security, sso
-from .forms import InviteForm, SignupForm
+from .adapter import AccountAdapter
+from .forms import InviteForm
 from .links import one_time_links
 
 if TYPE_CHECKING:
@@ -32,20 +33,33 @@ def _throttled(request: HttpRequest, template: str, context: Mapping[str, object
     return response
 
 
-class LoginView(auth_views.LoginView):
-    """Django's login, throttled: after CHAT_LOGIN_RATE failures from one
-    address or for one username, every attempt (the right password too) is
-    refused until the window ends. Successful logins never count."""
+class LoginView(allauth_views.LoginView):
+    """allauth's login (its steps after the password: two-factor, a stage
+    for an inactive account), throttled: after CHAT_LOGIN_RATE failures
+    from one address or for one username, every attempt (the right password
+    too) is refused with 429 until the window ends. Successful logins never
+    count. With CHAT_PASSWORD_LOGIN=false only the provider's button is left."""
 
-    template_name = "registration/login.html"  # Django's, said here for its type (str)
-    redirect_authenticated_user = True
+    template_name = "registration/login.html"
+
+    def _next(self) -> str:
+        return str(self.request.POST.get("next") or self.request.GET.get("next", ""))
+
+    def _staff_door(self) -> bool:
+        """With CHAT_PASSWORD_LOGIN=false, the admin's login (here with
+        `next` into /admin/) still takes a staff member's password (from
+        `manage.py createsuperuser` or `changepassword`), and only a staff
+        member's: anyone else's is answered as a wrong password."""
+        return not settings.CHAT_PASSWORD_LOGIN and self._next().startswith("/admin/")
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         return {
             **super().get_context_data(**kwargs),
             "signup_open": security.signup_policy() != "closed",
-            "password_login": settings.CHAT_PASSWORD_LOGIN,
+            "password_login": settings.CHAT_PASSWORD_LOGIN or self._staff_door(),
+            "staff_door": self._staff_door(),
             "sso_providers": sso.providers(self.request),
+            "next": self._next(),
         }
 
     def render_to_response(self, context: dict[str, Any], **response_kwargs: Any) -> HttpResponse:
@@ -53,8 +67,7 @@ class LoginView(auth_views.LoginView):
         return sso.with_form_action(response, context.get("sso_providers") or [])
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if not settings.CHAT_PASSWORD_LOGIN:
-            # Staff keep a way in: `manage.py createsuperuser` / `changepassword` and the admin's own login.
+        if not settings.CHAT_PASSWORD_LOGIN and not self._staff_door():
             security.event("password_login_off", address=security.request_address(request))
             return self.render_to_response(self.get_context_data(password_refused=True), status=403)
         username = str(request.POST.get("username", ""))[:150]
@@ -63,62 +76,71 @@ class LoginView(auth_views.LoginView):
             security.event(
                 "login_throttled", user=username, address=security.request_address(request), wait=wait
             )
-            form = AuthenticationForm(request, initial={"username": username})
+            form = self.get_form_class()(request=request, initial={"username": username})
             return _throttled(request, self.template_name, self.get_context_data(form=form), wait)
-        return super().post(request, *args, **kwargs)
+        response: HttpResponse = super().post(request, *args, **kwargs)
+        return response
 
-    def form_invalid(self, form: AuthenticationForm) -> HttpResponse:
+    def form_valid(self, form: Any) -> HttpResponse:
+        if self._staff_door() and not form.user.is_staff:
+            form.add_error(None, AccountAdapter.error_messages["username_password_mismatch"])
+            return self.form_invalid(form)
+        response: HttpResponse = super().form_valid(form)
+        return response
+
+    def form_invalid(self, form: Any) -> HttpResponse:
         username = str(self.request.POST.get("username", ""))[:150]
         security.count_login_failure(self.request, username)
         security.event("login_failed", user=username, address=security.request_address(self.request))
-        return super().form_invalid(form)
+        response: HttpResponse = super().form_invalid(form)
+        return response
 
 
-@sensitive_post_parameters("password1", "password2")
-def signup(request: HttpRequest) -> HttpResponse:
-    """Sign-up under CHAT_SIGNUP. The first account of an empty install is
-    staff and superuser (and active): who ran `make run` reaches the admin."""
-    if request.user.is_authenticated:
-        return redirect("chat:new")
-    policy = security.signup_policy()
-    User = get_user_model()
-    if policy == "closed":
-        return render(request, "accounts/signup_closed.html", status=403)
-    first = not User.objects.exists()
-    form = SignupForm(request.POST or None)
-    if request.method == "POST":
+class SignupView(allauth_views.SignupView):
+    """allauth's sign-up under CHAT_SIGNUP (the rules: accounts.adapter),
+    throttled per address (CHAT_SIGNUP_RATE, 429). Closed: a 403 page."""
+
+    template_name = "accounts/signup.html"
+    template_name_signup_closed = "accounts/signup_closed.html"
+
+    def closed(self) -> HttpResponse:
+        return render(self.request, self.template_name_signup_closed, status=403)
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        return {
+            **super().get_context_data(**kwargs),
+            "first": not get_user_model().objects.exists(),
+            "policy": security.signup_policy(),
+        }
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         wait = security.address_wait(request, security.SIGNUP_GROUP, settings.CHAT_SIGNUP_RATE)
         if wait:
             security.event("signup_throttled", address=security.request_address(request), wait=wait)
-            return _throttled(request, "accounts/signup.html", {"form": SignupForm()}, wait)
-        if form.is_valid():
-            with transaction.atomic():
-                user = form.save(commit=False)
-                first = not User.objects.exists()
-                user.is_staff = user.is_superuser = first
-                user.is_active = first or policy == "open"
-                user.save()
-            security.count_address(request, security.SIGNUP_GROUP, settings.CHAT_SIGNUP_RATE)
+            form = self.get_form_class()()
+            return _throttled(request, self.template_name, self.get_context_data(form=form), wait)
+        response: HttpResponse = super().post(request, *args, **kwargs)
+        return response
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        response: HttpResponse = super().form_valid(form)
+        user = getattr(self, "user", None)
+        if user is not None and user.pk:
+            security.count_address(self.request, security.SIGNUP_GROUP, settings.CHAT_SIGNUP_RATE)
             security.event(
-                "signup", user=user, address=security.request_address(request), active=user.is_active
+                "signup", user=user, address=security.request_address(self.request), active=user.is_active
             )
-            if not user.is_active:
-                return render(request, "accounts/signup_pending.html", {"username": user.username})
-            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-            return redirect("chat:new")
-    return render(request, "accounts/signup.html", {"form": form, "first": first, "policy": policy})
+        return response
 
 
-class PasswordResetView(auth_views.PasswordResetView):
-    """Django's password reset, its mails throttled per address. The page
-    says the same whether the address has an account or not."""
+class PasswordResetView(allauth_views.PasswordResetView):
+    """allauth's password reset, its mails throttled per address
+    (CHAT_PASSWORD_RESET_RATE, 429). The page says the same whether the
+    address has an account or not, and only an account gets a mail."""
 
-    token_generator = one_time_links
     template_name = "registration/password_reset_form.html"
-    email_template_name = "registration/password_reset_email.txt"
-    subject_template_name = "registration/password_reset_subject.txt"
 
-    def form_valid(self, form: PasswordResetForm) -> HttpResponse:
+    def form_valid(self, form: Any) -> HttpResponse:
         request = self.request
         wait = security.address_wait(request, security.RESET_GROUP, settings.CHAT_PASSWORD_RESET_RATE)
         if wait:
@@ -126,45 +148,47 @@ class PasswordResetView(auth_views.PasswordResetView):
             return _throttled(request, self.template_name, self.get_context_data(form=form), wait)
         security.count_address(request, security.RESET_GROUP, settings.CHAT_PASSWORD_RESET_RATE)
         security.event("password_reset_asked", address=security.request_address(request))
-        return super().form_valid(form)
+        response: HttpResponse = super().form_valid(form)
+        return response
 
 
-class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
-    """The mailed link: a new password, for an active account only (the
-    token also hashes `is_active`: a link mailed before a deactivation is
-    dead)."""
+class PasswordResetFromKeyView(allauth_views.PasswordResetFromKeyView):
+    """allauth's mailed link; a dead one (used, expired, or the account
+    turned off since: accounts.links) is on the security log."""
 
-    token_generator = one_time_links
-    template_name = "registration/password_reset_set.html"
-    success_url = reverse_lazy("password_reset_complete")
-    refusal = "password_reset_refused"
-
-    def may_use_link(self, user: User) -> bool:
-        return user.is_active
-
-    def get_user(self, uidb64: str) -> User | None:
-        user = super().get_user(uidb64)
-        if user is not None and not self.may_use_link(user):
-            security.event(self.refusal, user=user, address=security.request_address(self.request))
-            return None  # the page says the link is no longer valid
-        return user
+    def dispatch(self, request: HttpRequest, uidb36: str, key: str, **kwargs: Any) -> HttpResponse:
+        response: HttpResponse = super().dispatch(request, uidb36, key, **kwargs)
+        if getattr(self, "reset_user", False) is None:
+            security.event("password_reset_refused", address=security.request_address(request), uid=uidb36)
+        return response
 
 
-class InvitationAcceptView(PasswordResetConfirmView):
+def old_password_reset_link(request: HttpRequest, uidb64: str, token: str) -> HttpResponse:
+    """A reset link mailed before allauth's (Django's uidb64/token): it no
+    longer works; the page says so and offers a new one."""
+    return render(request, "account/password_reset_from_key.html", {"token_fail": True}, status=410)
+
+
+class InvitationAcceptView(auth_views.PasswordResetConfirmView):
     """An invitation's one-time link: the invited person sets a password and
     is logged in. Only for what staff made it for: an active account that
-    never had a password (a password-reset link of any other account is
+    never had a password (a password-reset key of any other account is
     refused here); it stops working once a password is set, and after
-    PASSWORD_RESET_TIMEOUT."""
+    PASSWORD_RESET_TIMEOUT. The token also hashes `is_active`
+    (accounts.links): a link mailed before a deactivation is dead."""
 
+    token_generator = one_time_links
     template_name = "registration/invitation_accept.html"
     post_reset_login = True
     post_reset_login_backend = "django.contrib.auth.backends.ModelBackend"
     success_url = reverse_lazy("chat:new")
-    refusal = "invitation_refused"
 
-    def may_use_link(self, user: User) -> bool:
-        return user.is_active and not user.has_usable_password()
+    def get_user(self, uidb64: str) -> User | None:
+        user = super().get_user(uidb64)
+        if user is not None and not (user.is_active and not user.has_usable_password()):
+            security.event("invitation_refused", user=user, address=security.request_address(self.request))
+            return None  # the page says the link is no longer valid
+        return user
 
     def form_valid(self, form: SetPasswordForm[User]) -> HttpResponse:
         security.event("invitation_accepted", user=form.user, address=security.request_address(self.request))
@@ -194,3 +218,25 @@ def invite(request: HttpRequest) -> HttpResponse:
         sent = user
         form = InviteForm()
     return render(request, "accounts/invite.html", {"form": form, "sent": sent})
+
+
+def admin_login(view: Any) -> Any:
+    """The admin's login made the site's (admin.site.login): someone not
+    logged in goes to /accounts/login/ (the password, then the second
+    factor) and comes back; someone logged in who is not staff gets a page
+    that says so (Django's admin would offer its own password form, which
+    skips the second factor)."""
+
+    @wraps(view)
+    def login(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.user.is_authenticated:
+            if request.user.is_staff and request.user.is_active:
+                response: HttpResponse = view(request, *args, **kwargs)
+                return response
+            return render(request, "accounts/not_staff.html", status=403)
+        target = request.GET.get("next") or reverse("admin:index")
+        if not url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}):
+            target = reverse("admin:index")
+        return redirect(f"{reverse('login')}?{urlencode({'next': target})}")
+
+    return login

@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "allauth.account",
     "allauth.socialaccount",
     "allauth.socialaccount.providers.openid_connect",
+    "allauth.mfa",
     "accounts",
     "files",
     "conversations",
@@ -264,12 +265,26 @@ SOCIALACCOUNT_PROVIDERS = {
     }
 }
 SOCIALACCOUNT_ADAPTER = "accounts.sso.SSOAdapter"
-ACCOUNT_ADAPTER = "accounts.sso.AccountAdapter"
+ACCOUNT_ADAPTER = "accounts.adapter.AccountAdapter"
 SOCIALACCOUNT_AUTO_SIGNUP = True
-# allauth for the identity provider only: its own account pages (e-mail
-# addresses, password set / change / reset, sign-up) are not mounted; this
-# site's views keep those policies (CHAT_SIGNUP, throttles, invitations).
-SOCIALACCOUNT_ONLY = True
+# allauth is the account system (accounts/urls.py mounts the pages this site
+# offers: log in, sign up, password reset, change and set, two-factor; not its
+# e-mail management, which would let anyone add another's address to their
+# account and catch that person's first sign-in through the provider). This
+# site's policies live in its views and adapter (accounts/views.py, sso.py):
+# CHAT_SIGNUP, the django-ratelimit throttles below, invitations.
+ACCOUNT_FORMS = {"login": "accounts.forms.LoginForm", "signup": "accounts.forms.SignupForm"}
+# Ours (per NFKC-folded username and per address, in the shared cache) replace allauth's own.
+ACCOUNT_RATE_LIMITS = {"login": None, "login_failed": None, "signup": None, "reset_password": None}
+ACCOUNT_SESSION_REMEMBER = True  # no "remember me" box: a session lasts SESSION_COOKIE_AGE
+ACCOUNT_PASSWORD_RESET_TOKEN_GENERATOR = "accounts.links.OneTimeLinks"  # dead once the account is off
+ACCOUNT_EMAIL_UNKNOWN_ACCOUNTS = False  # an address without an account gets the same page, no mail
+ACCOUNT_LOGOUT_REDIRECT_URL = "login"
+ACCOUNT_EMAIL_SUBJECT_PREFIX = ""
+# Two-factor authentication (allauth.mfa): an authenticator app (TOTP) and
+# recovery codes, from the account menu; the admin's login goes through it.
+MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
+MFA_TOTP_ISSUER = env.str("MFA_TOTP_ISSUER", default="Chat")
 # An existing account is found by its e-mail only when the provider says it is
 # verified, and is then linked (allauth wipes a password set on an address this
 # site never verified: someone may have signed up with another's address).

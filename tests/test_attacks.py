@@ -33,6 +33,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from django.utils import timezone
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
@@ -266,8 +268,9 @@ def test_a_deactivated_user_cannot_come_back_through_an_old_link(daphne_server: 
     banned = make_user(name, email=f"{name}@example.com")
     visitor = Visitor(daphne_server)
     visitor.post("/accounts/password-reset/", {"email": banned.email})
-    link = mailed_link(daphne_server, "/accounts/password-reset/")
-    uid_token = link.split("/accounts/password-reset/")[1]
+    link = mailed_link(daphne_server, "/accounts/password-reset/key/")
+    key = link.rstrip("/").rsplit("/", 1)[1].split("-", 1)[1]  # allauth's <uidb36>-<key>: a Django token
+    uid_token = f"{urlsafe_base64_encode(force_bytes(banned.pk))}/{key}/"
     banned.is_active = False  # staff ban them
     banned.save()
 
@@ -291,9 +294,12 @@ def test_a_password_reset_link_does_not_log_in_through_the_invitation_address(
     name = _a_name("active")
     user = make_user(name, email=f"{name}@example.com")
     Visitor(daphne_server).post("/accounts/password-reset/", {"email": user.email})
-    uid_token = mailed_link(daphne_server, "/accounts/password-reset/").split("/accounts/password-reset/")[1]
+    link = mailed_link(daphne_server, "/accounts/password-reset/key/")
+    key = link.rstrip("/").rsplit("/", 1)[1].split("-", 1)[1]  # allauth's <uidb36>-<key>: a Django token
+    uidb64 = urlsafe_base64_encode(force_bytes(user.pk))
     visitor = Visitor(daphne_server)
-    assert "This link no longer works" in visitor.get(f"/accounts/invitation/{uid_token}")[2]
+    assert "This link no longer works" in visitor.get(f"/accounts/invitation/{uidb64}/{key}/")[2]
+    assert not logged_in(visitor.get("/"), daphne_server)
 
 
 # --- 5. Look-alike usernames ------------------------------------------------------------------

@@ -289,7 +289,7 @@ def test_a_forgotten_password_is_reset_through_a_mailed_link_once(daphne_server:
     status, url, page = visitor.get(link)
     assert "Choose a new password" in page
     new = "remembered-this-time-2"
-    status, url, page = visitor.post(url, {"new_password1": new, "new_password2": new})
+    status, url, page = visitor.post(url, {"password1": new, "password2": new})  # allauth's form
     assert status == 200 and "Your password is changed" in page
     assert logged_in(Visitor(daphne_server).log_in("forgetful", new), daphne_server)
     assert "This link no longer works" in Visitor(daphne_server).get(link)[2]

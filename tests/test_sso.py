@@ -27,7 +27,7 @@ from django.contrib.auth.models import Group
 from accounts.models import ProviderMembership, Quota
 from conversations.quotas import forget_limits, limits_for
 from tests.conftest import LiveServer, database_url, free_port, run_daphne
-from tests.factories import make_user
+from tests.factories import PASSWORD, make_user
 from tests.fake_llm import FakeLLM
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -317,6 +317,36 @@ def test_with_password_logins_off_the_form_is_gone_and_a_password_is_refused(clo
     )
     assert refused.status_code == 403 and "Password logins are turned off" in refused.text
     assert client.get(closed_site.url + "/", follow_redirects=False).status_code == 302
+
+
+def test_with_password_logins_off_staff_still_reach_the_admin_with_a_password(closed_site: Site) -> None:
+    make_user("root_staff", is_staff=True, is_superuser=True)
+    make_user("not_staff")
+    client = httpx.Client(timeout=20)
+    to_login = client.get(closed_site.url + "/admin/", follow_redirects=True)
+    assert to_login.url.path == "/accounts/login/" and to_login.url.params["next"] == "/admin/"
+    assert 'name="password"' in to_login.text and "Staff: log in to the admin" in to_login.text
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', to_login.text)
+    assert token
+
+    def staff_login(username: str) -> httpx.Response:
+        return client.post(
+            closed_site.url + "/accounts/login/",
+            data={
+                "csrfmiddlewaretoken": token[1],
+                "username": username,
+                "password": PASSWORD,
+                "next": "/admin/",
+            },
+        )
+
+    # Someone else's right password is answered as a wrong one: no way in, no hint.
+    other = staff_login("not_staff")
+    assert other.status_code == 200 and "correct username and password" in other.text
+    assert client.get(closed_site.url + "/", follow_redirects=False).status_code == 302
+    done = staff_login("root_staff")
+    assert done.status_code == 302 and done.headers["location"] == "/admin/"
+    assert client.get(closed_site.url + "/admin/", follow_redirects=False).status_code == 200
 
 
 @pytest.mark.browser
