@@ -26,12 +26,26 @@ class LoginForm(allauth_forms.LoginForm):
         fields = cast(dict[str, forms.Field], self.fields)  # type: ignore[has-type]  # allauth: untyped
         field = fields.pop("login")
         field.widget.attrs.update(autofocus=True, autocapitalize="none")
+        fields["password"].help_text = ""  # allauth's "Forgot your password?": the page has its own
         self.fields = {"username": field, **fields}
 
     def clean_username(self) -> str:
         username = unicodedata.normalize("NFKC", str(self.cleaned_data["username"]).strip())
         self.cleaned_data["login"] = username  # where allauth's own steps read it
         return username
+
+
+class ResetPasswordForm(allauth_forms.ResetPasswordForm):
+    """allauth's reset request, for accounts that have a password only (as
+    Django's own): an account that signs in through the provider, or an
+    invited one that has not set its password yet, gets no mail (its
+    staff resend an invitation)."""
+
+    def clean_email(self) -> str:
+        email: str = super().clean_email()
+        found: list[Any] = self.users  # type: ignore[has-type]  # allauth: untyped
+        self.users = [user for user in found if user.has_usable_password()]
+        return email
 
 
 class SignupForm(allauth_forms.SignupForm):

@@ -19,4 +19,13 @@ class OneTimeLinks(PasswordResetTokenGenerator):
         return f"{super()._make_hash_value(user, timestamp)}{int(user.is_active)}"
 
 
+class InvitationLinks(OneTimeLinks):
+    """An invitation's token: a salt of its own, so that a password-reset
+    key (OneTimeLinks) never opens the invitation address, which logs in
+    an account without a password."""
+
+    key_salt = "accounts.links.InvitationLinks"
+
+
 one_time_links = OneTimeLinks()
+invitation_links = InvitationLinks()

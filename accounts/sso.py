@@ -220,6 +220,12 @@ class SSOAdapter(DefaultSocialAccountAdapter):
             user.is_staff = user.is_superuser = first
             user.is_active = first or security.signup_policy() == "open"
             user = super().save_user(request, sociallogin, form)
+            # The provider's address, never one typed on allauth's sign-up form (shown when
+            # the username is taken): a typed one would catch its real owner's first sign-in.
+            provided = next((a.email for a in sociallogin.email_addresses if a.email), "")
+            if user.email != provided:
+                user.email = provided
+                user.save(update_fields=["email"])
             sync_groups(user, claimed_groups(_claims(sociallogin)))
         security.event(
             "signup", user=user, address=security.request_address(request), active=user.is_active, via="sso"

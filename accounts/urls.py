@@ -5,6 +5,7 @@ names, which its own code reverses, and this site's older names beside them
 management and login by code."""
 
 from allauth.account import views as allauth_views
+from allauth.socialaccount import views as social_views
 from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 from django.views.generic import RedirectView
@@ -26,7 +27,7 @@ urlpatterns = [
     path("signup/", signup, name="account_signup"),
     path("reauthenticate/", allauth_views.reauthenticate, name="account_reauthenticate"),
     path("password/change/", allauth_views.password_change, name="account_change_password"),
-    path("password/set/", allauth_views.password_set, name="account_set_password"),
+    path("password/set/", views.PasswordSetView.as_view(), name="account_set_password"),
     # allauth sends people to "the e-mail page" in a few places: here, the password.
     path("email/", RedirectView.as_view(pattern_name="account_change_password"), name="account_email"),
     # Password reset: a mailed link that works once.
@@ -48,6 +49,19 @@ urlpatterns = [
     # Invitations by staff.
     path("invite/", views.invite, name="invite"),
     path("invitation/<uidb64>/<token>/", views.InvitationAcceptView.as_view(), name="invitation_accept"),
-    # Two-factor authentication: an authenticator app and recovery codes.
+    # Two-factor authentication: an authenticator app and recovery codes; the
+    # code step under the login throttle (before allauth's own at that address).
+    path("2fa/authenticate/", views.TwoFactorView.as_view(), name="mfa_authenticate"),
     path("2fa/", include("allauth.mfa.urls")),
+    # Sign-in through identity providers: allauth's pages for a sign-in that needs more.
+    # Not its "connections" page: linking a provider's identity to a signed-in account
+    # skipped the provider's group and staff rules; it leads to the password page instead.
+    path(
+        "3rdparty/",
+        RedirectView.as_view(pattern_name="account_change_password"),
+        name="socialaccount_connections",
+    ),
+    path("3rdparty/login/cancelled/", social_views.login_cancelled, name="socialaccount_login_cancelled"),
+    path("3rdparty/login/error/", social_views.login_error, name="socialaccount_login_error"),
+    path("3rdparty/signup/", social_views.signup, name="socialaccount_signup"),
 ]

@@ -5,7 +5,10 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any
 
 from allauth.account import views as allauth_views
+from allauth.mfa.base import views as mfa_views
+from allauth.socialaccount.models import SocialAccount
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth import get_user_model
 from django.contrib.auth import views as auth_views
@@ -19,7 +22,7 @@ from django.utils.http import url_has_allowed_host_and_scheme, urlencode, urlsaf
 from . import security, sso
 from .adapter import AccountAdapter
 from .forms import InviteForm
-from .links import one_time_links
+from .links import invitation_links
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -163,6 +166,57 @@ class PasswordResetFromKeyView(allauth_views.PasswordResetFromKeyView):
         return response
 
 
+class PasswordSetView(allauth_views.PasswordSetView):
+    """A first password for an account that has none: not for one that
+    signs in through the identity provider (its password would outlive the
+    provider taking it away), nor while password logins are off."""
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        user = request.user
+        linked = user.is_authenticated and SocialAccount.objects.filter(user_id=user.pk).exists()
+        if user.is_authenticated and (not settings.CHAT_PASSWORD_LOGIN or linked):
+            security.event("password_set_refused", user=user, address=security.request_address(request))
+            return render(
+                request,
+                "accounts/sso_refused.html",
+                {"reason": "Your account signs in through your organisation: it has no password here."},
+                status=403,
+            )
+        response: HttpResponse = super().dispatch(request, *args, **kwargs)
+        return response
+
+
+class TwoFactorView(mfa_views.AuthenticateView):
+    """allauth's second step (the authenticator's code or a recovery code),
+    under the password's throttle: its failures count against the same
+    username and address (CHAT_LOGIN_RATE), and past it every code, the
+    right one too, is refused with 429 until the window ends."""
+
+    def _username(self) -> str:
+        return str(self.stage.login.user.get_username())
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        wait = security.login_wait(request, self._username())
+        if wait:
+            security.event(
+                "login_throttled", user=self._username(), address=security.request_address(request), wait=wait
+            )
+            messages.error(request, f"Too many attempts. Try again in {security.describe_wait(wait)}.")
+            response: HttpResponse = self.render_to_response(self.get_context_data(), status=429)
+            response["Retry-After"] = str(wait)
+            return response
+        result: HttpResponse = super().post(request, *args, **kwargs)
+        return result
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        security.count_login_failure(self.request, self._username())
+        security.event(
+            "login_failed", user=self._username(), address=security.request_address(self.request), step="2fa"
+        )
+        response: HttpResponse = super().form_invalid(form)
+        return response
+
+
 def old_password_reset_link(request: HttpRequest, uidb64: str, token: str) -> HttpResponse:
     """A reset link mailed before allauth's (Django's uidb64/token): it no
     longer works; the page says so and offers a new one."""
@@ -177,7 +231,7 @@ class InvitationAcceptView(auth_views.PasswordResetConfirmView):
     PASSWORD_RESET_TIMEOUT. The token also hashes `is_active`
     (accounts.links): a link mailed before a deactivation is dead."""
 
-    token_generator = one_time_links
+    token_generator = invitation_links
     template_name = "registration/invitation_accept.html"
     post_reset_login = True
     post_reset_login_backend = "django.contrib.auth.backends.ModelBackend"
@@ -207,7 +261,7 @@ def invite(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         user = form.save()
         uid = urlsafe_base64_encode(force_bytes(user.pk))
-        token = one_time_links.make_token(user)
+        token = invitation_links.make_token(user)
         link = request.build_absolute_uri(
             reverse("invitation_accept", kwargs={"uidb64": uid, "token": token})
         )

@@ -273,7 +273,14 @@ SOCIALACCOUNT_AUTO_SIGNUP = True
 # account and catch that person's first sign-in through the provider). This
 # site's policies live in its views and adapter (accounts/views.py, sso.py):
 # CHAT_SIGNUP, the django-ratelimit throttles below, invitations.
-ACCOUNT_FORMS = {"login": "accounts.forms.LoginForm", "signup": "accounts.forms.SignupForm"}
+ACCOUNT_FORMS = {
+    "login": "accounts.forms.LoginForm",
+    "signup": "accounts.forms.SignupForm",
+    "reset_password": "accounts.forms.ResetPasswordForm",
+}
+# Asking again before a change to the sign-in itself (two-factor): the password or a code
+# of the authenticator (allauth's third way, a mailed code, is not offered here).
+ACCOUNT_REAUTHENTICATION_METHODS = ("password", "mfa")
 # Ours (per NFKC-folded username and per address, in the shared cache) replace allauth's own.
 ACCOUNT_RATE_LIMITS = {"login": None, "login_failed": None, "signup": None, "reset_password": None}
 ACCOUNT_SESSION_REMEMBER = True  # no "remember me" box: a session lasts SESSION_COOKIE_AGE
@@ -295,7 +302,9 @@ SOCIALACCOUNT_STORE_TOKENS = False
 SOCIALACCOUNT_EMAIL_VERIFICATION = "none"
 ACCOUNT_EMAIL_VERIFICATION = "none"
 ACCOUNT_LOGIN_METHODS = {"username"}
-ACCOUNT_SIGNUP_FIELDS = ["username*", "email", "password1*", "password2*"]
+# No e-mail at sign-up: an address nobody verified would point the provider's first
+# sign-in of its real owner at this account (SSOAdapter.authenticate_by_email).
+ACCOUNT_SIGNUP_FIELDS = ["username*", "password1*", "password2*"]
 ACCOUNT_UNIQUE_EMAIL = False
 # Throttles, counted in the cache (shared by every worker with REDIS_URL):
 # failed logins per client address and per username (successes never count),
@@ -384,6 +393,11 @@ CHAT_FILE_MAX_BYTES = env.int("CHAT_FILE_MAX_BYTES", default=20 * 1024 * 1024)
 CHAT_FILE_MAX_PER_MESSAGE = env.int("CHAT_FILE_MAX_PER_MESSAGE", default=10)
 # What the model reads of a message's text files and PDFs, together, at most (the rest is cut, and said).
 CHAT_FILE_CONTEXT_TOKENS = env.int("CHAT_FILE_CONTEXT_TOKENS", default=6000)
+# Projects (conversations/projects.py): what a chat reads of its project's files, together, at
+# most (the rest is cut, and said); how many files a project holds; its instructions' length.
+CHAT_PROJECT_CONTEXT_TOKENS = env.int("CHAT_PROJECT_CONTEXT_TOKENS", default=8000)
+CHAT_PROJECT_MAX_FILES = env.int("CHAT_PROJECT_MAX_FILES", default=20)
+CHAT_PROJECT_INSTRUCTIONS_CHARS = env.int("CHAT_PROJECT_INSTRUCTIONS_CHARS", default=8000)
 # The API may name images by an http(s) address (the upstream fetches it): off unless staff allow it.
 CHAT_REMOTE_IMAGES = env.bool("CHAT_REMOTE_IMAGES", default=False)
 CHAT_FILE_UPLOAD_RATE = env.str("CHAT_FILE_UPLOAD_RATE", default="60/m")  # uploads per user

@@ -20,9 +20,8 @@ urlpatterns = [
     path("", include("files.urls")),
     path("accounts/usage/", usage, name="usage"),  # what the user spent, and what is left
     path("accounts/", include("accounts.urls")),
-    # django-allauth's sign-in through identity providers: /accounts/oidc/<id>/login/ and its
-    # callback, and its pages for a sign-in that needs more (accounts/3rdparty/).
-    path("accounts/3rdparty/", include("allauth.socialaccount.urls")),
+    # django-allauth's sign-in through identity providers: /accounts/oidc/<id>/login/ and
+    # its callback (the pages around it: accounts/urls.py).
     path("accounts/", include(build_provider_urlpatterns())),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),

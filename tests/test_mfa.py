@@ -180,3 +180,54 @@ def test_old_addresses_still_answer() -> None:
     assert old.status_code == 410 and "This link no longer works" in html(old)
     # allauth sends people to "the e-mail page": here, the password page (e-mail management is off).
     assert Client().get("/accounts/email/")["Location"] == "/accounts/password/change/"
+
+
+def test_guessing_the_code_is_throttled_like_the_password() -> None:
+    make_user("guessed", is_staff=True)
+    owner = Client()
+    log_in(owner, "guessed")
+    secret, _recovery = turn_on_totp(owner)
+    attacker = Client()  # knows the password, not the code
+    log_in(attacker, "guessed")
+    for _ in range(10):  # CHAT_LOGIN_RATE: 10 a minute
+        assert attacker.post("/accounts/2fa/authenticate/", {"code": "123456"}).status_code == 200
+    refused = attacker.post("/accounts/2fa/authenticate/", {"code": totp(secret, time.time())})
+    assert refused.status_code == 429 and "Too many attempts" in html(refused) and refused["Retry-After"]
+    assert not logged_in(attacker)
+
+
+def test_no_reset_mail_for_an_account_without_a_password_and_no_password_set_through_sso(
+    mailoutbox: list[Any],
+) -> None:
+    from allauth.socialaccount.models import SocialAccount
+
+    invited = make_user("invited_one", email="invited@example.com")
+    invited.set_unusable_password()
+    invited.save()
+    make_user("has_one", email="has@example.com")
+    Client().post("/accounts/password-reset/", {"email": "invited@example.com"})
+    assert mailoutbox == []  # staff resend the invitation instead
+    Client().post("/accounts/password-reset/", {"email": "has@example.com"})
+    assert len(mailoutbox) == 1 and "/accounts/password-reset/key/" in mailoutbox[0].body
+    # An account of the provider sets no password here (it would outlive the provider's say).
+    sso_user = make_user("from_provider")
+    sso_user.set_unusable_password()
+    sso_user.save()
+    SocialAccount.objects.create(user=sso_user, provider="sso", uid="abc-123")
+    client = Client()
+    client.force_login(sso_user)
+    refused = client.post(
+        "/accounts/password/set/", {"password1": "a-new-pass-99", "password2": "a-new-pass-99"}
+    )
+    assert refused.status_code == 403
+    sso_user.refresh_from_db()
+    assert not sso_user.has_usable_password()
+
+
+def test_signup_asks_no_address_and_the_connections_page_is_not_there() -> None:
+    page = html(Client().get("/accounts/signup/"))
+    assert 'name="username"' in page and 'name="email"' not in page
+    make_user("connector")
+    client = Client()
+    log_in(client, "connector")
+    assert client.get("/accounts/3rdparty/")["Location"] == "/accounts/password/change/"
