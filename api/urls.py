@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import account, files, views
+from . import account, files, projects, views
 
 app_name = "api"
 
@@ -24,6 +24,8 @@ urlpatterns = [
         views.conversation_share,
         name="conversation-share",
     ),
+    path("api/v1/projects", projects.project_list, name="projects"),
+    path("api/v1/projects/<uuid:project_id>", projects.project, name="project"),
     path("api/v1/files", files.files, name="files"),
     path("api/v1/files/<uuid:file_id>", files.file, name="file"),
     path("api/v1/files/<uuid:file_id>/content", files.file_content, name="file-content"),

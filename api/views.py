@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, cast
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from conversations import attachments, generation, llm, refusals, selectors, sharing
+from conversations import attachments, generation, llm, projects, refusals, selectors, sharing
 from conversations.batches import batches_of
 from conversations.generation import stateless, turns
 from conversations.generation.events import Event
@@ -241,6 +241,7 @@ def _conversation_json(conversation: Conversation) -> dict[str, object]:
         "title": conversation.display_title,
         "model": conversation.chosen_model,
         "prompt": conversation.prompt.name if conversation.prompt else None,
+        "project": str(conversation.project_id) if conversation.project_id else None,
         "created_at": conversation.created_at.isoformat(),
         "updated_at": conversation.updated_at.isoformat(),
     }
@@ -249,17 +250,36 @@ def _conversation_json(conversation: Conversation) -> dict[str, object]:
 def _create_conversation(user: User, body: dict[str, Any]) -> Conversation:
     prompt_name = parsing.optional_string(body, "prompt")
     model = parsing.optional_string(body, "model")
+    project_id = parsing.optional_uuid(body, "project")
+    # In a project (the user's own): its prompt and model unless the request names its own.
+    project = projects.own(user, project_id) if project_id else None
     if prompt_name:
         prompt = SystemPrompt.objects.filter(name=prompt_name).first()
         if prompt is None:
             raise ApiError(404, f"No system prompt named `{prompt_name}`.", "not_found", param="prompt")
+    elif project is not None and project.prompt is not None:
+        prompt = project.prompt
     else:
         prompt = SystemPrompt.objects.filter(is_default=True).first()
     if model and not ChatModel.is_pickable(model):
         raise ApiError(
             404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found"
         )
-    return turns.new_conversation(user, prompt, model=model)
+    if not model and project is not None and project.model and ChatModel.is_pickable(project.model):
+        model = project.model
+    return turns.new_conversation(user, prompt, model=model, project=project)
+
+
+def _move_conversation(user: User, conversation_id: uuid.UUID, body: dict[str, Any]) -> dict[str, object]:
+    """PATCH: `project`, a project id to move the conversation into, or null to take it out."""
+    unknown = sorted(set(body) - {"project"})
+    if unknown or "project" not in body:
+        raise bad_request("A conversation's PATCH takes `project` (an id, or null).", "project")
+    conversation = selectors.conversation_for_user(
+        user=user, conversation_id=conversation_id, with_prompt=True
+    )
+    projects.move(user, conversation, parsing.optional_uuid(body, "project"))
+    return _conversation_json(conversation)
 
 
 def _conversation_list(user: User, cursor: str | None) -> dict[str, object]:
@@ -305,8 +325,11 @@ async def conversations(request: HttpRequest, user: User) -> HttpResponse:
     return JsonResponse(listing)
 
 
-@endpoint("GET")
+@endpoint("GET", "PATCH")
 async def conversation(request: HttpRequest, user: User, conversation_id: uuid.UUID) -> HttpResponse:
+    if request.method == "PATCH":
+        body = parsing.body_of(request)
+        return JsonResponse(await generation.in_database(_move_conversation)(user, conversation_id, body))
     return JsonResponse(await generation.in_database(_conversation_detail)(user, conversation_id))
 
 

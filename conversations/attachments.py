@@ -22,7 +22,7 @@ from files.models import File
 from files.sniff import Refused, sniff
 
 from . import refusals
-from .models import Attachment, ChatModel, Message
+from .models import Attachment, ChatModel, Message, ProjectFile
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -197,7 +197,8 @@ def _data_url(file_id: str) -> str | None:
     return f"data:{f.content_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _cut(text: str, tokens: int) -> str:
+def cut_text(text: str, tokens: int) -> str:
+    """The first `tokens` (estimated) of `text`, ended at a line break where one is near."""
     chars = tokens * CHARS_PER_TOKEN
     if len(text) <= chars:
         return text
@@ -235,7 +236,7 @@ def user_content(
                 )
         else:
             note = cut_note(record)
-            body = _cut(found.text, record["read_tokens"])
+            body = cut_text(found.text, record["read_tokens"])
             parts.append(
                 {
                     "type": "text",
@@ -268,7 +269,7 @@ def named_files(content: str | list[dict[str, Any]] | None) -> tuple[str, list[s
 
 
 def delete_unattached(file_ids: Iterable[Any]) -> int:
-    """Delete these files where no message holds them any more (their blobs
+    """Delete these files where no message (nor project) holds them any more (their blobs
     go with them: files.apps); how many went."""
     ids = set(file_ids)
     if not ids:
@@ -279,6 +280,7 @@ def delete_unattached(file_ids: Iterable[Any]) -> int:
         # before (and is seen below) or waits and then finds it gone.
         locked = list(File.objects.select_for_update().filter(pk__in=ids).values_list("pk", flat=True))
         held = set(Attachment.objects.filter(file_id__in=locked).values_list("file_id", flat=True))
+        held |= set(ProjectFile.objects.filter(file_id__in=locked).values_list("file_id", flat=True))
         for f in File.objects.filter(pk__in=[pk for pk in locked if pk not in held]):
             f.delete()
             gone += 1

@@ -366,6 +366,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         conversation_id = _uuid(frame, "conversation", optional=True)
         prompt_id = _uuid(frame, "prompt", optional=True) if conversation_id is None else None
         model = _model(frame) if conversation_id is None else None
+        # A new conversation's project (the chat is started in it).
+        project_id = _uuid(frame, "project", optional=True) if conversation_id is None else None
         if conversation_id is not None:
             extra["conversation"] = str(conversation_id)
         files = _attachments(frame, extra) or []
@@ -382,6 +384,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             model=model,
             sign_in=self.sign_in if due else None,
             attachments=files,
+            project_id=project_id,
         )
         if due and not self._closing:
             self._signed_in_checked = asked

@@ -1,6 +1,6 @@
-"""What is sent upstream for one answer: the system prompt, the summary of
-older turns (a long chat), then the most recent turns of THIS conversation
-that fit the context budget.
+"""What is sent upstream for one answer: the system prompt (and a project's
+instructions and files), the summary of older turns (a long chat), then the
+most recent turns of THIS conversation that fit the context budget.
 
 The conversation is read newest-first, a page at a time, and reading stops
 as soon as the budget is spent: a turn costs the same whether the chat has
@@ -16,7 +16,7 @@ from django.conf import settings
 
 from . import attachments
 from .llm import ChatMessage, content_tokens
-from .models import ChatModel, Conversation, Message, ToolRound
+from .models import ChatModel, Conversation, Message, Project, ToolRound
 
 # Every message costs a few tokens of framing on top of its text.
 PER_MESSAGE_OVERHEAD = 4
@@ -214,6 +214,22 @@ class History:
         return [*self.before, summary_message(summary), *self.after]
 
 
+def head_of(conversation: Conversation) -> list[ChatMessage]:
+    """What comes before the turns: the staff's system prompt (always
+    first), then, for a chat in a project, the project's instructions and
+    files (projects.context), read now: a change shows at the next answer."""
+    head: list[ChatMessage] = (
+        [{"role": "system", "content": conversation.prompt_text}] if conversation.prompt_text else []
+    )
+    if conversation.project_id is not None:
+        from . import projects
+
+        project = Project.objects.filter(pk=conversation.project_id).first()
+        if project is not None:
+            head += projects.context(project)
+    return head
+
+
 def plan_history(conversation: Conversation, *, upto: Message, budget: int | None = None) -> History:
     """The history for the answer that follows `upto` (the question, or the
     truncated answer being continued): it and every earlier message of this
@@ -223,9 +239,7 @@ def plan_history(conversation: Conversation, *, upto: Message, budget: int | Non
     is kept for the conversation's summary, and the overflowing turns it
     does not cover yet are read (oldest first) for the summary call."""
     budget = settings.CHAT_CONTEXT_TOKENS if budget is None else budget
-    head: list[ChatMessage] = (
-        [{"role": "system", "content": conversation.prompt_text}] if conversation.prompt_text else []
-    )
+    head = head_of(conversation)
     room = budget - messages_tokens(head)
     reserve = summary_reserve(budget)
     kept: list[tuple[Key, list[ChatMessage], int]] = []

@@ -78,6 +78,47 @@ class SystemPromptVersion(models.Model):
         return f"{self.prompt} v{self.number}"
 
 
+class Project(models.Model):
+    """A user's folder of chats that share instructions and files: every
+    chat in it is told them after the staff's system prompt (which always
+    comes first: a project adds to it, never replaces it)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="projects")
+    name = models.CharField(max_length=100)
+    instructions = models.TextField(blank=True)
+    files = models.ManyToManyField("files.File", through="ProjectFile", related_name="+", blank=True)
+    # A new chat's defaults here (blank / null: the site's).
+    model = models.CharField(max_length=100, blank=True)
+    prompt = models.ForeignKey(
+        SystemPrompt, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name", "created_at"]
+        indexes = [models.Index(fields=["owner", "name"], name="project_owner_idx")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ProjectFile(models.Model):
+    """A file of a project, in its order: the file is held (a prune keeps it)."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="project_files")
+    file = models.ForeignKey("files.File", on_delete=models.CASCADE, related_name="project_files")
+    position = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["position", "pk"]
+        constraints = [models.UniqueConstraint(fields=["project", "file"], name="project_file_once")]
+
+    def __str__(self) -> str:
+        return f"{self.project_id}: {self.file_id}"
+
+
 class Conversation(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(
@@ -105,6 +146,10 @@ class Conversation(models.Model):
     )
     # Pinned conversations are kept by `prune_history`.
     pinned = models.BooleanField(default=False)
+    # The project it is in (its instructions and files go upstream), if any.
+    project = models.ForeignKey(
+        Project, null=True, blank=True, on_delete=models.SET_NULL, related_name="conversations"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -63,15 +63,23 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def sidebar_page(
-    *, user: User | int, cursor: str | None = None, query: str = "", size: int = PAGE_SIZE
+    *,
+    user: User | int,
+    cursor: str | None = None,
+    query: str = "",
+    size: int = PAGE_SIZE,
+    outside_projects: bool = False,
 ) -> tuple[list[Conversation], str | None]:
     """A page of the user's conversations, newest first (keyset pagination:
     as fast on page 20 as on page 1), optionally only those whose title or
-    message text contains `query`."""
+    message text contains `query`; `outside_projects`: only chats in no
+    project (the page lists a project's chats under it; a search finds all)."""
     conversations: QuerySet[Conversation] = Conversation.objects.filter(owner=user).only(
-        "id", "title", "updated_at", "pinned"
+        "id", "title", "updated_at", "pinned", "project_id"
     )
     query = query.strip()
+    if outside_projects and not query:
+        conversations = conversations.filter(project__isnull=True)
     if query:
         matching = Message.objects.filter(conversation=OuterRef("pk"), content__icontains=query)
         conversations = conversations.filter(Q(title__icontains=query) | Exists(matching))
@@ -112,6 +120,7 @@ class SidebarItem(TypedDict):
     updated_at: str
     pinned: bool
     snippet: str
+    project: str | None
 
 
 def sidebar_item(conversation: Conversation) -> SidebarItem:
@@ -121,6 +130,7 @@ def sidebar_item(conversation: Conversation) -> SidebarItem:
         "updated_at": conversation.updated_at.isoformat(),
         "pinned": conversation.pinned,
         "snippet": getattr(conversation, "snippet", ""),
+        "project": str(conversation.project_id) if conversation.project_id else None,
     }
 
 

@@ -15,6 +15,11 @@ urlpatterns = [
         "c/<uuid:conversation_id>/export.json", views.conversation_export, {"fmt": "json"}, name="export_json"
     ),
     path("c/<uuid:conversation_id>/share/", share_views.conversation_share, name="share"),
+    path("c/<uuid:conversation_id>/project/", views.conversation_move, name="move"),
+    path("projects/new/", views.project_new, name="project_new"),
+    path("p/<uuid:project_id>/", views.project_chat, name="project"),
+    path("p/<uuid:project_id>/edit/", views.project_edit, name="project_edit"),
+    path("p/<uuid:project_id>/delete/", views.project_delete, name="project_delete"),
     # A link's token: what secrets.token_urlsafe makes (anything else is 404 before a query).
     re_path(r"^s/(?P<token>[A-Za-z0-9_-]{20,64})/$", share_views.shared_page, name="shared"),
     re_path(

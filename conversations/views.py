@@ -14,9 +14,9 @@ from django.utils.text import slugify
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from . import inputs, llm, quotas, refusals, selectors, services, sharing
+from . import inputs, llm, projects, quotas, refusals, selectors, services, sharing
 from .health import health_report
-from .models import ChatModel, Conversation, SystemPrompt
+from .models import ChatModel, Conversation, Project, SystemPrompt
 
 
 class AuthenticatedHttpRequest(HttpRequest):
@@ -68,15 +68,45 @@ def _page_urls() -> dict[str, str]:
     }
 
 
-def _chat_page(request: AuthenticatedHttpRequest, conversation: Conversation | None) -> HttpResponse:
+PROJECT_CHATS_SHOWN = 8  # of each project, in the sidebar (the project's page lists them all)
+
+
+def _sidebar_projects(user: User) -> list[Project]:
+    """The user's projects, each with its newest chats (`recent`)."""
+    found = projects.listing(user)
+    chats = (
+        Conversation.objects.filter(owner=user, project__in=found)
+        .only("id", "title", "updated_at", "project_id")
+        .order_by("-updated_at")
+    )
+    by_project: dict[Any, list[Conversation]] = {}
+    for c in chats:
+        by_project.setdefault(c.project_id, []).append(c)
+    for p in found:
+        p.recent = by_project.get(p.pk, [])[:PROJECT_CHATS_SHOWN]  # type: ignore[attr-defined]
+        p.chat_count = len(by_project.get(p.pk, []))  # type: ignore[attr-defined]
+    return found
+
+
+def _chat_page(
+    request: AuthenticatedHttpRequest, conversation: Conversation | None, project: Project | None = None
+) -> HttpResponse:
+    if conversation is not None and conversation.project_id is not None:
+        project = Project.objects.filter(pk=conversation.project_id).first()
     prompts = list(SystemPrompt.objects.only("id", "name", "is_default", "model"))
     default_prompt = next((p for p in prompts if p.is_default), None)
+    if project is not None and project.prompt_id is not None:  # a new chat here starts with the project's
+        default_prompt = next((p for p in prompts if p.pk == project.prompt_id), default_prompt)
     chat_models = ChatModel.choices()
     labels = {m.name: m.display for m in chat_models}
     default_model = llm.resolve_model(prompt_model=default_prompt.model if default_prompt else "")
     shown_model = conversation.chosen_model if conversation else ""
-    sidebar, next_cursor = selectors.sidebar_page(user=request.user)
+    sidebar, next_cursor = selectors.sidebar_page(user=request.user, outside_projects=True)
+    project_files = projects.file_records(project) if project is not None else []
     context = {
+        "project": project,
+        "project_files": project_files,
+        "projects": _sidebar_projects(request.user),
         "conversation": conversation,
         "conversations": sidebar,
         "conversations_next": next_cursor,
@@ -92,6 +122,8 @@ def _chat_page(request: AuthenticatedHttpRequest, conversation: Conversation | N
             "wsPath": "/ws/chat/",
             "urls": _page_urls(),
             "conversation": str(conversation.id) if conversation else None,
+            # A new chat started here goes into this project (message.send `project`).
+            "project": str(project.pk) if project is not None and conversation is None else None,
             "maxChars": settings.CHAT_MAX_MESSAGE_CHARS,
             "demo": llm.is_demo(),
             "currency": settings.CHAT_CURRENCY,
@@ -116,6 +148,7 @@ def conversation_list(request: AuthenticatedHttpRequest) -> JsonResponse:
             user=request.user,
             cursor=request.GET.get("cursor") or None,
             query=request.GET.get("q", "")[:200],
+            outside_projects=True,  # the page lists a project's chats under the project
         )
     except selectors.BadCursor:
         return JsonResponse({"error": "Bad cursor."}, status=400)
@@ -189,3 +222,132 @@ def usage(request: AuthenticatedHttpRequest) -> HttpResponse:
         "accounts/usage.html",
         {"limits": limits, "windows": windows, "now": timezone.now()},
     )
+
+
+# --- Projects on the page -------------------------------------------------------------------
+
+
+def _own_project_or_404(request: AuthenticatedHttpRequest, project_id: uuid.UUID) -> Project:
+    try:
+        return projects.own(request.user, project_id)
+    except refusals.Refusal as refusal:
+        raise Http404(refusal.message) from None
+
+
+@login_required
+@never_cache
+def project_chat(request: AuthenticatedHttpRequest, project_id: uuid.UUID) -> HttpResponse:
+    """A project's page: a new chat in it (the composer sends `project`), its
+    instructions and files above, its chats in the sidebar."""
+    return _chat_page(request, None, _own_project_or_404(request, project_id))
+
+
+def _form_values(request: HttpRequest) -> dict[str, Any]:
+    post = request.POST
+    return {
+        "name": post.get("name", ""),
+        "instructions": post.get("instructions", ""),
+        "file_ids": [uuid.UUID(v) for v in post.getlist("files") if _is_uuid(v)],
+        "model": post.get("model", ""),
+        "prompt": post.get("prompt") or None,
+    }
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _project_form(
+    request: AuthenticatedHttpRequest, project: Project | None, *, error: str = "", status: int = 200
+) -> HttpResponse:
+    from files.models import File
+
+    chosen = {f["id"] for f in projects.file_records(project)} if project else set()
+    if request.method == "POST":
+        chosen = set(request.POST.getlist("files"))
+    documents = File.objects.filter(owner=request.user).exclude(kind=File.Kind.IMAGE).order_by("-created_at")
+    context = {
+        "project": project,
+        "values": request.POST if request.method == "POST" else None,
+        "documents": [(f, str(f.pk) in chosen) for f in documents[:200]],
+        "chat_models": ChatModel.choices(),
+        "prompts": SystemPrompt.objects.only("id", "name"),
+        "error": error,
+        "max_instructions": settings.CHAT_PROJECT_INSTRUCTIONS_CHARS,
+        "context_tokens": settings.CHAT_PROJECT_CONTEXT_TOKENS,
+    }
+    return render(request, "conversations/project_form.html", context, status=status)
+
+
+def _upload_into(request: AuthenticatedHttpRequest) -> list[uuid.UUID]:
+    """Files chosen in the form's upload field: taken in as any upload is."""
+    from asgiref.sync import async_to_sync
+
+    from files import uploads
+    from files.sniff import Refused
+
+    ids = []
+    for upload in request.FILES.getlist("upload"):
+        try:
+            made = async_to_sync(uploads.upload)(request.user, upload.name or "file", upload.read())
+        except Refused as exc:
+            raise refusals.invalid(f"{(upload.name or 'file')[:100]}: {exc.message}") from None
+        ids.append(made.pk)
+    return ids
+
+
+@login_required
+@never_cache
+def project_new(request: AuthenticatedHttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return _project_form(request, None)
+    try:
+        values = _form_values(request)
+        values["file_ids"] = [*values["file_ids"], *_upload_into(request)]
+        project = projects.create(request.user, **values)
+    except refusals.Refusal as refusal:
+        return _project_form(request, None, error=refusal.message, status=400)
+    return redirect("chat:project", project_id=project.pk)
+
+
+@login_required
+@never_cache
+def project_edit(request: AuthenticatedHttpRequest, project_id: uuid.UUID) -> HttpResponse:
+    project = _own_project_or_404(request, project_id)
+    if request.method != "POST":
+        return _project_form(request, project)
+    try:
+        values = _form_values(request)
+        values["file_ids"] = [*values["file_ids"], *_upload_into(request)]
+        projects.update(project, **values)
+    except refusals.Refusal as refusal:
+        return _project_form(request, project, error=refusal.message, status=400)
+    return redirect("chat:project", project_id=project.pk)
+
+
+@login_required
+@require_POST
+def project_delete(request: AuthenticatedHttpRequest, project_id: uuid.UUID) -> HttpResponse:
+    """Delete a project; its chats go too only when the form says so."""
+    project = _own_project_or_404(request, project_id)
+    projects.delete(project, with_chats=request.POST.get("chats") == "delete")
+    return redirect("chat:new")
+
+
+@login_required
+@require_POST
+def conversation_move(request: AuthenticatedHttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+    """Move a chat into one of the user's projects, or out (`project` empty)."""
+    conversation = _own_or_404(request, conversation_id)
+    target = _posted(request).get("project") or None
+    try:
+        projects.move(request.user, conversation, target)
+    except refusals.Refusal as refusal:
+        raise Http404(refusal.message) from None
+    if request.content_type == "application/json":
+        return JsonResponse({"conversation": {"id": str(conversation.pk), "project": target}})
+    return redirect("chat:conversation", conversation_id=conversation.pk)

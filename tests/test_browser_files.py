@@ -218,3 +218,72 @@ def test_share_a_conversation_and_open_the_link_as_another_user(
     tabs.allowed.append(re.compile(r"status of 404 \(Not Found\)"))
     gone = reader.goto(url)
     assert gone is not None and gone.status == 404
+
+
+def test_make_a_project_chat_in_it_share_and_open_the_link_as_another_user(
+    daphne_server: LiveServer, alice: Any, bob: Any, fake_llm: FakeLLM, tabs: Tabs
+) -> None:
+    from tests.test_browser import ask
+
+    page = tabs.new(alice)
+    open_chat(page, daphne_server)
+    page.get_by_role("link", name="New project").click()
+    page.get_by_label("Name").fill("Support desk")
+    page.get_by_label("Instructions").fill("Answer as our support team, in German.")
+    page.get_by_label("Add files").set_input_files(
+        [
+            FilePayload(
+                name="manual.md", mimeType="text/markdown", buffer=b"# Manual\n\nPress the green button.\n"
+            )
+        ]
+    )
+    page.screenshot(path=str(SHOTS / "project-form.png"), full_page=True)
+    page.get_by_role("button", name="Create the project").click()
+    expect(page.locator("#composer[data-ready]")).to_have_count(1)
+    assert re.search(r"/p/[0-9a-f-]{36}/$", page.url)
+    banner = page.locator("#project-banner")
+    expect(banner).to_contain_text("Project: Support desk")
+    expect(banner).to_contain_text("manual.md")
+    group = page.locator(".project-group", has_text="Support desk")
+    expect(group).to_be_visible()
+
+    fake_llm.script(Reply(chunks=["Guten ", "Tag!"]))
+    ask(page, "Where is the start button?")
+    expect(finished(page).last).to_contain_text("Guten Tag!")
+    page.wait_for_url(re.compile(r"/c/[0-9a-f-]{36}/$"))
+    sent = fake_llm.streamed_requests[-1].body["messages"]
+    assert any("in German" in str(m["content"]) for m in sent if m["role"] == "system")
+    assert any("green button" in str(m["content"]) for m in sent if m["role"] == "system")
+    # The chat is listed under its project, not among the others.
+    expect(group.locator(".project-chat")).to_have_count(1)
+    expect(page.locator("#conversation-list .conv-item")).to_have_count(0)
+    page.screenshot(path=str(SHOTS / "project-chat.png"))
+    page.reload()
+    expect(page.locator(".project-group", has_text="Support desk").locator(".project-chat")).to_have_count(1)
+    expect(page.locator("#move-select")).to_have_value(re.compile(r"[0-9a-f-]{36}"))
+
+    # Shared, and opened by a colleague.
+    page.get_by_role("button", name="Share").click()
+    address = page.locator("#share-url")
+    expect(address).to_have_value(re.compile(r"/s/[A-Za-z0-9_-]{40,}/$"))
+    url = address.input_value()
+    page.get_by_role("button", name="Done").click()
+    reader = tabs.new(bob)
+    reader.goto(url)
+    expect(reader.locator(".msg-assistant")).to_contain_text("Guten Tag!")
+    # Not the project, though: another user's project is not found.
+    project_path = re.sub(
+        r"^https?://[^/]+", "", page.locator("#project-banner a").first.get_attribute("href") or ""
+    )
+    tabs.allowed.append(re.compile(r"status of 404 \(Not Found\)"))
+    theirs = reader.goto(daphne_server.url + project_path)
+    assert theirs is not None and theirs.status == 404
+
+    phone = tabs.new(alice, viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    open_chat(phone, daphne_server, project_path)
+    phone.screenshot(path=str(SHOTS / "project-phone.png"))
+    phone.get_by_role("button", name="Show conversations").click()
+    expect(phone.locator(".project-group", has_text="Support desk")).to_be_visible()
+    phone.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().left >= 0")
+    expect(phone.locator(".project-group", has_text="Support desk").locator(".project-chat")).to_have_count(1)
+    phone.screenshot(path=str(SHOTS / "project-phone-sidebar.png"))

@@ -58,6 +58,7 @@ def conversation_payload(conversation: Conversation) -> dict[str, Any]:
         "title": conversation.display_title,
         "created_at": conversation.created_at.isoformat(),
         "model": conversation.chosen_model,
+        "project": str(conversation.project_id) if conversation.project_id else None,
     }
 
 
@@ -117,6 +118,14 @@ def conversation_created(conversation: Conversation) -> Event:
 
 def conversation_updated(conversation_id: Any, title: str) -> Event:
     return {"type": "conversation.updated", "conversation": {"id": str(conversation_id), "title": title}}
+
+
+def conversation_moved(conversation: Conversation, project: str | None) -> Event:
+    """Into a project, or out of one (`project` None)."""
+    return {
+        "type": "conversation.updated",
+        "conversation": {"id": str(conversation.pk), "title": conversation.display_title, "project": project},
+    }
 
 
 def conversation_deleted(conversation_id: Any) -> Event:

@@ -25,9 +25,9 @@ from django.utils import timezone
 from accounts import sessions
 from accounts.limits import take_send, take_sends
 
-from .. import attachments, inputs, llm, prompts, quotas, refusals
+from .. import attachments, inputs, llm, projects, prompts, quotas, refusals
 from ..attachments import files_for_send
-from ..history import History, fit_history, messages_tokens, plan_history
+from ..history import History, head_of, messages_tokens, plan_history
 from ..models import ChatModel, Conversation, Message, SystemPrompt
 from ..selectors import conversation_for_user
 from .identity import WORKER_ID
@@ -102,12 +102,19 @@ def _prompt_for_new_conversation(prompt_id: uuid.UUID | None) -> SystemPrompt | 
 
 
 def new_conversation(
-    user: User, prompt: SystemPrompt | None, *, model: str | None = None, title: str = ""
+    user: User,
+    prompt: SystemPrompt | None,
+    *,
+    model: str | None = None,
+    title: str = "",
+    project: Any = None,
 ) -> Conversation:
     """A conversation of `user` with `prompt` (the version it starts with is
-    recorded) and `model` (already checked with `ChatModel.is_pickable`)."""
+    recorded) and `model` (already checked with `ChatModel.is_pickable`), in
+    `project` (the user's own) if given."""
     version = prompts.version_for_new_conversation(prompt) if prompt else None
     conversation = _conversation_row(user, prompt, version, model=model, title=title)
+    conversation.project = project
     conversation.save(force_insert=True)
     return conversation
 
@@ -186,13 +193,9 @@ def _history(accepted: Accepted) -> History:
         held = question.attachments
         # An image reached here only for a model that can see (files_for_send).
         content = attachments.user_content(question.content, held, attachments.load([held]), sees=True)
-        messages = fit_history(
-            accepted.conversation.prompt_text,
-            [{"role": "user", "content": content}],
-            settings.CHAT_CONTEXT_TOKENS,
-        )
-        attachments.fill_images(messages)
-        return History(before=[], after=messages)
+        after: list[llm.ChatMessage] = [{"role": "user", "content": content}]
+        attachments.fill_images(after)
+        return History(before=head_of(accepted.conversation), after=after)
     if accepted.continues is None:
         history = plan_history(accepted.conversation, upto=accepted.question)
     else:
@@ -257,6 +260,7 @@ class Send:
     model: str | None = None
     sign_in: tuple[str | None, Any] | None = None
     attachments: list[uuid.UUID] = field(default_factory=list)  # the user's file ids
+    project_id: uuid.UUID | None = None  # a new conversation's project (one of the user's)
 
 
 def accept_message(
@@ -268,6 +272,7 @@ def accept_message(
     prompt_id: uuid.UUID | None = None,
     model: str | None = None,
     attachments: list[uuid.UUID] | None = None,
+    project_id: uuid.UUID | None = None,
 ) -> Accepted:
     """Store the question and an empty `streaming` answer, in one transaction:
     a batch of one (`accept_messages`). A new conversation gets `prompt_id`'s
@@ -281,7 +286,16 @@ def accept_message(
     `rate_limited`, `quota_exceeded`; `invalid_request` for a model users may
     not pick or text that cannot be stored.
     """
-    send = Send(user, conversation_id, content, client_id, prompt_id, model, attachments=attachments or [])
+    send = Send(
+        user,
+        conversation_id,
+        content,
+        client_id,
+        prompt_id,
+        model,
+        attachments=attachments or [],
+        project_id=project_id,
+    )
     (outcome,) = accept_messages([send])
     if isinstance(outcome, Exception):
         raise outcome
@@ -300,11 +314,23 @@ def _accept_one(send: Send) -> Accepted:
     def build() -> Accepted:
         # Files are refused before anything is stored.
         if conversation_id is None:
-            prompt = _prompt_for_new_conversation(send.prompt_id)
-            answers = llm.resolve_model(model or "", prompt.model if prompt else "")
+            # In a project: its prompt and model unless the send names its own.
+            project = projects.own(send.user, send.project_id) if send.project_id else None
+            if project is not None and send.prompt_id is None and project.prompt_id is not None:
+                prompt = project.prompt
+            else:
+                prompt = _prompt_for_new_conversation(send.prompt_id)
+            chosen = model or ""
+            if not chosen and project is not None and project.model and ChatModel.is_pickable(project.model):
+                chosen = project.model
+            answers = llm.resolve_model(chosen, prompt.model if prompt else "")
             files = files_for_send(send.user, send.attachments, answers)
             conversation = new_conversation(
-                send.user, prompt, model=model, title=title_from(_title_text(content, files))
+                send.user,
+                prompt,
+                model=chosen,
+                title=title_from(_title_text(content, files)),
+                project=project,
             )
         else:
             conversation = _own_conversation(send.user, conversation_id)
@@ -365,6 +391,7 @@ def accept_messages(sends: list[Send]) -> list[Accepted | Exception]:
             and send.conversation_id is None
             and not send.model
             and not send.attachments
+            and send.project_id is None
             and limits[send.user.pk].unlimited
         ):
             candidates.append(index)

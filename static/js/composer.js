@@ -120,6 +120,7 @@ export function createComposer({ config, socket, messages, tray, shell, scroller
     const frame = { type: "message.send", conversation: conversation(), content, client_id: clientId };
     if (!conversation() && el.promptSelect && el.promptSelect.value) frame.prompt = el.promptSelect.value;
     if (!conversation() && el.modelSelect && el.modelSelect.value) frame.model = el.modelSelect.value;
+    if (!conversation() && config.project) frame.project = config.project; // a project's page: the chat goes in it
     const files = tray.take();
     if (files.ids.length) frame.attachments = files.ids;
     const article = messages.addUser({ clientId, status: "sending", content, attachments: files.records });

@@ -13,14 +13,15 @@ export function createFrames({ conversation, adopt, leaveDeleted, messages, vers
         adopt(c.id, c.title);
         showModel(c.model);
       }
-      if (sidebar) sidebar.upsert(c.id, c.title);
+      if (sidebar) sidebar.place(c.id, c.title, c.project || null);
     },
 
     "conversation.updated"(frame) {
       const c = frame.conversation;
       if (!c || !c.id) return;
       if (sidebar) {
-        if (sidebar.has(c.id)) sidebar.applyTitle(c.id, c.title);
+        if ("project" in c) sidebar.place(c.id, c.title, c.project); // moved into a project, or out
+        else if (sidebar.has(c.id)) sidebar.applyTitle(c.id, c.title);
         else sidebar.upsert(c.id, c.title, { top: false });
       }
       if (c.id === conversation() && c.title) shell.setTitle(c.title);

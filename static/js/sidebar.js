@@ -134,6 +134,13 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
       if (isCurrent) link.setAttribute("aria-current", "page");
       else link.removeAttribute("aria-current");
     }
+    for (const li of document.querySelectorAll(".project-chat")) {
+      const isCurrent = li.dataset.conversationId === state.current;
+      li.classList.toggle("is-current", isCurrent);
+      const link = li.querySelector("a");
+      if (isCurrent) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
   }
 
   function updateEmpty() {
@@ -396,9 +403,56 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
   function applyTitle(id, title) {
     if (!title) return;
     for (const li of allItems(id)) setItemTitle(li, title);
+    for (const span of document.querySelectorAll(`.project-chat[data-conversation-id="${CSS.escape(id)}"] .conv-title`)) {
+      span.textContent = title;
+    }
+  }
+
+  // A chat in a project is listed under the project, not among the others.
+  function count(group, by) {
+    const shown = group && group.querySelector(".project-count");
+    if (!shown) return;
+    const n = Math.max(0, (parseInt(shown.textContent, 10) || 0) + by);
+    shown.textContent = String(n);
+    shown.setAttribute("aria-label", `${n} chats`);
+  }
+
+  function place(id, title, project) {
+    for (const li of document.querySelectorAll(`.project-chat[data-conversation-id="${CSS.escape(id)}"]`)) {
+      count(li.closest(".project-group"), -1);
+      li.remove();
+    }
+    if (!project) {
+      upsert(id, title);
+      return;
+    }
+    const mine = findItem(id);
+    if (mine) mine.remove();
+    updateEmpty();
+    const ul = document.querySelector(`.project-chats[data-project-id="${CSS.escape(project)}"]`);
+    if (!ul) return; // a project this page does not show yet (made in another tab)
+    const li = make("li", "project-chat");
+    li.dataset.conversationId = id;
+    const link = make("a");
+    link.href = at("conversation", id);
+    link.append(make("span", "conv-title", title || "New chat"));
+    li.append(link);
+    ul.prepend(li);
+    const group = ul.closest("details");
+    count(group, 1);
+    if (group) group.open = true;
+    highlight();
   }
 
   function upsert(id, title, { top = true } = {}) {
+    const inProject = document.querySelector(`.project-chat[data-conversation-id="${CSS.escape(id)}"]`);
+    if (inProject && !findItem(id)) {
+      // A chat of a project: to the top of its project's list.
+      if (top) inProject.parentElement.prepend(inProject);
+      if (title) inProject.querySelector(".conv-title").textContent = title;
+      highlight();
+      return;
+    }
     let li = findItem(id);
     if (!li) {
       li = item({ id, title: title || "New chat", updated_at: new Date().toISOString() });
@@ -424,10 +478,13 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
 
   return {
     upsert,
+    place,
     applyTitle,
     remove: removeConversation,
     setCurrent,
-    has: (id) => Boolean(findItem(id)),
+    // Listed here: among the chats, or under its project.
+    has: (id) =>
+      Boolean(findItem(id) || document.querySelector(`.project-chat[data-conversation-id="${CSS.escape(id)}"]`)),
     focusSearch() {
       search.focus();
       search.select();

@@ -109,12 +109,13 @@ class Command(BaseCommand):
 
     def _unsent_files(self, owners: list[int] | None) -> QuerySet[File]:
         old = timezone.now() - UNSENT_FILE_AGE
-        unsent = File.objects.filter(created_at__lt=old, attachments__isnull=True)
+        # A project's file is held by the project, however old.
+        unsent = File.objects.filter(created_at__lt=old, attachments__isnull=True, project_files__isnull=True)
         return unsent.filter(owner__in=owners) if owners is not None else unsent
 
     def _prune_unsent_files(self, owners: list[int] | None) -> int:
-        """Files uploaded more than a day ago that no message holds (never
-        sent, or let go of by a message deleted since)."""
+        """Files uploaded more than a day ago that no message or project
+        holds (never sent, or let go of by a message deleted since)."""
         gone = 0
         for found in self._unsent_files(owners).only("pk", "blob").iterator():
             found.delete()  # one by one: its blob goes too (files.apps)
