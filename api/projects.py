@@ -14,6 +14,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from conversations import attachments, generation, projects
@@ -45,9 +46,9 @@ def _fields(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
             raise bad_request("`instructions` must be a string.", "instructions")
         fields["instructions"] = instructions or ""
     if "files" in body:
-        ids = attachments.parse_ids(body["files"])
+        ids = attachments.parse_ids(body["files"], limit=settings.CHAT_PROJECT_MAX_FILES, field="files")
         if isinstance(ids, str):
-            raise bad_request(ids.replace("`attachments`", "`files`"), "files")
+            raise bad_request(ids, "files")
         fields["file_ids"] = ids
     if "model" in body:
         fields["model"] = parsing.optional_string(body, "model") or ""
@@ -61,7 +62,8 @@ def _chats(project: Any) -> int:
 
 
 def _list(user: User) -> dict[str, object]:
-    return {"object": "list", "data": [projects.payload(p, chats=_chats(p)) for p in projects.listing(user)]}
+    found = projects.listing(user, with_counts=True)
+    return {"object": "list", "data": [projects.payload(p, chats=p.chats) for p in found]}  # type: ignore[attr-defined]
 
 
 def _create(user: User, body: dict[str, Any]) -> dict[str, Any]:

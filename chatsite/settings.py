@@ -398,6 +398,7 @@ CHAT_FILE_CONTEXT_TOKENS = env.int("CHAT_FILE_CONTEXT_TOKENS", default=6000)
 CHAT_PROJECT_CONTEXT_TOKENS = env.int("CHAT_PROJECT_CONTEXT_TOKENS", default=8000)
 CHAT_PROJECT_MAX_FILES = env.int("CHAT_PROJECT_MAX_FILES", default=20)
 CHAT_PROJECT_INSTRUCTIONS_CHARS = env.int("CHAT_PROJECT_INSTRUCTIONS_CHARS", default=8000)
+CHAT_PROJECT_MAX_PER_USER = env.int("CHAT_PROJECT_MAX_PER_USER", default=200)
 # The API may name images by an http(s) address (the upstream fetches it): off unless staff allow it.
 CHAT_REMOTE_IMAGES = env.bool("CHAT_REMOTE_IMAGES", default=False)
 CHAT_FILE_UPLOAD_RATE = env.str("CHAT_FILE_UPLOAD_RATE", default="60/m")  # uploads per user
@@ -414,3 +415,13 @@ CHAT_FILE_EXTRACT_CONCURRENCY = env.int("CHAT_FILE_EXTRACT_CONCURRENCY", default
 for _name in ("AWS_STORAGE_BUCKET_NAME", "AWS_S3_ENDPOINT_URL", "AWS_S3_REGION_NAME"):
     if _name in os.environ:
         globals()[_name] = os.environ[_name]
+
+# --- Company tools through MCP (conversations/tools/mcp.py) --------------------------
+# Servers as configuration (also editable as "MCP servers" in the admin): a JSON list of
+# {"name", "url", "headers"} (streamable HTTP) or {"name", "command", "args", "env"} (stdio),
+# with optional "enabled", "prompts" (names), "groups" (names), "tools" (names) and "timeout".
+CHAT_MCP_SERVERS = env.json("CHAT_MCP_SERVERS", default=[])
+CHAT_MCP_TOOLS_TTL = env.float("CHAT_MCP_TOOLS_TTL", default=300.0)  # seconds a tool list is reused
+# How long an answer waits for a server it has not reached yet (its tools are left out after).
+CHAT_MCP_CONNECT_WAIT = env.float("CHAT_MCP_CONNECT_WAIT", default=3.0)
+CHAT_MCP_RESULT_CHARS = env.int("CHAT_MCP_RESULT_CHARS", default=8000)  # of a result sent to the model

@@ -45,24 +45,26 @@ class AttachmentRecord(TypedDict):
     read_tokens: int  # what the model reads of it: less than `tokens` when cut
 
 
-def parse_ids(raw: object) -> list[uuid.UUID] | str:
-    """A send's `attachments`: a list of file ids, each once, in order; or
-    what is wrong with it, in words for a person."""
+def parse_ids(raw: object, *, limit: int | None = None, field: str = "attachments") -> list[uuid.UUID] | str:
+    """A send's `attachments` (or a project's `files`, with its own `limit`):
+    a list of file ids, each once, in order; or what is wrong with it, in
+    words for a person."""
     if raw is None:
         return []
-    limit = settings.CHAT_FILE_MAX_PER_MESSAGE
+    most = settings.CHAT_FILE_MAX_PER_MESSAGE if limit is None else limit
     if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
-        return "`attachments` must be a list of file ids."
+        return f"`{field}` must be a list of file ids."
     ids: list[uuid.UUID] = []
-    for item in raw[: limit + 1]:
+    for item in raw[: most + 1]:
         try:
             file_id = uuid.UUID(item)
         except ValueError:
-            return "`attachments` must be a list of file ids."
+            return f"`{field}` must be a list of file ids."
         if file_id not in ids:
             ids.append(file_id)
-    if len(ids) > limit or len(raw) > 10 * limit:
-        return f"At most {limit} files can go with one message."
+    if len(ids) > most or len(raw) > 10 * most:
+        where = "with one message" if limit is None else f"in `{field}`"
+        return f"At most {most} files can go {where}."
     return ids
 
 

@@ -218,16 +218,23 @@ def head_of(conversation: Conversation) -> list[ChatMessage]:
     """What comes before the turns: the staff's system prompt (always
     first), then, for a chat in a project, the project's instructions and
     files (projects.context), read now: a change shows at the next answer."""
-    head: list[ChatMessage] = (
-        [{"role": "system", "content": conversation.prompt_text}] if conversation.prompt_text else []
-    )
-    if conversation.project_id is not None:
-        from . import projects
+    return [*_staff_head(conversation), *_project_head(conversation)]
 
-        project = Project.objects.filter(pk=conversation.project_id).first()
-        if project is not None:
-            head += projects.context(project)
-    return head
+
+def _staff_head(conversation: Conversation) -> list[ChatMessage]:
+    return [{"role": "system", "content": conversation.prompt_text}] if conversation.prompt_text else []
+
+
+def _project_head(conversation: Conversation) -> list[ChatMessage]:
+    """A project's part: its own room (CHAT_PROJECT_CONTEXT_TOKENS, with the
+    instructions' length limit), on top of CHAT_CONTEXT_TOKENS, so that a
+    project's files never crowd out the chat's own turns."""
+    if conversation.project_id is None:
+        return []
+    from . import projects
+
+    project = Project.objects.filter(pk=conversation.project_id).first()
+    return projects.context(project) if project is not None else []
 
 
 def plan_history(conversation: Conversation, *, upto: Message, budget: int | None = None) -> History:
@@ -239,8 +246,9 @@ def plan_history(conversation: Conversation, *, upto: Message, budget: int | Non
     is kept for the conversation's summary, and the overflowing turns it
     does not cover yet are read (oldest first) for the summary call."""
     budget = settings.CHAT_CONTEXT_TOKENS if budget is None else budget
-    head = head_of(conversation)
-    room = budget - messages_tokens(head)
+    staff = _staff_head(conversation)
+    head = [*staff, *_project_head(conversation)]
+    room = budget - messages_tokens(staff)  # a project's part has a room of its own
     reserve = summary_reserve(budget)
     kept: list[tuple[Key, list[ChatMessage], int]] = []
     used = 0

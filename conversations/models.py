@@ -474,3 +474,54 @@ class UsagePayload(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     cost: str
+
+
+class McpServer(models.Model):
+    """A Model Context Protocol server whose tools the model may use
+    (conversations/tools/mcp.py), registered by staff here or in
+    CHAT_MCP_SERVERS (written here at first use, `from_settings`)."""
+
+    class Transport(models.TextChoices):
+        HTTP = "http", "Streamable HTTP (url)"
+        STDIO = "stdio", "stdio (a command this server runs)"
+
+    name = models.CharField(
+        max_length=30,
+        unique=True,
+        help_text="Lowercase letters, digits and _: its tools are offered as <name>__<tool>.",
+    )
+    transport = models.CharField(max_length=8, choices=Transport.choices, default=Transport.HTTP)
+    url = models.URLField(max_length=500, blank=True, help_text="Streamable HTTP: the server's endpoint.")
+    headers = models.JSONField(
+        default=dict, blank=True, help_text='HTTP headers, e.g. {"Authorization": "Bearer …"}.'
+    )
+    command = models.CharField(max_length=500, blank=True, help_text="stdio: the program to run.")
+    args = models.JSONField(default=list, blank=True, help_text="stdio: its arguments, a JSON list.")
+    env = models.JSONField(default=dict, blank=True, help_text="stdio: more environment variables.")
+    enabled = models.BooleanField(default=True)
+    prompts = models.ManyToManyField(
+        SystemPrompt, blank=True, related_name="+", help_text="Offered only with these prompts (none = any)."
+    )
+    groups = models.ManyToManyField(
+        "auth.Group", blank=True, related_name="+", help_text="Offered only to members (none = everyone)."
+    )
+    tools = models.CharField(
+        max_length=1000, blank=True, help_text="Its tools to offer, comma-separated; blank = all of them."
+    )
+    timeout = models.FloatField(default=10.0, help_text="Seconds a call (or connecting) may take.")
+    from_settings = models.BooleanField(
+        default=False, editable=False, help_text="Kept from CHAT_MCP_SERVERS."
+    )
+    # What it answered last (any worker): its tools as listed, or the error.
+    listed_tools = models.JSONField(default=list, blank=True, editable=False)
+    listed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_error = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "MCP server"
+
+    def __str__(self) -> str:
+        return self.name

@@ -15,6 +15,7 @@ and call these; the rules live here.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -22,11 +23,13 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count
+from django.db.models.functions import Substr
 
 from files.models import File
 
 from . import inputs, refusals
-from .attachments import FILE_HEADING, cut_text
+from .attachments import CHARS_PER_TOKEN, FILE_HEADING, cut_text
 from .models import ChatModel, Conversation, Project, ProjectFile, SystemPrompt
 
 if TYPE_CHECKING:
@@ -58,8 +61,12 @@ def own(user: User, project_id: Any) -> Project:
     return project
 
 
-def listing(user: User) -> list[Project]:
-    return list(Project.objects.filter(owner=user).select_related("prompt").order_by("name", "created_at"))
+def listing(user: User, *, with_counts: bool = False) -> list[Project]:
+    """The user's projects by name; `with_counts`: each with `chats`, how many it holds."""
+    found = Project.objects.filter(owner=user).select_related("prompt").order_by("name", "created_at")
+    if with_counts:
+        found = found.annotate(chats=Count("conversations"))
+    return list(found)
 
 
 def _name(raw: str) -> str:
@@ -75,6 +82,7 @@ def _name(raw: str) -> str:
 
 
 def _instructions(raw: str) -> str:
+    raw = raw.replace("\r\n", "\n")  # a form's line breaks, counted as one as the browser does
     limit = settings.CHAT_PROJECT_INSTRUCTIONS_CHARS
     if len(raw) > limit:
         raise refusals.invalid(f"A project's instructions are at most {limit:,} characters.")
@@ -85,6 +93,8 @@ def _instructions(raw: str) -> str:
 
 
 def _model(raw: str) -> str:
+    if inputs.text_problem(raw) or len(raw) > 100:
+        raise refusals.invalid("No such model.")
     if raw and not ChatModel.is_pickable(raw):
         raise refusals.invalid(f"The model “{raw[:100]}” is not available.")
     return raw
@@ -93,6 +103,8 @@ def _model(raw: str) -> str:
 def _prompt(name: str | None) -> SystemPrompt | None:
     if not name:
         return None
+    if inputs.text_problem(name) or len(name) > 100:
+        raise refusals.not_found("system prompt")
     prompt = SystemPrompt.objects.filter(name=name).first()
     if prompt is None:
         raise refusals.not_found("system prompt")
@@ -106,7 +118,10 @@ def _files(user: User, file_ids: Sequence[uuid.UUID]) -> list[File]:
     ids = list(dict.fromkeys(file_ids))
     if len(ids) > settings.CHAT_PROJECT_MAX_FILES:
         raise refusals.invalid(f"A project holds at most {settings.CHAT_PROJECT_MAX_FILES} files.")
-    found = {f.pk: f for f in File.objects.filter(owner=user, pk__in=ids)}
+    # Locked (and their text left in the database): a prune deleting one meanwhile
+    # either went first (it is not found) or waits and then sees the project hold it.
+    rows = File.objects.select_for_update().filter(owner=user, pk__in=ids).defer("text")
+    found = {f.pk: f for f in rows}
     if len(found) != len(ids):
         raise refusals.not_found("file")
     files = [found[pk] for pk in ids]
@@ -125,6 +140,25 @@ def _set_files(project: Project, files: list[File]) -> None:
     )
 
 
+def check(
+    user: User,
+    *,
+    name: str,
+    instructions: str = "",
+    file_ids: Sequence[uuid.UUID] = (),
+    model: str = "",
+    prompt: str | None = None,
+) -> None:
+    """Refuse what `create` or `update` would refuse, storing nothing (the page
+    checks before it stores the files uploaded with the form)."""
+    _name(name)
+    _instructions(instructions)
+    _model(model)
+    _prompt(prompt)
+    if len(set(file_ids)) > settings.CHAT_PROJECT_MAX_FILES:
+        raise refusals.invalid(f"A project holds at most {settings.CHAT_PROJECT_MAX_FILES} files.")
+
+
 def create(
     user: User,
     *,
@@ -135,6 +169,10 @@ def create(
     prompt: str | None = None,
 ) -> Project:
     with transaction.atomic():
+        if Project.objects.filter(owner=user).count() >= settings.CHAT_PROJECT_MAX_PER_USER:
+            raise refusals.invalid(
+                f"You have {settings.CHAT_PROJECT_MAX_PER_USER} projects already: the most one may."
+            )
         project = Project.objects.create(
             owner=user,
             name=_name(name),
@@ -179,21 +217,29 @@ def update(
 def delete(project: Project, *, with_chats: bool) -> int:
     """Delete a project; its chats go with it (`with_chats`) or stay, out of
     any project. Its files stay the user's. How many chats went."""
+    from .generation import events
     from .services import conversation_delete
 
     gone = 0
-    if with_chats:
-        for conversation in Conversation.objects.filter(project=project):
-            conversation_delete(conversation=conversation)
-            gone += 1
-    else:
-        from .generation import events
-
-        moved = list(Conversation.objects.filter(project=project))
-        Conversation.objects.filter(project=project).update(project=None)
-        for conversation in moved:
-            _tell(conversation.owner_id, events.conversation_moved(conversation, None))
-    project.delete()
+    with transaction.atomic():
+        # Locked: a send starting a chat in it meanwhile waits, then finds it gone.
+        locked = Project.objects.select_for_update().filter(pk=project.pk).first()
+        if locked is None:
+            return 0
+        if with_chats:
+            for conversation in Conversation.objects.filter(project=locked):
+                conversation_delete(conversation=conversation)
+                gone += 1
+        else:
+            moved = list(Conversation.objects.filter(project=locked).only("id", "title", "owner_id"))
+            Conversation.objects.filter(project=locked).update(project=None)
+            for conversation in moved:
+                transaction.on_commit(
+                    functools.partial(
+                        _tell, conversation.owner_id, events.conversation_moved(conversation, None)
+                    )
+                )
+        locked.delete()
     return gone
 
 
@@ -219,12 +265,15 @@ def _tell(user_id: int, event: dict[str, Any]) -> None:
 
 
 def _ordered_files(project: Project) -> list[File]:
-    return [pf.file for pf in ProjectFile.objects.filter(project=project).select_related("file")]
+    """The project's files in order, without their text (read only where it is sent)."""
+    rows = ProjectFile.objects.filter(project=project).select_related("file").defer("file__text")
+    return [pf.file for pf in rows]
 
 
 def file_records(project: Project, files: list[File] | None = None) -> list[ProjectFileRecord]:
     """Each file with what a chat reads of it: in order, until
-    CHAT_PROJECT_CONTEXT_TOKENS are spent (the one that crosses it is cut)."""
+    CHAT_PROJECT_CONTEXT_TOKENS are spent (the one that crosses it is cut).
+    They come on top of CHAT_CONTEXT_TOKENS, the turns' own room."""
     room = settings.CHAT_PROJECT_CONTEXT_TOKENS
     records: list[ProjectFileRecord] = []
     for f in _ordered_files(project) if files is None else files:
@@ -263,13 +312,20 @@ def context(project: Project) -> list[ChatMessage]:
             }
         )
     files = _ordered_files(project)
+    records = file_records(project, files)
+    # Only what is read, of only the files read: one query, each text cut in the database.
+    chars = (settings.CHAT_PROJECT_CONTEXT_TOKENS + 100) * CHARS_PER_TOKEN
+    wanted = [f.pk for f, r in zip(files, records, strict=True) if r["read_tokens"]]
+    heads = dict(
+        File.objects.filter(pk__in=wanted).annotate(head=Substr("text", 1, chars)).values_list("pk", "head")
+    )
     parts = []
-    for f, record in zip(files, file_records(project, files), strict=True):
+    for f, record in zip(files, records, strict=True):
         if record["read_tokens"] == 0 and record["tokens"]:
             parts.append(f"{FILE_HEADING}{f.filename}\n\n[{cut_note(record)}]")
             continue
         note = cut_note(record)
-        text = cut_text(f.text, record["read_tokens"])
+        text = cut_text(heads.get(f.pk) or "", record["read_tokens"])
         parts.append(f"{FILE_HEADING}{f.filename}\n\n{text}" + (f"\n\n[{note}]" if note else ""))
     if parts:
         messages.append(

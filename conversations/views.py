@@ -69,22 +69,15 @@ def _page_urls() -> dict[str, str]:
 
 
 PROJECT_CHATS_SHOWN = 8  # of each project, in the sidebar (the project's page lists them all)
+PROJECT_PAGE_CHATS = 200  # listed on a project's page
 
 
 def _sidebar_projects(user: User) -> list[Project]:
-    """The user's projects, each with its newest chats (`recent`)."""
-    found = projects.listing(user)
-    chats = (
-        Conversation.objects.filter(owner=user, project__in=found)
-        .only("id", "title", "updated_at", "project_id")
-        .order_by("-updated_at")
-    )
-    by_project: dict[Any, list[Conversation]] = {}
-    for c in chats:
-        by_project.setdefault(c.project_id, []).append(c)
+    """The user's projects, each with its newest chats (`recent`) and how many it holds."""
+    found = projects.listing(user, with_counts=True)
     for p in found:
-        p.recent = by_project.get(p.pk, [])[:PROJECT_CHATS_SHOWN]  # type: ignore[attr-defined]
-        p.chat_count = len(by_project.get(p.pk, []))  # type: ignore[attr-defined]
+        recent = Conversation.objects.filter(project=p).only("id", "title", "updated_at", "project_id")
+        p.recent = list(recent.order_by("-updated_at")[:PROJECT_CHATS_SHOWN])  # type: ignore[attr-defined]
     return found
 
 
@@ -103,9 +96,19 @@ def _chat_page(
     shown_model = conversation.chosen_model if conversation else ""
     sidebar, next_cursor = selectors.sidebar_page(user=request.user, outside_projects=True)
     project_files = projects.file_records(project) if project is not None else []
+    project_chats = (
+        list(
+            Conversation.objects.filter(project=project)
+            .only("id", "title", "updated_at")
+            .order_by("-updated_at")[:PROJECT_PAGE_CHATS]
+        )
+        if project is not None and conversation is None
+        else []
+    )
     context = {
         "project": project,
         "project_files": project_files,
+        "project_chats": project_chats,
         "projects": _sidebar_projects(request.user),
         "conversation": conversation,
         "conversations": sidebar,
@@ -247,7 +250,7 @@ def _form_values(request: HttpRequest) -> dict[str, Any]:
     return {
         "name": post.get("name", ""),
         "instructions": post.get("instructions", ""),
-        "file_ids": [uuid.UUID(v) for v in post.getlist("files") if _is_uuid(v)],
+        "file_ids": [uuid.UUID(v) for v in post.getlist("files")[:1000] if _is_uuid(v)],
         "model": post.get("model", ""),
         "prompt": post.get("prompt") or None,
     }
@@ -266,14 +269,23 @@ def _project_form(
 ) -> HttpResponse:
     from files.models import File
 
-    chosen = {f["id"] for f in projects.file_records(project)} if project else set()
-    if request.method == "POST":
-        chosen = set(request.POST.getlist("files"))
-    documents = File.objects.filter(owner=request.user).exclude(kind=File.Kind.IMAGE).order_by("-created_at")
+    held = [f["id"] for f in projects.file_records(project)] if project else []
+    chosen = set(request.POST.getlist("files")) if request.method == "POST" else set(held)
+    documents = (
+        File.objects.filter(owner=request.user)
+        .exclude(kind=File.Kind.IMAGE)
+        .defer("text")
+        .order_by("-created_at")
+    )
+    # The newest documents, and always the project's own (however old: a save keeps them).
+    shown = list(documents[:200])
+    missing = set(held) - {str(f.pk) for f in shown}
+    if missing:
+        shown += list(documents.filter(pk__in=missing))
     context = {
         "project": project,
         "values": request.POST if request.method == "POST" else None,
-        "documents": [(f, str(f.pk) in chosen) for f in documents[:200]],
+        "documents": [(f, str(f.pk) in chosen) for f in shown],
         "chat_models": ChatModel.choices(),
         "prompts": SystemPrompt.objects.only("id", "name"),
         "error": error,
@@ -307,6 +319,7 @@ def project_new(request: AuthenticatedHttpRequest) -> HttpResponse:
         return _project_form(request, None)
     try:
         values = _form_values(request)
+        projects.check(request.user, **values)  # before any upload is stored
         values["file_ids"] = [*values["file_ids"], *_upload_into(request)]
         project = projects.create(request.user, **values)
     except refusals.Refusal as refusal:
@@ -322,6 +335,7 @@ def project_edit(request: AuthenticatedHttpRequest, project_id: uuid.UUID) -> Ht
         return _project_form(request, project)
     try:
         values = _form_values(request)
+        projects.check(request.user, **values)  # before any upload is stored
         values["file_ids"] = [*values["file_ids"], *_upload_into(request)]
         projects.update(project, **values)
     except refusals.Refusal as refusal:
@@ -343,11 +357,14 @@ def project_delete(request: AuthenticatedHttpRequest, project_id: uuid.UUID) -> 
 def conversation_move(request: AuthenticatedHttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
     """Move a chat into one of the user's projects, or out (`project` empty)."""
     conversation = _own_or_404(request, conversation_id)
-    target = _posted(request).get("project") or None
+    posted = _posted(request)
+    if "project" not in posted:
+        return JsonResponse({"error": "Say which project (`project`: an id, or empty for none)."}, status=400)
     try:
-        projects.move(request.user, conversation, target)
+        projects.move(request.user, conversation, posted["project"] or None)
     except refusals.Refusal as refusal:
         raise Http404(refusal.message) from None
     if request.content_type == "application/json":
-        return JsonResponse({"conversation": {"id": str(conversation.pk), "project": target}})
+        moved = str(conversation.project_id) if conversation.project_id else None
+        return JsonResponse({"conversation": {"id": str(conversation.pk), "project": moved}})
     return redirect("chat:conversation", conversation_id=conversation.pk)

@@ -274,3 +274,29 @@ def test_a_prune_keeps_a_projects_files(server: LiveServer) -> None:
     call_command("prune_history", "--older-than", "90d", "--user", user.username, stdout=io.StringIO())
     assert File.objects.filter(pk=kept["id"]).exists()
     assert not File.objects.filter(pk=loose["id"]).exists()
+
+
+@pytest.mark.django_db(transaction=False)
+def test_a_projects_files_have_their_own_room_and_never_crowd_out_the_turns(settings: Any) -> None:
+    from conversations.history import plan_history
+    from conversations.models import Message, ProjectFile
+
+    settings.CHAT_PROJECT_CONTEXT_TOKENS = 1000
+    owner = make_user(f"proj_room_{uuid.uuid4().hex[:6]}")
+    big = File.objects.create(
+        owner=owner, filename="big.txt", content_type="text/plain", kind="text", bytes=40_000,
+        blob="x/big.txt", text="word " * 8000, tokens=10_000,
+    )  # fmt: skip
+    project = Project.objects.create(owner=owner, name="Room", instructions="Be brief.")
+    ProjectFile.objects.create(project=project, file=big)
+    chat = Conversation.objects.create(owner=owner, project=project, prompt_text="Staff first.")
+    for i in range(3):
+        Message.objects.create(conversation=chat, role="user", content=f"Question {i}")
+        Message.objects.create(conversation=chat, role="assistant", content=f"Answer {i}")
+    last = Message.objects.create(conversation=chat, role="user", content="And the last one?")
+    history = plan_history(chat, upto=last, budget=200)  # the turns' room: small, and the project's apart
+    sent = history.messages
+    assert [m["role"] for m in sent[:3]] == ["system"] * 3 and sent[0]["content"] == "Staff first."
+    assert "[Only the first 1,000 of 10,000 tokens were read.]" in sent[2]["content"]
+    turns = [m["content"] for m in sent[3:]]
+    assert turns[-1] == "And the last one?" and "Question 2" in turns  # older turns kept beside it

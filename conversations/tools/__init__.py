@@ -106,7 +106,7 @@ async def call(
     except Exception as exc:
         log.exception("Tool %s failed (user %s)", tool.name, context.user_id)
         return _error(f"the tool failed: {type(exc).__name__}", summary)
-    return ToolResult(ok=True, content=_capped(str(content)), summary=summary)
+    return ToolResult(ok=True, content=_capped(str(content), tool.max_result_chars), summary=summary)
 
 
 def _parsed_arguments(tool: Tool, arguments: str) -> dict[str, Any] | str:
@@ -120,13 +120,19 @@ def _parsed_arguments(tool: Tool, arguments: str) -> dict[str, Any] | str:
         parsed = json.loads(arguments) if arguments.strip() else {}
     except (ValueError, RecursionError) as exc:
         return f"the arguments are not valid JSON ({_shortened(str(exc), 100)})"
-    problem = schema.problem(tool.parameters, parsed)
+    if tool.external:
+        problem = schema.json_schema_problem(tool.parameters, parsed)
+    else:
+        problem = schema.problem(tool.parameters, parsed)
     return f"invalid arguments: {problem}" if problem else parsed
 
 
 async def _run(tool: Tool, context: ToolContext, arguments: dict[str, Any]) -> str:
+    if tool.run is not None:  # an MCP server's: on the loop, cancelled by a stop or its timeout
+        return await tool.run(context, arguments)
     # On a worker thread: a tool must never block the event loop that streams
     # every other answer. A timed-out thread is abandoned, not stopped.
+    assert tool.function is not None
     function = functools.partial(tool.function, context, arguments)
     if tool.uses_database:
         return await in_database(function)()
@@ -150,7 +156,7 @@ def _shortened(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _capped(content: str) -> str:
-    if len(content) <= MAX_RESULT_CHARS:
+def _capped(content: str, limit: int = MAX_RESULT_CHARS) -> str:
+    if len(content) <= limit:
         return content
-    return content[:MAX_RESULT_CHARS] + f"\n[cut: the result had {len(content)} characters]"
+    return content[:limit] + f"\n[cut: the result had {len(content)} characters]"

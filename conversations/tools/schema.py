@@ -122,3 +122,25 @@ def _a(kind: str) -> str:
 
 def _names(names: list[str]) -> str:
     return ", ".join(repr(name) for name in names)
+
+
+def check_json_schema(schema: dict[str, Any], where: str) -> None:
+    """An MCP server's schema: any valid JSON Schema (checked with `jsonschema`)."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"{where}: not a valid JSON Schema: {exc.message[:200]}") from None
+
+
+def json_schema_problem(schema: dict[str, Any], value: Any) -> str | None:
+    """What is wrong with `value` against an MCP tool's JSON Schema, or None."""
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{where + ': ' if where else ''}{error.message[:300]}"

@@ -116,11 +116,9 @@ class Command(BaseCommand):
     def _prune_unsent_files(self, owners: list[int] | None) -> int:
         """Files uploaded more than a day ago that no message or project
         holds (never sent, or let go of by a message deleted since)."""
-        gone = 0
-        for found in self._unsent_files(owners).only("pk", "blob").iterator():
-            found.delete()  # one by one: its blob goes too (files.apps)
-            gone += 1
-        return gone
+        ids = list(self._unsent_files(owners).values_list("pk", flat=True))
+        # Locked and checked again: a send or a project taking one meanwhile keeps it.
+        return sum(attachments.delete_unattached(ids[i : i + 500]) for i in range(0, len(ids), 500))
 
     def _owners(self, usernames: list[str] | None) -> list[int] | None:
         if not usernames:

@@ -1,0 +1,527 @@
+"""Company tools through the Model Context Protocol, with the official `mcp`
+SDK: the servers staff registered (the admin's "MCP servers", or
+CHAT_MCP_SERVERS), their tools offered to the model beside the built-in
+ones as `<server>__<tool>`, a call run through the same tool rounds.
+
+Each worker keeps one session per server (`Hub`, on the worker's event
+loop), opened when an answer first needs it and reused; a session that
+broke (a stdio server's process died, an HTTP server restarted) is opened
+again at its next use, and a call it broke is tried once more on the new
+one. A server's tool list is kept for CHAT_MCP_TOOLS_TTL seconds, or until
+the server says it changed (`notifications/tools/list_changed`).
+
+A server that is down, slow or failing never blocks or fails an answer:
+while an answer is being prepared a server gets CHAT_MCP_CONNECT_WAIT
+seconds to be reached (it goes on connecting meanwhile, for the next
+answers), after which its tools are left out (a log line; the admin shows
+the error); a call gets the server's `timeout` and becomes an error result
+the model reads. One server's trouble never touches another's tools.
+
+The SDK's transports are anyio task groups, which must be entered and left
+in one task: each session lives in a task of its own (`_Session._run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+
+from ..database import in_database
+from .base import Tool, ToolContext, ToolError
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = "__"
+SERVER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,29}$")
+CONFIG_TTL = 5.0  # seconds the servers' rows are reused before they are read again
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server's configuration, as read from its row."""
+
+    pk: int
+    name: str
+    transport: str
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    command: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    prompt_ids: frozenset[str]
+    group_ids: frozenset[int]
+    tools: frozenset[str] | None  # None: all of them
+    timeout: float
+    version: str  # the row's updated_at: a changed row opens a new session
+
+    def may_offer(self, prompt_id: str | None, user_groups: frozenset[int]) -> bool:
+        if self.prompt_ids and prompt_id not in self.prompt_ids:
+            return False
+        return not self.group_ids or bool(self.group_ids & user_groups)
+
+
+# --- The servers' rows ------------------------------------------------------------------
+
+
+def _strings(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def sync_settings() -> None:
+    """CHAT_MCP_SERVERS, written into the table (by name, `from_settings`):
+    one place the admin shows and every worker reads. A listed server that
+    is invalid is logged and left out."""
+    from django.contrib.auth.models import Group
+
+    from ..models import McpServer, SystemPrompt
+
+    for entry in settings.CHAT_MCP_SERVERS or ():
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not SERVER_NAME.match(name):
+            log.warning("CHAT_MCP_SERVERS: an entry without a valid name (%r) is left out", name)
+            continue
+        fields = {
+            "transport": McpServer.Transport.STDIO if entry.get("command") else McpServer.Transport.HTTP,
+            "url": str(entry.get("url") or ""),
+            "headers": _strings(entry.get("headers")),
+            "command": str(entry.get("command") or ""),
+            "args": [str(a) for a in entry.get("args") or []],
+            "env": _strings(entry.get("env")),
+            "enabled": bool(entry.get("enabled", True)),
+            "tools": ",".join(str(t) for t in entry.get("tools") or []),
+            "timeout": float(entry.get("timeout") or 10.0),
+            "from_settings": True,
+        }
+        row, _created = McpServer.objects.update_or_create(name=name, defaults=fields)
+        row.prompts.set(SystemPrompt.objects.filter(name__in=entry.get("prompts") or []))
+        row.groups.set(Group.objects.filter(name__in=entry.get("groups") or []))
+
+
+def _read_servers() -> list[Server]:
+    from ..models import McpServer
+
+    servers = []
+    for row in McpServer.objects.filter(enabled=True).prefetch_related("prompts", "groups"):
+        if not SERVER_NAME.match(row.name):
+            log.warning("MCP server %r: its name must match %s; left out", row.name, SERVER_NAME.pattern)
+            continue
+        chosen = {t.strip() for t in row.tools.split(",") if t.strip()}
+        servers.append(
+            Server(
+                pk=row.pk,
+                name=row.name,
+                transport=row.transport,
+                url=row.url,
+                headers=tuple(sorted(_strings(row.headers).items())),
+                command=row.command,
+                args=tuple(str(a) for a in row.args or []),
+                env=tuple(sorted(_strings(row.env).items())),
+                prompt_ids=frozenset(str(p.pk) for p in row.prompts.all()),
+                group_ids=frozenset(g.pk for g in row.groups.all()),
+                tools=frozenset(chosen) if chosen else None,
+                timeout=max(0.5, float(row.timeout or 10.0)),
+                version=row.updated_at.isoformat(),
+            )
+        )
+    return servers
+
+
+def _save_status(pk: int, tools: list[dict[str, Any]] | None, error: str) -> None:
+    """What the server answered, for the admin (any worker writes it)."""
+    from ..models import McpServer
+
+    fields: dict[str, Any] = {"last_error": error[:2000]}
+    if tools is not None:
+        fields.update(listed_tools=tools, listed_at=timezone.now())
+    McpServer.objects.filter(pk=pk).update(**fields)
+
+
+def _user_groups(user_id: int) -> frozenset[int]:
+    from django.contrib.auth.models import Group
+
+    return frozenset(Group.objects.filter(user__id=user_id).values_list("pk", flat=True))
+
+
+# --- One session ---------------------------------------------------------------------------
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions[:3])
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+class _Session:
+    """One session with one server, in a task of its own."""
+
+    def __init__(self, server: Server, hub: Hub) -> None:
+        self.server = server
+        self.hub = hub
+        self.session: Any = None
+        self.error = ""
+        self.ready = asyncio.Event()  # reached (or failed: then `session` is None)
+        self.ended = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"mcp-{server.name}")
+
+    @property
+    def alive(self) -> bool:
+        return not self.ended.is_set() and not self._stop.is_set()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    async def _run(self) -> None:
+        from mcp.client.session import ClientSession
+
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                read, write = await stack.enter_async_context(self._transport())
+                session = await stack.enter_async_context(
+                    ClientSession(read, write, message_handler=self._notice)
+                )
+                await asyncio.wait_for(session.initialize(), self.server.timeout)
+                self.session = session
+                self.ready.set()
+                await self._stop.wait()
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:  # a server's failure is reported, never raised
+            self.error = _describe(exc)
+            log.warning("MCP server %s: %s", self.server.name, self.error)
+        finally:
+            self.session = None
+            self.ready.set()
+            self.ended.set()
+
+    def _transport(self) -> Any:
+        server = self.server
+        if server.transport == "stdio":
+            from mcp.client.stdio import StdioServerParameters, stdio_client
+
+            params = StdioServerParameters(
+                command=server.command, args=list(server.args), env=dict(server.env)
+            )
+            return stdio_client(params)  # its stderr: the worker's
+        import httpx2
+        from mcp.client.streamable_http import streamable_http_client
+
+        client = httpx2.AsyncClient(
+            headers=dict(server.headers), timeout=httpx2.Timeout(server.timeout, read=300.0)
+        )
+        return _with_client(client, streamable_http_client(server.url, http_client=client))
+
+    async def _notice(self, message: Any) -> None:
+        """The server's notifications; a transport's failure arrives here too."""
+        if isinstance(message, Exception):
+            log.warning("MCP server %s: the connection failed: %s", self.server.name, _describe(message))
+            self.close()
+            return
+        method = getattr(getattr(message, "root", message), "method", "")
+        if method == "notifications/tools/list_changed":
+            self.hub.forget_tools(self.server.name)
+
+
+@contextlib.asynccontextmanager
+async def _with_client(client: Any, transport: Any) -> Any:
+    async with client, transport as streams:
+        yield streams
+
+
+# --- The hub: sessions, tool lists, calls ---------------------------------------------------
+
+
+@dataclass
+class _Listed:
+    tools: list[Tool]
+    at: float
+
+
+class Hub:
+    """A worker's sessions and tool lists (one per event loop)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, _Session] = {}
+        self._listed: dict[str, _Listed] = {}
+        self._servers: list[Server] | None = None
+        self._servers_at = 0.0
+        self._synced = False
+        self._status: dict[str, tuple[Any, str]] = {}  # what was last saved, per server
+
+    # The servers ------------------------------------------------------------
+
+    async def servers(self) -> list[Server]:
+        now = time.monotonic()
+        if self._servers is None or now - self._servers_at > CONFIG_TTL:
+            if not self._synced:
+                self._synced = True
+                try:
+                    await in_database(sync_settings)()
+                except Exception:
+                    log.exception("CHAT_MCP_SERVERS could not be written")
+            self._servers = await in_database(_read_servers)()
+            self._servers_at = now
+            known = {s.name: s for s in self._servers}
+            for name, session in list(self._sessions.items()):
+                if known.get(name) != session.server:  # removed, turned off or changed
+                    session.close()
+                    del self._sessions[name]
+                    self._listed.pop(name, None)
+        return self._servers
+
+    # Sessions ---------------------------------------------------------------
+
+    def _session(self, server: Server) -> _Session:
+        session = self._sessions.get(server.name)
+        if session is None or not session.alive or session.server != server:
+            if session is not None:
+                session.close()
+            session = self._sessions[server.name] = _Session(server, self)
+        return session
+
+    async def _reached(self, server: Server, wait: float) -> Any:
+        """The server's live ClientSession, waiting at most `wait` s; None if not reached."""
+        session = self._session(server)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(session.ready.wait()), wait)
+        if session.session is None:
+            if session.ended.is_set():
+                self._remember(server, None, session.error or "it closed the connection")
+            return None
+        return session.session
+
+    def forget_tools(self, name: str) -> None:
+        self._listed.pop(name, None)
+
+    # Tool lists ---------------------------------------------------------------
+
+    async def tools_of(self, server: Server, wait: float) -> list[Tool]:
+        listed = self._listed.get(server.name)
+        if listed is not None and time.monotonic() - listed.at < settings.CHAT_MCP_TOOLS_TTL:
+            if self._sessions.get(server.name) and self._sessions[server.name].alive:
+                return listed.tools
+        session = await self._reached(server, wait)
+        if session is None:
+            log.warning("MCP server %s is not reached: its tools are left out", server.name)
+            return listed.tools if listed is not None else []
+        try:
+            found = await asyncio.wait_for(_list_all(session), server.timeout)
+        except Exception as exc:
+            error = _describe(exc)
+            log.warning("MCP server %s: listing its tools failed (%s): left out", server.name, error)
+            self._remember(server, None, error)
+            self._session(server).close()
+            return []
+        tools = [t for t in (_tool(self, server, item) for item in found) if t is not None]
+        self._listed[server.name] = _Listed(tools, time.monotonic())
+        self._remember(
+            server,
+            [{"name": item.name, "description": (item.description or "")[:300]} for item in found],
+            "",
+        )
+        return tools
+
+    def _remember(self, server: Server, tools: list[dict[str, Any]] | None, error: str) -> None:
+        """The admin's status of the server, written when it changed (off the answer's path)."""
+        status = (tools, error)
+        if self._status.get(server.name) == status:
+            return
+        self._status[server.name] = status
+        task = asyncio.get_running_loop().create_task(_saved(server, tools, error))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+
+    async def offered(self, *, user_id: int, prompt_id: str | None) -> list[Tool]:
+        """The MCP tools this user may use with this prompt, from every server
+        reached within CHAT_MCP_CONNECT_WAIT (together, not one after another)."""
+        servers = await self.servers()
+        if not servers:
+            return []
+        groups = (
+            await in_database(_user_groups)(user_id) if any(s.group_ids for s in servers) else frozenset()
+        )
+        allowed = [s for s in servers if s.may_offer(prompt_id, groups)]
+        wait = settings.CHAT_MCP_CONNECT_WAIT
+        lists = await asyncio.gather(*(self.tools_of(s, wait) for s in allowed), return_exceptions=True)
+        offered: list[Tool] = []
+        for server, found in zip(allowed, lists, strict=True):
+            if isinstance(found, BaseException):
+                log.warning("MCP server %s: %s: left out", server.name, _describe(found))
+                continue
+            offered += found
+        return offered
+
+    # Calls ------------------------------------------------------------------------
+
+    async def call(self, server: Server, tool_name: str, arguments: dict[str, Any]) -> str:
+        """One call; a session that broke is opened again and the call tried once more."""
+        for attempt in (1, 2):
+            session = await self._reached(server, server.timeout)
+            if session is None:
+                raise ToolError(f"the {server.name} server cannot be reached")
+            try:
+                result = await session.call_tool(tool_name, arguments)
+            except (asyncio.CancelledError, TimeoutError):
+                raise
+            except Exception as exc:
+                if attempt == 1 and _broken(exc):
+                    log.warning(
+                        "MCP server %s: the session broke (%s): opening it again", server.name, _describe(exc)
+                    )
+                    self._session(server).close()
+                    self._sessions.pop(server.name, None)
+                    continue
+                raise ToolError(f"the {server.name} server failed: {_describe(exc)}") from None
+            return _result_text(result)
+        raise ToolError(f"the {server.name} server cannot be reached")
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        await asyncio.gather(*(s.ended.wait() for s in self._sessions.values()), return_exceptions=True)
+        self._sessions.clear()
+
+
+_pending: set[asyncio.Task[None]] = set()
+
+
+async def _saved(server: Server, tools: list[dict[str, Any]] | None, error: str) -> None:
+    try:
+        await in_database(_save_status)(server.pk, tools, error)
+    except Exception:
+        log.exception("MCP server %s: its status could not be saved", server.name)
+
+
+def _broken(exc: BaseException) -> bool:
+    """A failure of the connection itself (not the tool's answer)."""
+    import anyio
+    from mcp.shared.exceptions import MCPError
+    from mcp_types import CONNECTION_CLOSED
+
+    if isinstance(exc, MCPError):
+        return exc.error.code == CONNECTION_CLOSED
+    return isinstance(
+        exc, anyio.ClosedResourceError | anyio.BrokenResourceError | anyio.EndOfStream | OSError
+    )
+
+
+async def _list_all(session: Any) -> list[Any]:
+    from mcp_types import PaginatedRequestParams
+
+    found: list[Any] = []
+    cursor = None
+    for _page in range(20):  # a server that pages forever is cut off
+        result = await session.list_tools(params=PaginatedRequestParams(cursor=cursor) if cursor else None)
+        found += result.tools
+        cursor = result.next_cursor
+        if not cursor:
+            break
+    return found
+
+
+def _tool(hub: Hub, server: Server, item: Any) -> Tool | None:
+    """A server's tool as the model is offered it, or None (not chosen, or a bad name)."""
+    if server.tools is not None and item.name not in server.tools:
+        return None
+    name = f"{server.name}{SEPARATOR}{item.name}"
+    schema = item.input_schema if isinstance(item.input_schema, dict) else {}
+    if schema.get("type") != "object":
+        schema = {"type": "object", "properties": {}}
+
+    async def run(context: ToolContext, arguments: dict[str, Any]) -> str:
+        return await hub.call(server, item.name, arguments)
+
+    try:
+        return Tool(
+            name=name,
+            description=(item.description or item.title or item.name)[:1024],
+            parameters=schema,
+            run=run,
+            external=True,
+            timeout=server.timeout,
+            max_result_chars=settings.CHAT_MCP_RESULT_CHARS,
+        )
+    except ValueError as exc:
+        log.warning("MCP server %s: tool %r left out: %s", server.name, item.name, exc)
+        return None
+
+
+def _result_text(result: Any) -> str:
+    """What the model reads of a result: its text; other content named, never dropped silently."""
+    parts: list[str] = []
+    for item in result.content or ():
+        kind = getattr(item, "type", "")
+        if kind == "text":
+            parts.append(item.text)
+        elif kind in ("image", "audio"):
+            size = len(getattr(item, "data", "") or "") * 3 // 4
+            what = "an image" if kind == "image" else "audio"
+            parts.append(f"[{what} ({item.mime_type}, about {size:,} bytes): not shown to the model]")
+        elif kind == "resource":
+            resource = item.resource
+            text = getattr(resource, "text", None)
+            parts.append(
+                text
+                if isinstance(text, str)
+                else f"[a resource: {resource.uri} ({getattr(resource, 'mime_type', '') or 'binary'})]"
+            )
+        elif kind == "resource_link":
+            parts.append(f"[a link to a resource: {item.name} {item.uri}]")
+        else:
+            parts.append(f"[content of type {kind!r}]")
+    if not parts and getattr(result, "structured_content", None) is not None:
+        parts.append(json.dumps(result.structured_content, ensure_ascii=False))
+    text = "\n".join(parts)
+    if result.is_error:
+        raise ToolError(text or "the tool reported an error")
+    return text
+
+
+# --- One hub per event loop -----------------------------------------------------------------
+
+_hubs: dict[int, Hub] = {}
+
+
+def hub() -> Hub:
+    loop = asyncio.get_running_loop()
+    found = _hubs.get(id(loop))
+    if found is None:
+        found = _hubs[id(loop)] = Hub()
+    return found
+
+
+async def offered(*, user_id: int, prompt_id: Any | None) -> list[Tool]:
+    """The MCP tools offered to the model for this user and prompt; never raises."""
+    try:
+        return await hub().offered(user_id=user_id, prompt_id=str(prompt_id) if prompt_id else None)
+    except Exception:
+        log.exception("MCP tools could not be listed: left out")
+        return []
+
+
+async def named(*, user_id: int, names: Sequence[str]) -> list[Tool]:
+    """The MCP tools among `names` this user may use (the HTTP API names them)."""
+    wanted = set(names)
+    if not wanted:
+        return []
+    found = await offered(user_id=user_id, prompt_id=None)
+    return [tool for tool in found if tool.name in wanted]
+
+
+def is_mcp_name(name: str) -> bool:
+    return SEPARATOR in name
+
+
+def names(tools: Iterable[Tool]) -> list[str]:
+    return [t.name for t in tools]
