@@ -18,6 +18,12 @@ $(OIDC_TESTS): tests/oidc/package-lock.json
 	npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The tests' MCP server over streamable HTTP (tests/mcp: the reference "everything" server).
+MCP_TESTS := tests/mcp/node_modules/.installed
+$(MCP_TESTS): tests/mcp/package-lock.json
+	npm ci --prefix tests/mcp --no-audit --no-fund --loglevel=error
+	touch $@
+
 install: $(VENV)/.installed
 
 run: install
@@ -25,7 +31,7 @@ run: install
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
-test: install $(OIDC_TESTS)
+test: install $(OIDC_TESTS) $(MCP_TESTS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -33,4 +39,4 @@ lint: install
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) db.sqlite3 .pytest_cache artifacts tests/oidc/node_modules
+	rm -rf $(VENV) db.sqlite3 .pytest_cache artifacts tests/oidc/node_modules tests/mcp/node_modules

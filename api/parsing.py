@@ -259,7 +259,8 @@ def response_format_of(body: dict[str, Any]) -> dict[str, Any] | None:
 def tools_of(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tools.Tool]]:
     """The client's own tools (passed on to the model) and the built-in
     tools the request names (run here: named without parameters, or with
-    the name of a built-in tool)."""
+    the name of a built-in tool). An MCP server's tool (`<server>__<tool>`,
+    without parameters) is the client's here; `mcp_named` picks it out."""
     raw = body.get("tools")
     if raw is None:
         return [], []
@@ -323,3 +324,13 @@ def content_of(body: dict[str, Any], *, files: bool = False) -> str:
     if len(content) > limit:
         raise bad_request(f"The message is too long ({len(content)} > {limit} characters).", "content")
     return content
+
+
+def mcp_named(client_tools: list[dict[str, Any]]) -> list[str]:
+    """The names, among the client's tools, of MCP servers' tools to run here:
+    `<server>__<tool>` without parameters (the same rule as built-in tools)."""
+    return [
+        t["function"]["name"]
+        for t in client_tools
+        if "parameters" not in t["function"] and "__" in str(t["function"]["name"])
+    ]

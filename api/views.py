@@ -23,6 +23,7 @@ from conversations.generation.events import Event
 from conversations.generation.follow import Reader
 from conversations.models import ChatModel, Conversation, SystemPrompt
 from conversations.share_views import link_json
+from conversations.tools import mcp
 from files.sniff import Refused
 
 from . import parsing, tokens
@@ -113,6 +114,12 @@ async def chat_completions(request: HttpRequest, user: User) -> HttpResponse | S
         raise bad_request("`stream_options` must be an object.", "stream_options")
     include_usage = parsing.flag(options, "include_usage")
     call = _call_of(user, body)
+    wanted = parsing.mcp_named(call.client_tools)
+    if wanted:  # an MCP server's tools, by the built-in tools' rule: run here when this user may
+        found = await mcp.named(user_id=user.pk, names=wanted)
+        names = {tool.name for tool in found}
+        call.builtin = [*call.builtin, *found]
+        call.client_tools = [t for t in call.client_tools if t["function"]["name"] not in names]
     try:
         call.messages = await attachments.read_parts(user, call.messages)
     except Refused as exc:

@@ -422,6 +422,7 @@ for _name in ("AWS_STORAGE_BUCKET_NAME", "AWS_S3_ENDPOINT_URL", "AWS_S3_REGION_N
 # with optional "enabled", "prompts" (names), "groups" (names), "tools" (names) and "timeout".
 CHAT_MCP_SERVERS = env.json("CHAT_MCP_SERVERS", default=[])
 CHAT_MCP_TOOLS_TTL = env.float("CHAT_MCP_TOOLS_TTL", default=300.0)  # seconds a tool list is reused
+CHAT_MCP_CONFIG_TTL = env.float("CHAT_MCP_CONFIG_TTL", default=5.0)  # seconds the servers' rows are reused
 # How long an answer waits for a server it has not reached yet (its tools are left out after).
 CHAT_MCP_CONNECT_WAIT = env.float("CHAT_MCP_CONNECT_WAIT", default=3.0)
 CHAT_MCP_RESULT_CHARS = env.int("CHAT_MCP_RESULT_CHARS", default=8000)  # of a result sent to the model

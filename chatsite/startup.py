@@ -19,8 +19,10 @@ from typing import Any
 from channels.db import database_sync_to_async
 
 from conversations.generation import sweep_interrupted, this_worker
+from conversations.tools import mcp
 
 log = logging.getLogger(__name__)
+_background: set[asyncio.Future[None]] = set()  # tasks kept until they end
 
 
 class SweepOnStartup:
@@ -50,6 +52,10 @@ class SweepOnStartup:
             except Exception:  # a missing table must not take the site down
                 log.exception("start-up sweep of streaming answers failed")
             this_worker().start()
+            # The MCP servers are reached in the background: startup never waits for them.
+            warming = asyncio.ensure_future(mcp.warm())
+            _background.add(warming)
+            warming.add_done_callback(_background.discard)
             settle_heap()
             self._done = True
 

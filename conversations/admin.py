@@ -28,6 +28,7 @@ from . import llm, prompts, reports
 from .models import (
     ChatModel,
     Conversation,
+    McpServer,
     Message,
     ModelPrice,
     Share,
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     _MessageInlineBase = admin.TabularInline[Message, Conversation]
     _ConversationAdminBase = admin.ModelAdmin[Conversation]
     _ShareAdminBase = admin.ModelAdmin[Share]
+    _McpServerAdminBase = admin.ModelAdmin[McpServer]
 
     class _InputFilterChoice(_ListFilterChoices):
         others: list[tuple[str, str]]
@@ -69,6 +71,7 @@ else:
     _SystemPromptFormBase = forms.ModelForm
     _SystemPromptAdminBase = _SystemPromptVersionAdminBase = _ModelPriceAdminBase = admin.ModelAdmin
     _ChatModelAdminBase = _TokenUsageAdminBase = _ConversationAdminBase = _ShareAdminBase = admin.ModelAdmin
+    _McpServerAdminBase = admin.ModelAdmin
     _SystemPromptVersionInlineBase = _MessageInlineBase = admin.TabularInline
 
 REVIEW_PERMISSION = "conversations.review_conversation"
@@ -655,3 +658,43 @@ class ShareAdmin(_ShareAdminBase):
 
     def has_change_permission(self, request: HttpRequest, obj: Share | None = None) -> bool:
         return False
+
+
+# --- MCP servers ----------------------------------------------------------------------------
+
+
+@admin.register(McpServer)
+class McpServerAdmin(_McpServerAdminBase):
+    """Company tools (conversations/tools/mcp.py): each server, with its
+    tools as last listed by a worker and whether it answered. A change is
+    seen by every worker within seconds (a changed server gets a new session)."""
+
+    list_display = ["name", "transport", "enabled", "answered", "tool_count", "listed_at", "from_settings"]
+    list_filter = ["enabled", "transport"]
+    search_fields = ["name", "url", "command"]
+    filter_horizontal = ["prompts", "groups"]
+    readonly_fields = ["from_settings", "tool_list", "listed_at", "last_error", "created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["name", "enabled", "transport", "timeout"]}),
+        ("Streamable HTTP", {"fields": ["url", "headers"]}),
+        ("stdio", {"fields": ["command", "args", "env"]}),
+        ("Who may use it", {"fields": ["prompts", "groups", "tools"]}),
+        ("What it answered", {"fields": ["tool_list", "listed_at", "last_error", "from_settings"]}),
+    ]
+
+    @admin.display(description="answered", boolean=True)
+    def answered(self, server: McpServer) -> bool | None:
+        if server.listed_at is None and not server.last_error:
+            return None  # not asked yet
+        return not server.last_error
+
+    @admin.display(description="tools")
+    def tool_count(self, server: McpServer) -> int:
+        return len(server.listed_tools or [])
+
+    @admin.display(description="tools as last listed")
+    def tool_list(self, server: McpServer) -> str:
+        tools = server.listed_tools or []
+        if not tools:
+            return "none listed yet"
+        return "\n".join(f"{server.name}__{t.get('name', '?')}: {t.get('description', '')}" for t in tools)

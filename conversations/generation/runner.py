@@ -32,6 +32,7 @@ from .. import llm, tools
 from ..batches import batches_of
 from ..database import in_database, update_each
 from ..models import Message, TokenUsage, ToolRound
+from ..tools import mcp
 from . import events, summaries, toolrounds
 from .fanout import get_hub
 from .ledger import AnswerEnd, Saved, record_model_call, save_answers
@@ -213,7 +214,13 @@ class Generation:
         if history is not None and history.pending:
             await self._summarize(history)
         prompt = self.conversation.prompt
-        rounds = toolrounds.Rounds(tools.offered((prompt.tools if prompt else "") or None))
+        setting = (prompt.tools if prompt else "") or None
+        offered = tools.offered(setting)
+        if not tools.none_wanted(setting):  # beside them, the MCP servers' this user and prompt may use
+            offered += await mcp.offered(
+                user_id=self.conversation.owner_id, prompt_id=self.conversation.prompt_id
+            )
+        rounds = toolrounds.Rounds(offered)
         while True:
             first_seq = self.seq
             outcome = await self._read_call(rounds.offer())

@@ -64,6 +64,13 @@ def offered(setting: str | None = None) -> list[Tool]:
     return tools
 
 
+def none_wanted(setting: str | None) -> bool:
+    """A prompt's (or CHAT_TOOLS') "none": no tool at all, an MCP server's neither."""
+    if setting is None:
+        setting = settings.CHAT_TOOLS
+    return setting is not None and setting.strip().lower() in ("none", "")
+
+
 def openai_tools(tools: Iterable[Tool]) -> list[dict[str, Any]]:
     """`tools` as the Chat Completions API's `tools` parameter."""
     return [

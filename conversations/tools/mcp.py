@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 SEPARATOR = "__"
 SERVER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,29}$")
-CONFIG_TTL = 5.0  # seconds the servers' rows are reused before they are read again
 
 
 @dataclass(frozen=True)
@@ -258,12 +257,21 @@ class Hub:
         self._servers_at = 0.0
         self._synced = False
         self._status: dict[str, tuple[Any, str]] = {}  # what was last saved, per server
+        self._reading = asyncio.Lock()
 
     # The servers ------------------------------------------------------------
 
+    def _fresh(self) -> bool:
+        age = time.monotonic() - self._servers_at
+        return self._servers is not None and age <= settings.CHAT_MCP_CONFIG_TTL
+
     async def servers(self) -> list[Server]:
-        now = time.monotonic()
-        if self._servers is None or now - self._servers_at > CONFIG_TTL:
+        if self._fresh():
+            return self._servers or []
+        async with self._reading:  # a burst of answers reads the rows once
+            if self._fresh():
+                return self._servers or []
+            now = time.monotonic()
             if not self._synced:
                 self._synced = True
                 try:
@@ -508,6 +516,17 @@ async def offered(*, user_id: int, prompt_id: Any | None) -> list[Tool]:
     except Exception:
         log.exception("MCP tools could not be listed: left out")
         return []
+
+
+async def warm() -> None:
+    """Start reaching every enabled server (a worker's start: nothing waits
+    for it), so that the first answers find them ready."""
+    try:
+        found = hub()
+        for server in await found.servers():
+            found._session(server)
+    except Exception:
+        log.exception("MCP servers could not be started")
 
 
 async def named(*, user_id: int, names: Sequence[str]) -> list[Tool]:

@@ -1,0 +1,389 @@
+"""Company tools through MCP, against real servers the tests start:
+`mcp-server-time` (PyPI, stdio: the worker runs it) and the reference
+"everything" server (npm, streamable HTTP, tests/mcp). The fake model,
+scripted to call their tools, gets their real results in its next request;
+a killed stdio server is started again; an unreachable or hanging server
+leaves the answer complete with the others' tools; a server kept to a
+prompt is offered with that prompt only; bad arguments never reach the
+server; the HTTP API runs them by the built-in tools' rule."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api import tokens
+from conversations.models import McpServer, SystemPrompt
+from tests.conftest import LiveServer, database_url, free_port, run_daphne
+from tests.factories import make_user, session_cookie
+from tests.fake_llm import FakeLLM, Reply
+from tests.test_attacks import _until
+from tests.test_security import open_socket
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+EVERYTHING = Path(__file__).parent / "mcp" / "node_modules" / "@modelcontextprotocol" / "server-everything"
+TIME_SERVER = {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"]}
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the MCP server exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory: Any) -> Iterator[str]:
+    """The reference server over streamable HTTP: its /mcp address."""
+    assert (EVERYTHING / "dist" / "index.js").is_file(), "npm ci --prefix tests/mcp (make test does it)"
+    port = free_port()
+    log = (tmp_path_factory.mktemp("everything") / "everything.log").open("wb")
+    process = subprocess.Popen(
+        ["node", str(EVERYTHING / "dist" / "index.js"), "streamableHttp"],
+        env={**os.environ, "PORT": str(port)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_port(port, process)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def hanging() -> Iterator[str]:
+    """An address that takes the connection and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/mcp"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def server(
+    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
+) -> Iterator[LiveServer]:
+    with django_db_blocker.unblock():
+        db_url = database_url()
+    with run_daphne(
+        db_url,
+        fake_llm_server.base_url,
+        tmp_path_factory.mktemp("mcp") / "daphne.log",
+        CHAT_MCP_CONFIG_TTL="0",  # each answer reads the servers' rows: a test's changes count at once
+        CHAT_MCP_CONNECT_WAIT="6",  # a stdio server's first start (Python, the SDK) takes seconds here
+        CHAT_MCP_RESULT_CHARS="600",
+    ) as live:
+        yield live
+
+
+@pytest.fixture(autouse=True)
+def _no_servers() -> Iterator[None]:
+    McpServer.objects.all().delete()
+    yield
+    McpServer.objects.all().delete()
+
+
+def _servers(everything: str, **more: dict[str, Any]) -> None:
+    McpServer.objects.create(name="time", transport="stdio", **TIME_SERVER, timeout=15)
+    McpServer.objects.create(name="everything", transport="http", url=everything, timeout=10)
+    for name, fields in more.items():
+        McpServer.objects.create(name=name, **fields)
+
+
+def _offered(request: Any) -> list[str]:
+    return [t["function"]["name"] for t in request.body.get("tools") or []]
+
+
+def _tool_messages(request: Any) -> dict[str, str]:
+    messages = request.body["messages"]
+    by_id = {c["id"]: c["function"]["name"] for m in messages for c in m.get("tool_calls") or []}
+    return {by_id[m["tool_call_id"]]: m["content"] for m in messages if m["role"] == "tool"}
+
+
+def _ask(ws: Any, content: str, **extra: Any) -> list[dict[str, Any]]:
+    ws.send(json.dumps({"type": "message.send", "content": content, "client_id": str(uuid.uuid4()), **extra}))
+    frames: list[dict[str, Any]] = []
+
+    def seen(frame: dict[str, Any]) -> bool:
+        frames.append(frame)
+        return frame["type"] in ("generation.finished", "error")
+
+    _until(ws, seen, 60)
+    return frames
+
+
+def test_the_model_calls_a_stdio_and_an_http_servers_tools_and_reads_their_real_results(
+    server: LiveServer, fake_llm: FakeLLM, everything: str, sockets: contextlib.ExitStack
+) -> None:
+    _servers(everything)
+    user = make_user(f"mcp_{uuid.uuid4().hex[:6]}")
+    calls = [
+        {"id": "call_time", "name": "time__get_current_time", "arguments": '{"timezone": "Asia/Tokyo"}'},
+        {"id": "call_sum", "name": "everything__get-sum", "arguments": '{"a": 2, "b": 3}'},
+        {"id": "call_image", "name": "everything__get-tiny-image", "arguments": "{}"},
+    ]
+    fake_llm.script(
+        Reply(chunks=["Let me check. "], finish_reason="tool_calls", tool_calls=calls),
+        Reply(chunks=["It is late in Tokyo, and 2 + 3 = 5."]),
+    )
+    ws = open_socket(server, session_cookie(user), sockets)
+    frames = _ask(ws, "What time is it in Tokyo, and what is 2 + 3?")
+    assert frames[-1]["type"] == "generation.finished" and frames[-1]["status"] == "complete"
+    first, second = fake_llm.streamed_requests[-2:]
+    offered = _offered(first)
+    assert {"time__get_current_time", "time__convert_time", "everything__echo", "everything__get-sum"} <= set(
+        offered
+    )
+    schema = next(t for t in first.body["tools"] if t["function"]["name"] == "time__get_current_time")
+    assert "timezone" in schema["function"]["parameters"]["properties"]  # the server's own schema
+    results = _tool_messages(second)
+    assert '"timezone": "Asia/Tokyo"' in results["time__get_current_time"]  # mcp-server-time's real answer
+    assert "+09:00" in results["time__get_current_time"]
+    assert results["everything__get-sum"] == "The sum of 2 and 3 is 5."
+    assert "[an image (image/png" in results["everything__get-tiny-image"]  # named, not dropped
+    chips = [f for f in frames if f["type"] == "generation.tool"]
+    assert [c["name"] for c in chips] == [c["name"] for c in calls] and all(c["ok"] for c in chips)
+    # The admin's status: each answered, with its tools.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and McpServer.objects.filter(listed_at__isnull=True).exists():
+        time.sleep(0.1)
+    listed = {s.name: [t["name"] for t in s.listed_tools] for s in McpServer.objects.all()}
+    assert "get_current_time" in listed["time"] and "get-sum" in listed["everything"]
+
+
+def _children(parent: int, marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            status = (entry / "status").read_text()
+            ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            if ppid == parent and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_stdio_server_killed_between_two_answers_is_started_again(
+    server: LiveServer, fake_llm: FakeLLM, everything: str, sockets: contextlib.ExitStack
+) -> None:
+    _servers(everything)
+    user = make_user(f"mcp_kill_{uuid.uuid4().hex[:6]}")
+    call = {"id": "call_1", "name": "time__get_current_time", "arguments": '{"timezone": "Europe/Paris"}'}
+    ws = open_socket(server, session_cookie(user), sockets)
+    for _round in range(2):
+        fake_llm.script(
+            Reply(chunks=[], finish_reason="tool_calls", tool_calls=[call]), Reply(chunks=["Done."])
+        )
+        frames = _ask(ws, "The time in Paris?")
+        assert frames[-1]["status"] == "complete"
+        assert (
+            '"timezone": "Europe/Paris"'
+            in _tool_messages(fake_llm.streamed_requests[-1])["time__get_current_time"]
+        )
+        running = _children(server.process.pid, "mcp_server_time")
+        assert len(running) == 1, running
+        os.kill(running[0], signal.SIGKILL)  # between two answers
+
+
+def test_an_unreachable_or_hanging_server_leaves_the_answer_complete_with_the_others(
+    server: LiveServer, fake_llm: FakeLLM, everything: str, hanging: str, sockets: contextlib.ExitStack
+) -> None:
+    closed = free_port()
+    _servers(
+        everything,
+        down={"transport": "http", "url": f"http://127.0.0.1:{closed}/mcp", "timeout": 2},
+        hangs={"transport": "http", "url": hanging, "timeout": 2},
+        broken={"transport": "stdio", "command": "/no/such/program", "timeout": 2},
+    )
+    user = make_user(f"mcp_down_{uuid.uuid4().hex[:6]}")
+    fake_llm.script(Reply(chunks=["Fine without them."]))
+    ws = open_socket(server, session_cookie(user), sockets)
+    started = time.monotonic()
+    frames = _ask(ws, "Hello")
+    assert frames[-1]["status"] == "complete" and time.monotonic() - started < 15
+    offered = _offered(fake_llm.streamed_requests[-1])
+    assert "time__get_current_time" in offered and "everything__echo" in offered
+    assert not [name for name in offered if name.split("__")[0] in ("down", "hangs", "broken")]
+    # A call to a server that went away meanwhile: an error result, within its timeout.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and McpServer.objects.filter(name="down", last_error="").exists():
+        time.sleep(0.1)
+    assert McpServer.objects.get(name="down").last_error  # the admin says why
+
+
+def test_a_server_kept_to_a_prompt_is_offered_with_that_prompt_only(
+    server: LiveServer, fake_llm: FakeLLM, everything: str, sockets: contextlib.ExitStack
+) -> None:
+    SystemPrompt.objects.update(is_default=False)
+    allowed = SystemPrompt.objects.create(name=f"ops-{uuid.uuid4().hex[:6]}", text="Ops.")
+    other = SystemPrompt.objects.create(name=f"plain-{uuid.uuid4().hex[:6]}", text="Plain.")
+    _servers(everything)
+    McpServer.objects.get(name="everything").prompts.set([allowed])
+    user = make_user(f"mcp_prompt_{uuid.uuid4().hex[:6]}")
+    ws = open_socket(server, session_cookie(user), sockets)
+    fake_llm.script(Reply(chunks=["Plain."]), Reply(chunks=["Ops."]))
+    _ask(ws, "Hi", prompt=str(other.pk))
+    offered = _offered(fake_llm.streamed_requests[-1])
+    assert "time__get_current_time" in offered and not [n for n in offered if n.startswith("everything__")]
+    _ask(ws, "Hi", prompt=str(allowed.pk))
+    assert "everything__echo" in _offered(fake_llm.streamed_requests[-1])
+
+
+def test_bad_arguments_are_refused_before_the_call_and_a_long_result_is_cut(
+    server: LiveServer, fake_llm: FakeLLM, everything: str, sockets: contextlib.ExitStack
+) -> None:
+    _servers(everything)
+    user = make_user(f"mcp_bad_{uuid.uuid4().hex[:6]}")
+    calls = [
+        {"id": "call_bad", "name": "everything__get-sum", "arguments": '{"a": "two", "b": 3}'},
+        {"id": "call_long", "name": "everything__echo", "arguments": json.dumps({"message": "x" * 2000})},
+    ]
+    fake_llm.script(Reply(chunks=[], finish_reason="tool_calls", tool_calls=calls), Reply(chunks=["Sorry."]))
+    ws = open_socket(server, session_cookie(user), sockets)
+    frames = _ask(ws, "Add two and three")
+    assert frames[-1]["status"] == "complete"
+    results = _tool_messages(fake_llm.streamed_requests[-1])
+    # Our check, in words the model can act on (the server's would say "MCP error -32602").
+    assert results["everything__get-sum"].startswith(
+        "error: invalid arguments: a: 'two' is not of type 'number'"
+    )
+    assert results["everything__echo"].startswith("Echo: xxx")
+    assert results["everything__echo"].endswith(
+        "[cut: the result had 2006 characters]"
+    )  # CHAT_MCP_RESULT_CHARS
+    chips = {c["name"]: c["ok"] for c in frames if c["type"] == "generation.tool"}
+    assert chips == {"everything__get-sum": False, "everything__echo": True}
+
+
+def test_the_http_api_runs_a_servers_tool_by_the_built_in_tools_rule(
+    server: LiveServer, fake_llm: FakeLLM, everything: str
+) -> None:
+    _servers(everything)
+    user = make_user(f"mcp_api_{uuid.uuid4().hex[:6]}")
+    token = tokens.create(user, "mcp")[1]
+    call = {"id": "call_api", "name": "time__get_current_time", "arguments": '{"timezone": "UTC"}'}
+    fake_llm.script(
+        Reply(chunks=[], finish_reason="tool_calls", tool_calls=[call]), Reply(chunks=["It is now."])
+    )
+    response = httpx.post(
+        server.url + "/api/v1/chat/completions",
+        headers={"Authorization": f"Bearer {token}"},
+        json={
+            "model": "fake-model",
+            "messages": [{"role": "user", "content": "What time is it?"}],
+            "tools": [{"type": "function", "function": {"name": "time__get_current_time"}}],
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "It is now."
+    assert '"timezone": "UTC"' in _tool_messages(fake_llm.streamed_requests[-1])["time__get_current_time"]
+
+
+@pytest.mark.browser
+def test_the_page_shows_the_chips_of_a_servers_tools(
+    server: LiveServer, fake_llm: FakeLLM, everything: str, browser: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    from tests.test_browser import SHOTS, ask, finished, in_thread, open_chat, open_tabs
+
+    _servers(everything)
+    user = make_user(f"mcp_page_{uuid.uuid4().hex[:6]}")
+    calls = [
+        {"id": "call_t", "name": "time__get_current_time", "arguments": '{"timezone": "Asia/Tokyo"}'},
+        {"id": "call_s", "name": "everything__get-sum", "arguments": '{"a": 40, "b": 2}'},
+    ]
+    fake_llm.script(
+        Reply(chunks=["Checking. "], finish_reason="tool_calls", tool_calls=calls),
+        Reply(chunks=["It is evening in Tokyo; 40 + 2 = 42."]),
+    )
+    tabs_ = open_tabs(browser, server)
+    tabs = next(tabs_)
+    try:
+        page = tabs.new(user)
+        open_chat(page, server)
+        ask(page, "Time in Tokyo, and 40 + 2?")
+        expect(finished(page).last).to_contain_text("40 + 2 = 42")
+        chips = page.locator(".tool-chip")
+        expect(chips).to_have_count(2)
+        expect(chips.first).to_contain_text("time__get_current_time (Asia/Tokyo)")
+        expect(chips.nth(1)).to_contain_text("everything__get-sum")
+        chips.nth(1).locator("summary").click()
+        expect(chips.nth(1)).to_contain_text("The sum of 40 and 2 is 42.")
+        page.screenshot(path=str(SHOTS / "mcp-chips.png"))
+        assert in_thread(lambda: McpServer.objects.count()) == 2
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(tabs_)
+
+
+@pytest.mark.django_db(transaction=False)
+def test_servers_as_configuration_are_written_for_the_admin_and_groups_keep_a_server(settings: Any) -> None:
+    from django.contrib.auth.models import Group
+
+    from conversations.tools import mcp
+
+    ops = Group.objects.create(name="ops-team")
+    settings.CHAT_MCP_SERVERS = [
+        {
+            "name": "wiki",
+            "url": "http://127.0.0.1:9/mcp",
+            "headers": {"Authorization": "Bearer x"},
+            "groups": ["ops-team"],
+        },
+        {"name": "local_time", **TIME_SERVER, "tools": ["get_current_time"], "timeout": 4},
+        {"name": "Bad Name!", "url": "http://127.0.0.1:9/mcp"},
+    ]
+    mcp.sync_settings()
+    rows = {s.name: s for s in McpServer.objects.all()}
+    assert set(rows) == {"wiki", "local_time"} and all(s.from_settings for s in rows.values())
+    assert rows["wiki"].headers == {"Authorization": "Bearer x"} and rows["local_time"].transport == "stdio"
+    servers = {s.name: s for s in mcp._read_servers()}
+    assert (
+        servers["local_time"].tools == frozenset({"get_current_time"}) and servers["local_time"].timeout == 4
+    )
+    assert not servers["wiki"].may_offer(None, frozenset())
+    assert servers["wiki"].may_offer(None, frozenset({ops.pk}))
+    assert servers["local_time"].may_offer("any-prompt", frozenset())
