@@ -663,6 +663,50 @@ class ShareAdmin(_ShareAdminBase):
 # --- MCP servers ----------------------------------------------------------------------------
 
 
+class McpServerForm(forms.ModelForm):  # type: ignore[type-arg]
+    superuser = False  # set per request (McpServerAdmin.get_form)
+    url = forms.URLField(
+        required=False,
+        max_length=500,
+        assume_scheme="https",
+        help_text="Streamable HTTP: the server's endpoint.",
+    )
+
+    class Meta:
+        model = McpServer
+        fields = [
+            "name", "enabled", "transport", "timeout", "url", "headers", "command", "args", "env",
+            "prompts", "groups", "tools",
+        ]  # fmt: skip
+
+    def clean_name(self) -> str:
+        from .tools.mcp import SERVER_NAME
+
+        name: str = self.cleaned_data["name"]
+        if not SERVER_NAME.match(name):
+            raise ValidationError(
+                "Lowercase letters and digits, single _ between them, at most 30 characters."
+            )
+        return name
+
+    def clean(self) -> dict[str, Any]:
+        data: dict[str, Any] = super().clean() or {}
+        transport = data.get("transport")
+        if transport == McpServer.Transport.STDIO:
+            if not self.superuser:
+                raise ValidationError(
+                    "Only a superuser registers a stdio server: it runs a program on this host."
+                )
+            if not data.get("command"):
+                self.add_error("command", "A stdio server needs the program to run.")
+        elif transport == McpServer.Transport.HTTP and not data.get("url"):
+            self.add_error("url", "A streamable HTTP server needs its address.")
+        for name, kind in (("headers", dict), ("env", dict), ("args", list)):
+            if name in data and not isinstance(data[name], kind):
+                self.add_error(name, f"A JSON {'object' if kind is dict else 'list'}.")
+        return data
+
+
 @admin.register(McpServer)
 class McpServerAdmin(_McpServerAdminBase):
     """Company tools (conversations/tools/mcp.py): each server, with its
@@ -681,6 +725,24 @@ class McpServerAdmin(_McpServerAdminBase):
         ("Who may use it", {"fields": ["prompts", "groups", "tools"]}),
         ("What it answered", {"fields": ["tool_list", "listed_at", "last_error", "from_settings"]}),
     ]
+
+    form = McpServerForm
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.superuser = bool(request.user.is_superuser)  # type: ignore[attr-defined]
+        return form
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        """Staff who may only look see no header or environment (a bearer token)."""
+        fieldsets = super().get_fieldsets(request, obj)
+        if self.has_change_permission(request, obj):
+            return fieldsets
+        hidden = {"headers", "env"}
+        return [
+            (title, {**opts, "fields": [f for f in opts["fields"] if f not in hidden]})
+            for title, opts in fieldsets
+        ]
 
     @admin.display(description="answered", boolean=True)
     def answered(self, server: McpServer) -> bool | None:

@@ -387,3 +387,78 @@ def test_servers_as_configuration_are_written_for_the_admin_and_groups_keep_a_se
     assert not servers["wiki"].may_offer(None, frozenset())
     assert servers["wiki"].may_offer(None, frozenset({ops.pk}))
     assert servers["local_time"].may_offer("any-prompt", frozenset())
+
+
+def test_a_stop_during_a_call_stops_it_and_a_slow_call_ends_at_its_timeout(
+    server: LiveServer, fake_llm: FakeLLM, everything: str, sockets: contextlib.ExitStack
+) -> None:
+    _servers(everything)
+    McpServer.objects.filter(name="everything").update(timeout=3)
+    user = make_user(f"mcp_stop_{uuid.uuid4().hex[:6]}")
+    ws = open_socket(server, session_cookie(user), sockets)
+    slow = {
+        "id": "call_slow",
+        "name": "everything__trigger-long-running-operation",
+        "arguments": '{"duration": 60}',
+    }
+    # Stopped while the call runs: the answer ends at once, not after a minute.
+    fake_llm.script(Reply(chunks=["Working. "], finish_reason="tool_calls", tool_calls=[slow]))
+    ws.send(json.dumps({"type": "message.send", "content": "Run it", "client_id": str(uuid.uuid4())}))
+    delta = _until(ws, lambda f: f["type"] == "generation.delta", 30)
+    started = time.monotonic()
+    ws.send(json.dumps({"type": "generation.stop", "conversation": delta["conversation"]}))
+    seen: list[tuple[float, str]] = []
+
+    def finished(frame: dict[str, Any]) -> bool:
+        seen.append((round(time.monotonic() - started, 2), frame["type"]))
+        return bool(frame["type"] == "generation.finished")
+
+    ended = _until(ws, finished, 30)
+    assert ended["status"] == "stopped" and time.monotonic() - started < 2.5, seen
+    # Past the server's timeout: an error result the model reads, and the answer goes on.
+    fake_llm.script(
+        Reply(chunks=[], finish_reason="tool_calls", tool_calls=[{**slow, "arguments": '{"duration": 8}'}]),
+        Reply(chunks=["It took too long."]),
+    )
+    frames = _ask(ws, "Run it again", conversation=delta["conversation"])
+    assert frames[-1]["status"] == "complete"
+    result = _tool_messages(fake_llm.streamed_requests[-1])["everything__trigger-long-running-operation"]
+    assert result == "error: the tool took longer than 3 s"
+    # The session survived both: the next call is answered.
+    sums = {"id": "call_sum2", "name": "everything__get-sum", "arguments": '{"a": 1, "b": 1}'}
+    fake_llm.script(Reply(chunks=[], finish_reason="tool_calls", tool_calls=[sums]), Reply(chunks=["Two."]))
+    _ask(ws, "1 + 1?", conversation=delta["conversation"])
+    assert _tool_messages(fake_llm.streamed_requests[-1])["everything__get-sum"] == "The sum of 1 and 1 is 2."
+
+
+@pytest.mark.django_db(transaction=False)
+def test_the_admin_lets_only_a_superuser_add_a_stdio_server_and_hides_tokens_from_viewers() -> None:
+    from django.contrib.auth.models import Permission
+    from django.test import Client
+
+    staff = make_user("mcp_staff", is_staff=True)
+    staff.user_permissions.set(
+        Permission.objects.filter(codename__in=["add_mcpserver", "change_mcpserver", "view_mcpserver"])
+    )
+    client = Client()
+    client.force_login(staff)
+    form = {"name": "runner", "enabled": "on", "transport": "stdio", "timeout": "10", "command": "/bin/sh",
+            "args": '["-c", "id"]', "headers": "{}", "env": "{}", "url": "", "tools": ""}  # fmt: skip
+    refused = client.post("/admin/conversations/mcpserver/add/", form)
+    assert refused.status_code == 200 and "Only a superuser" in refused.content.decode()
+    assert not McpServer.objects.filter(name="runner").exists()
+    http = {**form, "name": "wiki", "transport": "http", "url": "http://127.0.0.1:9/mcp", "command": "",
+            "headers": '{"Authorization": "Bearer secret-token-123"}'}  # fmt: skip
+    assert client.post("/admin/conversations/mcpserver/add/", http).status_code == 302
+    bad_name = client.post("/admin/conversations/mcpserver/add/", {**http, "name": "two__parts"})
+    assert "single _ between them" in bad_name.content.decode()
+    root = make_user("mcp_root", is_staff=True, is_superuser=True)
+    client.force_login(root)
+    assert client.post("/admin/conversations/mcpserver/add/", form).status_code == 302
+    viewer = make_user("mcp_viewer", is_staff=True)
+    viewer.user_permissions.set(Permission.objects.filter(codename="view_mcpserver"))
+    client.force_login(viewer)
+    wiki = McpServer.objects.get(name="wiki")
+    page = client.get(f"/admin/conversations/mcpserver/{wiki.pk}/change/").content.decode()
+    assert "wiki" in page and "secret-token-123" not in page
+    assert "secret-token-123" not in client.get("/admin/conversations/mcpserver/").content.decode()

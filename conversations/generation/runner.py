@@ -224,10 +224,14 @@ class Generation:
         while True:
             first_seq = self.seq
             outcome = await self._read_call(rounds.offer())
+            if self.stopping:  # stopped as the call ended: its tools are not run
+                raise asyncio.CancelledError
             if not rounds.is_round(outcome.end):
                 return outcome
             assert outcome.end is not None
             await self._tool_round(rounds, outcome.end, "".join(self.sent[first_seq:]))
+            if self.stopping:  # stopped during the round (a tool that swallowed the cancellation)
+                raise asyncio.CancelledError
 
     async def _summarize(self, history: Any) -> None:
         """A long chat: fold the turns that overflow into the conversation's
@@ -276,7 +280,10 @@ class Generation:
             )
 
         context = tools.ToolContext(user_id=self.conversation.owner_id, conversation_id=self.conversation_id)
-        round_ = await toolrounds.run_round(rounds, end, text, context, on_result=show)
+        # A stop that came while a database call held the cancellation back: no call starts after it.
+        round_ = await toolrounds.run_round(
+            rounds, end, text, context, on_result=show, stopping=lambda: self.stopping
+        )
         self.tool_rounds.append(round_)
         self.messages = [*self.messages, *toolrounds.messages_of(round_)]
         try:  # kept with the answer at once: a reload shows the chips, a dead worker's answer keeps them

@@ -12,6 +12,7 @@ ready to be sent upstream again (`messages_of`) and stored with an answer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,7 @@ async def run_round(
     context: tools.ToolContext,
     *,
     on_result: Callable[[llm.ToolCall, tools.ToolResult], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> ToolRound:
     """Run the calls of one round, in order; `on_result` sees each result as
     it comes (an answer's `generation.tool` frame). The round, as stored:
@@ -71,6 +73,8 @@ async def run_round(
     "name", "summary", "ok", "arguments", "content"}]}."""
     results: list[ToolResultRecord] = []
     for call in end.tool_calls:
+        if stopping is not None and stopping():  # the answer was stopped: no more calls
+            raise asyncio.CancelledError
         result = await tools.call(call.name, call.arguments, context, tools=rounds.offered)
         if on_result is not None:
             on_result(call, result)

@@ -99,7 +99,19 @@ async def call(
     if tool is None:
         known = ", ".join(available) or "none"
         return _error(f"unknown tool {_shortened(str(name), 64)!r} (the tools are: {known})", str(name))
-    parsed = _parsed_arguments(tool, arguments)
+    try:
+        if tool.external:
+            # A server's schema is untrusted (a slow pattern): checked off the loop, in its time.
+            parsed = await asyncio.wait_for(
+                asyncio.to_thread(_parsed_arguments, tool, arguments), tool.timeout
+            )
+        else:
+            parsed = _parsed_arguments(tool, arguments)
+    except TimeoutError:
+        return _error(f"checking the arguments took longer than {tool.timeout:g} s", tool.name)
+    except Exception as exc:  # a schema that cannot be used (a $ref nowhere): the model is told
+        log.warning("Tool %s: its schema could not check the arguments: %r", tool.name, exc)
+        return _error("the tool's schema could not check the arguments", tool.name)
     if isinstance(parsed, str):
         return _error(parsed, _summary(tool.name, None))
     summary = _summary(tool.name, parsed)

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -42,7 +44,12 @@ from .base import Tool, ToolContext, ToolError
 log = logging.getLogger(__name__)
 
 SEPARATOR = "__"
-SERVER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,29}$")
+# No "__" inside: `<server>__<tool>` must split one way only.
+SERVER_NAME = re.compile(r"^(?=.{1,30}$)[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
+MAX_TOOLS_PER_SERVER = 64
+MAX_TOOLS_OFFERED = 100  # of every server together (the Chat Completions API takes 128 in all)
+MAX_SCHEMA_CHARS = 20_000  # of one tool's schema, as JSON
+RETRY_AFTER_FAILURE = 30.0  # seconds before a server whose listing failed is asked again
 
 
 @dataclass(frozen=True)
@@ -53,15 +60,15 @@ class Server:
     name: str
     transport: str
     url: str
-    headers: tuple[tuple[str, str], ...]
+    headers: tuple[tuple[str, str], ...] = field(repr=False)  # a bearer token: never in a traceback
     command: str
     args: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
+    env: tuple[tuple[str, str], ...] = field(repr=False)
     prompt_ids: frozenset[str]
     group_ids: frozenset[int]
     tools: frozenset[str] | None  # None: all of them
     timeout: float
-    version: str  # the row's updated_at: a changed row opens a new session
+    # Equal configurations are one session: a row saved without a change keeps it.
 
     def may_offer(self, prompt_id: str | None, user_groups: frozenset[int]) -> bool:
         if self.prompt_ids and prompt_id not in self.prompt_ids:
@@ -101,9 +108,22 @@ def sync_settings() -> None:
             "timeout": float(entry.get("timeout") or 10.0),
             "from_settings": True,
         }
-        row, _created = McpServer.objects.update_or_create(name=name, defaults=fields)
-        row.prompts.set(SystemPrompt.objects.filter(name__in=entry.get("prompts") or []))
-        row.groups.set(Group.objects.filter(name__in=entry.get("groups") or []))
+        row = McpServer.objects.filter(name=name).first()
+        if row is None:
+            row = McpServer.objects.create(name=name, **fields)
+        elif any(getattr(row, key) != value for key, value in fields.items()):
+            # Only a real change: every worker opens a new session for a changed server.
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.save()
+        prompts = set(
+            SystemPrompt.objects.filter(name__in=entry.get("prompts") or []).values_list("pk", flat=True)
+        )
+        if set(row.prompts.values_list("pk", flat=True)) != prompts:
+            row.prompts.set(list(SystemPrompt.objects.filter(pk__in=prompts)))
+        groups = set(Group.objects.filter(name__in=entry.get("groups") or []).values_list("pk", flat=True))
+        if set(row.groups.values_list("pk", flat=True)) != groups:
+            row.groups.set(groups)
 
 
 def _read_servers() -> list[Server]:
@@ -129,7 +149,6 @@ def _read_servers() -> list[Server]:
                 group_ids=frozenset(g.pk for g in row.groups.all()),
                 tools=frozenset(chosen) if chosen else None,
                 timeout=max(0.5, float(row.timeout or 10.0)),
-                version=row.updated_at.isoformat(),
             )
         )
     return servers
@@ -196,7 +215,7 @@ class _Session:
                 await self._stop.wait()
         except asyncio.CancelledError:
             pass
-        except BaseException as exc:  # a server's failure is reported, never raised
+        except (Exception, BaseExceptionGroup) as exc:  # a server's failure is reported, never raised
             self.error = _describe(exc)
             log.warning("MCP server %s: %s", self.server.name, self.error)
         finally:
@@ -224,8 +243,9 @@ class _Session:
     async def _notice(self, message: Any) -> None:
         """The server's notifications; a transport's failure arrives here too."""
         if isinstance(message, Exception):
-            log.warning("MCP server %s: the connection failed: %s", self.server.name, _describe(message))
-            self.close()
+            # A line or event it could not read: said, and the session kept (a dead
+            # connection ends the transport, and a call on it is opened again).
+            log.warning("MCP server %s sent what cannot be read: %s", self.server.name, _describe(message))
             return
         method = getattr(getattr(message, "root", message), "method", "")
         if method == "notifications/tools/list_changed":
@@ -257,6 +277,8 @@ class Hub:
         self._servers_at = 0.0
         self._synced = False
         self._status: dict[str, tuple[Any, str]] = {}  # what was last saved, per server
+        self._listing: dict[str, asyncio.Task[list[Tool]]] = {}  # one listing per server at a time
+        self._failed: dict[str, float] = {}  # when its listing last failed
         self._reading = asyncio.Lock()
 
     # The servers ------------------------------------------------------------
@@ -278,7 +300,13 @@ class Hub:
                     await in_database(sync_settings)()
                 except Exception:
                     log.exception("CHAT_MCP_SERVERS could not be written")
-            self._servers = await in_database(_read_servers)()
+            try:
+                self._servers = await in_database(_read_servers)()
+            except Exception:
+                log.exception(
+                    "MCP servers could not be read: none offered for %g s", settings.CHAT_MCP_CONFIG_TTL
+                )
+                self._servers = self._servers or []
             self._servers_at = now
             known = {s.name: s for s in self._servers}
             for name, session in list(self._sessions.items()):
@@ -298,8 +326,8 @@ class Hub:
             session = self._sessions[server.name] = _Session(server, self)
         return session
 
-    async def _reached(self, server: Server, wait: float) -> Any:
-        """The server's live ClientSession, waiting at most `wait` s; None if not reached."""
+    async def _reached(self, server: Server, wait: float) -> _Session | None:
+        """The server's live session, waiting at most `wait` s; None if not reached."""
         session = self._session(server)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(session.ready.wait()), wait)
@@ -307,7 +335,13 @@ class Hub:
             if session.ended.is_set():
                 self._remember(server, None, session.error or "it closed the connection")
             return None
-        return session.session
+        return session
+
+    def _drop(self, session: _Session) -> None:
+        """Close this session (only it: another caller may have opened the next one)."""
+        session.close()
+        if self._sessions.get(session.server.name) is session:
+            del self._sessions[session.server.name]
 
     def forget_tools(self, name: str) -> None:
         self._listed.pop(name, None)
@@ -315,27 +349,76 @@ class Hub:
     # Tool lists ---------------------------------------------------------------
 
     async def tools_of(self, server: Server, wait: float) -> list[Tool]:
+        """The server's tools: the list kept (fresh, its session alive), else
+        one listing shared by every answer asking meanwhile, within `wait` s;
+        a server that just failed is not asked again for a while."""
         listed = self._listed.get(server.name)
-        if listed is not None and time.monotonic() - listed.at < settings.CHAT_MCP_TOOLS_TTL:
-            if self._sessions.get(server.name) and self._sessions[server.name].alive:
-                return listed.tools
+        current = self._sessions.get(server.name)
+        fresh = listed is not None and time.monotonic() - listed.at < settings.CHAT_MCP_TOOLS_TTL
+        if fresh and listed is not None and current is not None and current.alive:
+            return listed.tools
+        recently = (
+            time.monotonic() - self._failed.get(server.name, -RETRY_AFTER_FAILURE) < RETRY_AFTER_FAILURE
+        )
+        if recently and not (current is not None and current.alive and current.session is not None):
+            return listed.tools if listed is not None else []  # failed just now, and not reached since
+        task = self._listing.get(server.name)
+        if task is None:
+            task = self._listing[server.name] = asyncio.get_running_loop().create_task(
+                self._list(server, wait)
+            )
+            task.add_done_callback(functools.partial(self._listed_done, server.name))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), wait + 0.1)
+        except TimeoutError:
+            log.warning(
+                "MCP server %s did not answer in time: its tools are left out of this answer", server.name
+            )
+            return listed.tools if listed is not None else []
+
+    def _listed_done(self, name: str, _task: asyncio.Task[list[Tool]]) -> None:
+        self._listing.pop(name, None)
+
+    async def _list(self, server: Server, wait: float) -> list[Tool]:
+        listed = self._listed.get(server.name)
+        started = time.monotonic()
         session = await self._reached(server, wait)
-        if session is None:
+        if session is None or session.session is None:
             log.warning("MCP server %s is not reached: its tools are left out", server.name)
+            self._failed[server.name] = time.monotonic()
             return listed.tools if listed is not None else []
         try:
-            found = await asyncio.wait_for(_list_all(session), server.timeout)
+            left = max(0.5, min(server.timeout, wait - (time.monotonic() - started)))
+            found = await asyncio.wait_for(_list_all(session.session), left)
         except Exception as exc:
             error = _describe(exc)
             log.warning("MCP server %s: listing its tools failed (%s): left out", server.name, error)
             self._remember(server, None, error)
-            self._session(server).close()
-            return []
-        tools = [t for t in (_tool(self, server, item) for item in found) if t is not None]
+            self._failed[server.name] = time.monotonic()
+            if _broken(exc):
+                self._drop(session)
+            return listed.tools if listed is not None else []
+        self._failed.pop(server.name, None)
+        tools: list[Tool] = []
+        seen: set[str] = set()
+        for item in found:
+            tool = _tool(self, server, item)
+            if tool is None or tool.name in seen:
+                continue  # not chosen, unusable, or a name it listed twice
+            if len(tools) >= MAX_TOOLS_PER_SERVER:
+                log.warning(
+                    "MCP server %s lists more than %d tools: the rest are left out", server.name, len(tools)
+                )
+                break
+            seen.add(tool.name)
+            tools.append(tool)
         self._listed[server.name] = _Listed(tools, time.monotonic())
         self._remember(
             server,
-            [{"name": item.name, "description": (item.description or "")[:300]} for item in found],
+            [
+                {"name": str(item.name)[:200], "description": (item.description or "")[:300]}
+                for item in found[:200]
+            ],
             "",
         )
         return tools
@@ -367,28 +450,48 @@ class Hub:
             if isinstance(found, BaseException):
                 log.warning("MCP server %s: %s: left out", server.name, _describe(found))
                 continue
-            offered += found
+            room = MAX_TOOLS_OFFERED - len(offered)
+            if len(found) > room:
+                log.warning(
+                    "More than %d MCP tools: %s's last ones are left out", MAX_TOOLS_OFFERED, server.name
+                )
+            offered += found[: max(0, room)]
         return offered
 
     # Calls ------------------------------------------------------------------------
 
-    async def call(self, server: Server, tool_name: str, arguments: dict[str, Any]) -> str:
-        """One call; a session that broke is opened again and the call tried once more."""
+    async def call(self, listed_with: Server, tool_name: str, arguments: dict[str, Any]) -> str:
+        """One call, on the server as it is configured now (a tool keeps the
+        configuration it was listed with); a session that broke is opened again
+        and the call tried once more."""
+        server = next((s for s in self._servers or () if s.name == listed_with.name), None)
+        if server is None:
+            raise ToolError(f"the {listed_with.name} server is no longer offered")
         for attempt in (1, 2):
             session = await self._reached(server, server.timeout)
-            if session is None:
+            if session is None or session.session is None:
                 raise ToolError(f"the {server.name} server cannot be reached")
+            # In a task of its own: a stop (or the timeout) ends the wait at once, while
+            # the SDK tells the server the call is cancelled in the background.
+            running = asyncio.ensure_future(session.session.call_tool(tool_name, arguments))
             try:
-                result = await session.call_tool(tool_name, arguments)
-            except (asyncio.CancelledError, TimeoutError):
+                result = await asyncio.shield(running)
+            except asyncio.CancelledError:
+                running.cancel()
+                _abandoned.add(running)
+                running.add_done_callback(_forget)
+                raise
+            except TimeoutError:
                 raise
             except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # a stop the SDK turned into an error
+                    raise asyncio.CancelledError from exc
                 if attempt == 1 and _broken(exc):
                     log.warning(
                         "MCP server %s: the session broke (%s): opening it again", server.name, _describe(exc)
                     )
-                    self._session(server).close()
-                    self._sessions.pop(server.name, None)
+                    self._drop(session)
                     continue
                 raise ToolError(f"the {server.name} server failed: {_describe(exc)}") from None
             return _result_text(result)
@@ -402,6 +505,13 @@ class Hub:
 
 
 _pending: set[asyncio.Task[None]] = set()
+_abandoned: set[asyncio.Future[Any]] = set()  # cancelled calls, kept until the SDK is done with them
+
+
+def _forget(call: asyncio.Future[Any]) -> None:
+    _abandoned.discard(call)
+    if not call.cancelled():
+        call.exception()  # retrieved: never "exception was never retrieved"
 
 
 async def _saved(server: Server, tools: list[dict[str, Any]] | None, error: str) -> None:
@@ -446,6 +556,10 @@ def _tool(hub: Hub, server: Server, item: Any) -> Tool | None:
     schema = item.input_schema if isinstance(item.input_schema, dict) else {}
     if schema.get("type") != "object":
         schema = {"type": "object", "properties": {}}
+    if len(json.dumps(schema, default=str)) > MAX_SCHEMA_CHARS:
+        log.warning("MCP server %s: tool %r left out: its schema is larger than %d characters",
+                    server.name, str(item.name)[:64], MAX_SCHEMA_CHARS)  # fmt: skip
+        return None
 
     async def run(context: ToolContext, arguments: dict[str, Any]) -> str:
         return await hub.call(server, item.name, arguments)
@@ -468,10 +582,14 @@ def _tool(hub: Hub, server: Server, item: Any) -> Tool | None:
 def _result_text(result: Any) -> str:
     """What the model reads of a result: its text; other content named, never dropped silently."""
     parts: list[str] = []
-    for item in result.content or ():
+    room = settings.CHAT_MCP_RESULT_CHARS * 2 + 1000  # kept before the cut is made (and said)
+    for item in list(result.content or ())[:100]:
+        if sum(len(p) for p in parts) > room:
+            parts.append("[more content left out]")
+            break
         kind = getattr(item, "type", "")
         if kind == "text":
-            parts.append(item.text)
+            parts.append(item.text[:room])
         elif kind in ("image", "audio"):
             size = len(getattr(item, "data", "") or "") * 3 // 4
             what = "an image" if kind == "image" else "audio"
@@ -498,14 +616,14 @@ def _result_text(result: Any) -> str:
 
 # --- One hub per event loop -----------------------------------------------------------------
 
-_hubs: dict[int, Hub] = {}
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
 
 
 def hub() -> Hub:
     loop = asyncio.get_running_loop()
-    found = _hubs.get(id(loop))
+    found = _hubs.get(loop)
     if found is None:
-        found = _hubs[id(loop)] = Hub()
+        found = _hubs[loop] = Hub()
     return found
 
 

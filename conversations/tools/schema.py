@@ -137,8 +137,10 @@ def check_json_schema(schema: dict[str, Any], where: str) -> None:
 def json_schema_problem(schema: dict[str, Any], value: Any) -> str | None:
     """What is wrong with `value` against an MCP tool's JSON Schema, or None."""
     import jsonschema
+    from referencing import Registry
 
-    validator = jsonschema.validators.validator_for(schema)(schema)
+    # An empty registry: a `$ref` to anywhere outside the schema is never fetched.
+    validator = jsonschema.validators.validator_for(schema)(schema, registry=Registry())
     error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     if error is None:
         return None
