@@ -125,6 +125,7 @@ class Generation:
         self.checkpointed = 0  # the seq the database has
         self.last_frame = 0.0
         self.stopping = False
+        self._stopped = asyncio.Event()  # set with `stopping`: a tool round waits on it too
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0  # when the timer should fire (loop time)
         self._reader: asyncio.Task[_Outcome] | None = None
@@ -144,6 +145,7 @@ class Generation:
         if self.stopping:
             return
         self.stopping = True
+        self._stopped.set()
         if self._reader is not None:
             self._reader.cancel()  # closes the upstream HTTP stream
 
@@ -280,10 +282,21 @@ class Generation:
             )
 
         context = tools.ToolContext(user_id=self.conversation.owner_id, conversation_id=self.conversation_id)
-        # A stop that came while a database call held the cancellation back: no call starts after it.
-        round_ = await toolrounds.run_round(
-            rounds, end, text, context, on_result=show, stopping=lambda: self.stopping
+        # The round and the stop, whichever comes first: a cancellation can be held back (a
+        # database call, asyncio.wait_for in Python 3.11), the stop's event cannot.
+        running = asyncio.ensure_future(
+            toolrounds.run_round(rounds, end, text, context, on_result=show, stopping=lambda: self.stopping)
         )
+        stop = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({running, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not running.done():
+                running.cancel()  # a stop (or this task's own cancellation): the calls end here
+        if not running.done() or running.cancelled():
+            raise asyncio.CancelledError
+        round_ = running.result()
         self.tool_rounds.append(round_)
         self.messages = [*self.messages, *toolrounds.messages_of(round_)]
         try:  # kept with the answer at once: a reload shows the chips, a dead worker's answer keeps them
