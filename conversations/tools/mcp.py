@@ -280,6 +280,7 @@ class Hub:
         self._listing: dict[str, asyncio.Task[list[Tool]]] = {}  # one listing per server at a time
         self._failed: dict[str, float] = {}  # when its listing last failed
         self._reading = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None
 
     # The servers ------------------------------------------------------------
 
@@ -288,11 +289,22 @@ class Hub:
         return self._servers is not None and age <= settings.CHAT_MCP_CONFIG_TTL
 
     async def servers(self) -> list[Server]:
+        """The enabled servers. Past CHAT_MCP_CONFIG_TTL the rows as last read
+        are used while they are read again in the background: a burst of
+        answers never queues behind that read (only the worker's first does)."""
         if self._fresh():
             return self._servers or []
-        async with self._reading:  # a burst of answers reads the rows once
+        if self._servers is not None and settings.CHAT_MCP_CONFIG_TTL > 0:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+            return self._servers
+        await self._refresh()
+        return self._servers or []
+
+    async def _refresh(self) -> None:
+        async with self._reading:  # read once, however many ask
             if self._fresh():
-                return self._servers or []
+                return
             now = time.monotonic()
             if not self._synced:
                 self._synced = True
@@ -314,7 +326,6 @@ class Hub:
                     session.close()
                     del self._sessions[name]
                     self._listed.pop(name, None)
-        return self._servers
 
     # Sessions ---------------------------------------------------------------
 
