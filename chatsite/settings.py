@@ -426,3 +426,6 @@ CHAT_MCP_CONFIG_TTL = env.float("CHAT_MCP_CONFIG_TTL", default=5.0)  # seconds t
 # How long an answer waits for a server it has not reached yet (its tools are left out after).
 CHAT_MCP_CONNECT_WAIT = env.float("CHAT_MCP_CONNECT_WAIT", default=3.0)
 CHAT_MCP_RESULT_CHARS = env.int("CHAT_MCP_RESULT_CHARS", default=8000)  # of a result sent to the model
+# The largest message a server may send (a JSON body, an SSE event, a stdio line): a
+# larger one is not read, and the call it answers fails at once.
+CHAT_MCP_MESSAGE_BYTES = env.int("CHAT_MCP_MESSAGE_BYTES", default=4 * 1024 * 1024)

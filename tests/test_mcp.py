@@ -38,6 +38,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 EVERYTHING = Path(__file__).parent / "mcp" / "node_modules" / "@modelcontextprotocol" / "server-everything"
 TIME_SERVER = {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"]}
+HOSTILE = Path(__file__).parent / "mcp_hostile.py"
+MESSAGE_BYTES = 200_000  # CHAT_MCP_MESSAGE_BYTES of the module's worker
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -100,6 +102,19 @@ def hanging() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def hostile_http() -> Iterator[str]:
+    """tests/mcp_hostile.py over HTTP: its /mcp address."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(HOSTILE), "http", str(port)], start_new_session=True)
+    try:
+        _wait_for_port(port, process)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
 def server(
     django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
 ) -> Iterator[LiveServer]:
@@ -112,6 +127,7 @@ def server(
         CHAT_MCP_CONFIG_TTL="0",  # each answer reads the servers' rows: a test's changes count at once
         CHAT_MCP_CONNECT_WAIT="6",  # a stdio server's first start (Python, the SDK) takes seconds here
         CHAT_MCP_RESULT_CHARS="600",
+        CHAT_MCP_MESSAGE_BYTES=str(MESSAGE_BYTES),
     ) as live:
         yield live
 
@@ -192,16 +208,30 @@ def test_the_model_calls_a_stdio_and_an_http_servers_tools_and_reads_their_real_
 
 
 def _children(parent: int, marker: str) -> list[int]:
-    found = []
+    """The processes under `parent` running `marker`: the servers themselves,
+    not the guards between them and the worker."""
+    parents: dict[int, int] = {}
+    lines: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, StopIteration):
             status = (entry / "status").read_text()
-            ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-            if ppid == parent and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                found.append(int(entry.name))
-    return found
+            parents[int(entry.name)] = int(
+                next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+            )
+            lines[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+
+    def under(pid: int) -> bool:
+        while pid in parents and pid != parent:
+            pid = parents[pid]
+        return pid == parent
+
+    return [
+        pid
+        for pid, line in lines.items()
+        if pid != parent and marker in line and "mcp_stdio_guard" not in line and under(pid)
+    ]
 
 
 def test_a_stdio_server_killed_between_two_answers_is_started_again(
@@ -250,6 +280,59 @@ def test_an_unreachable_or_hanging_server_leaves_the_answer_complete_with_the_ot
     while time.monotonic() < deadline and McpServer.objects.filter(name="down", last_error="").exists():
         time.sleep(0.1)
     assert McpServer.objects.get(name="down").last_error  # the admin says why
+
+
+def test_a_server_answering_with_too_much_fails_that_call_at_once_and_keeps_its_session(
+    server: LiveServer, fake_llm: FakeLLM, hostile_http: str, sockets: contextlib.ExitStack
+) -> None:
+    """A line of 30 MB (stdio), a body of 30 MB with or without its length
+    (HTTP): never read whole (CHAT_MCP_MESSAGE_BYTES), each an error result
+    at once, not at the call's timeout; the next calls on the same sessions
+    work."""
+    McpServer.objects.create(
+        name="flood_stdio",
+        transport="stdio",
+        command=sys.executable,
+        args=[str(HOSTILE), "stdio"],
+        timeout=30,
+    )
+    McpServer.objects.create(name="flood_http", transport="http", url=hostile_http, timeout=30)
+    size = 30_000_000
+    floods = [
+        {"id": "c_stdio", "name": "flood_stdio__flood", "arguments": json.dumps({"size": size})},
+        {"id": "c_http", "name": "flood_http__flood", "arguments": json.dumps({"size": size})},
+        {
+            "id": "c_chunked",
+            "name": "flood_http__flood",
+            "arguments": json.dumps({"size": size, "declare": False}),
+        },
+        {"id": "c_fits", "name": "flood_http__flood", "arguments": json.dumps({"size": 1000})},
+    ]
+    echoes = [
+        {"id": "e_stdio", "name": "flood_stdio__echo", "arguments": '{"message": "still here"}'},
+        {"id": "e_http", "name": "flood_http__echo", "arguments": '{"message": "still here"}'},
+    ]
+    fake_llm.script(
+        Reply(chunks=[], finish_reason="tool_calls", tool_calls=floods),
+        Reply(chunks=[], finish_reason="tool_calls", tool_calls=echoes),
+        Reply(chunks=["Done."]),
+    )
+    user = make_user(f"mcp_flood_{uuid.uuid4().hex[:6]}")
+    ws = open_socket(server, session_cookie(user), sockets)
+    started = time.monotonic()
+    frames = _ask(ws, "Flood me")
+    assert frames[-1]["status"] == "complete"
+    assert time.monotonic() - started < 20  # the calls' timeout is 30 s
+    results = {
+        m["tool_call_id"]: m["content"]
+        for m in fake_llm.streamed_requests[-1].body["messages"]
+        if m["role"] == "tool"
+    }
+    for call in ("c_stdio", "c_http", "c_chunked"):
+        assert results[call].startswith("error: the flood_"), results[call][:300]
+        assert f"{MESSAGE_BYTES:,}" in results[call] and results[call].endswith("not read")
+    assert results["c_fits"].startswith("xxx")  # cut to CHAT_MCP_RESULT_CHARS, as any result
+    assert results["e_stdio"] == results["e_http"] == "echo: still here"
 
 
 def test_a_server_kept_to_a_prompt_is_offered_with_that_prompt_only(

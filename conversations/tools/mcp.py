@@ -29,12 +29,16 @@ import functools
 import json
 import logging
 import re
+import shutil
+import sys
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx2
 from django.conf import settings
 from django.utils import timezone
 
@@ -50,6 +54,7 @@ MAX_TOOLS_PER_SERVER = 64
 MAX_TOOLS_OFFERED = 100  # of every server together (the Chat Completions API takes 128 in all)
 MAX_SCHEMA_CHARS = 20_000  # of one tool's schema, as JSON
 RETRY_AFTER_FAILURE = 30.0  # seconds before a server whose listing failed is asked again
+GUARD = Path(__file__).with_name("mcp_stdio_guard.py")  # a stdio server's lines, bounded
 
 
 @dataclass(frozen=True)
@@ -225,20 +230,31 @@ class _Session:
 
     def _transport(self) -> Any:
         server = self.server
+        limit = settings.CHAT_MCP_MESSAGE_BYTES
         if server.transport == "stdio":
-            from mcp.client.stdio import StdioServerParameters, stdio_client
+            from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
 
+            env = dict(server.env)
+            path = env.get("PATH") or get_default_environment().get("PATH")
+            if shutil.which(server.command, path=path) is None:
+                raise FileNotFoundError(f"no program {server.command!r} to run")
+            # Its lines pass through the guard, none longer than the limit.
             params = StdioServerParameters(
-                command=server.command, args=list(server.args), env=dict(server.env)
+                command=sys.executable,
+                args=[str(GUARD), str(limit), "--", server.command, *server.args],
+                env=env,
             )
             return stdio_client(params)  # its stderr: the worker's
-        import httpx2
         from mcp.client.streamable_http import streamable_http_client
 
         client = httpx2.AsyncClient(
-            headers=dict(server.headers), timeout=httpx2.Timeout(server.timeout, read=300.0)
+            headers=dict(server.headers),
+            timeout=httpx2.Timeout(server.timeout, read=300.0),
+            event_hooks={"response": [functools.partial(_bound_body, limit=limit)]},
         )
-        return _with_client(client, streamable_http_client(server.url, http_client=client))
+        return _with_client(
+            client, streamable_http_client(server.url, http_client=client, max_sse_event_size=limit)
+        )
 
     async def _notice(self, message: Any) -> None:
         """The server's notifications; a transport's failure arrives here too."""
@@ -250,6 +266,50 @@ class _Session:
         method = getattr(getattr(message, "root", message), "method", "")
         if method == "notifications/tools/list_changed":
             self.hub.forget_tools(self.server.name)
+
+
+class MessageTooLarge(httpx2.StreamError):
+    """A server's answer over CHAT_MCP_MESSAGE_BYTES. The SDK takes a stream
+    error as the answer to its request: that request fails at once, the
+    session goes on."""
+
+
+async def _bound_body(response: httpx2.Response, *, limit: int) -> None:
+    """An HTTP server's answer read up to `limit` bytes, never more: the SDK
+    bounds an SSE event (`max_sse_event_size`) but reads a JSON body whole."""
+    if response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+        return
+    stream = response.stream
+
+    async def bounded() -> AsyncGenerator[bytes, None]:
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise MessageTooLarge(
+                f"the server's answer has {int(declared):,} bytes, more than {limit:,}: not read"
+            )
+        read = 0
+        async for chunk in stream:  # type: ignore[union-attr]  # an async byte stream
+            read += len(chunk)
+            if read > limit:
+                raise MessageTooLarge(f"the server's answer was larger than {limit:,} bytes: not read")
+            yield chunk
+
+    response.stream = _Stream(bounded(), stream)
+
+
+class _Stream(httpx2.AsyncByteStream):
+    """An async byte stream made of a generator; closing it closes the original."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], original: Any) -> None:
+        self._chunks = chunks
+        self._original = original
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks.__aiter__()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+        await self._original.aclose()
 
 
 @contextlib.asynccontextmanager
