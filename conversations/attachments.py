@@ -127,12 +127,13 @@ def attach(question: Message, files: Sequence[File]) -> None:
         Attachment.objects.bulk_create([Attachment(message=question, file=f) for f in files])
 
 
-def cut_note(record: AttachmentRecord) -> str:
-    """What a person and the model are told of a cut file ("" when read whole)."""
+def cut_note(record: AttachmentRecord, files: str = "the message's files") -> str:
+    """What a person and the model are told of a cut file ("" when read
+    whole); `files`: whose room it shared (a project's files have their own)."""
     if record["read_tokens"] >= record["tokens"]:
         return ""
     if record["read_tokens"] == 0:
-        return f"None of {record['filename']} was read: the message's files had used up their room."
+        return f"None of {record['filename']} was read: {files} had used up their room."
     return f"Only the first {record['read_tokens']:,} of {record['tokens']:,} tokens were read."
 
 

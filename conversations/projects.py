@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
@@ -28,8 +28,8 @@ from django.db.models.functions import Substr
 
 from files.models import File
 
-from . import inputs, refusals
-from .attachments import CHARS_PER_TOKEN, FILE_HEADING, cut_text
+from . import attachments, inputs, refusals
+from .attachments import CHARS_PER_TOKEN, FILE_HEADING, AttachmentRecord, cut_text
 from .models import ChatModel, Conversation, Project, ProjectFile, SystemPrompt
 
 if TYPE_CHECKING:
@@ -40,13 +40,8 @@ if TYPE_CHECKING:
 MAX_NAME_CHARS = 100
 
 
-class ProjectFileRecord(TypedDict):
-    id: str
-    filename: str
-    bytes: int
-    content_type: str
-    tokens: int
-    read_tokens: int  # what a chat in the project reads of it
+# A project's file as its chats read it: the same record as a question's file.
+ProjectFileRecord = AttachmentRecord
 
 
 def own(user: User, project_id: Any) -> Project:
@@ -293,11 +288,7 @@ def file_records(project: Project, files: list[File] | None = None) -> list[Proj
 
 
 def cut_note(record: ProjectFileRecord) -> str:
-    if record["read_tokens"] >= record["tokens"]:
-        return ""
-    if record["read_tokens"] == 0:
-        return f"None of {record['filename']} was read: the project's files had used up their room."
-    return f"Only the first {record['read_tokens']:,} of {record['tokens']:,} tokens were read."
+    return attachments.cut_note(record, "the project's files")
 
 
 def context(project: Project) -> list[ChatMessage]:
