@@ -207,9 +207,8 @@ def test_the_model_calls_a_stdio_and_an_http_servers_tools_and_reads_their_real_
     assert "get_current_time" in listed["time"] and "get-sum" in listed["everything"]
 
 
-def _children(parent: int, marker: str) -> list[int]:
-    """The processes under `parent` running `marker`: the servers themselves,
-    not the guards between them and the worker."""
+def _under(parent: int) -> dict[int, str]:
+    """The processes under `parent`, at any depth, by pid: their command lines."""
     parents: dict[int, int] = {}
     lines: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
@@ -222,16 +221,18 @@ def _children(parent: int, marker: str) -> list[int]:
             )
             lines[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
 
-    def under(pid: int) -> bool:
+    def below(pid: int) -> bool:
         while pid in parents and pid != parent:
             pid = parents[pid]
         return pid == parent
 
-    return [
-        pid
-        for pid, line in lines.items()
-        if pid != parent and marker in line and "mcp_stdio_guard" not in line and under(pid)
-    ]
+    return {pid: line for pid, line in lines.items() if pid != parent and below(pid)}
+
+
+def _children(parent: int, marker: str) -> list[int]:
+    """The processes under `parent` running `marker`: the servers themselves,
+    not the guards between them and the worker."""
+    return [pid for pid, line in _under(parent).items() if marker in line and "mcp_stdio_guard" not in line]
 
 
 def test_a_stdio_server_killed_between_two_answers_is_started_again(
@@ -254,6 +255,38 @@ def test_a_stdio_server_killed_between_two_answers_is_started_again(
         running = _children(server.process.pid, "mcp_server_time")
         assert len(running) == 1, running
         os.kill(running[0], signal.SIGKILL)  # between two answers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return False
+    state = next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
+    return state not in ("Z", "X")  # a zombie nobody reaped is gone too
+
+
+@pytest.mark.parametrize("end", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stdio_server_ends_with_its_worker(
+    django_db_setup: None, fake_llm_server: FakeLLM, tmp_path: Path, end: signal.Signals
+) -> None:
+    """A worker stopped (a deploy) or killed leaves no server behind: the
+    server reads the end of its stdin."""
+    McpServer.objects.create(name="time", transport="stdio", **TIME_SERVER, timeout=15)
+    with run_daphne(database_url(), fake_llm_server.base_url, tmp_path / "daphne.log") as live:
+        deadline = time.monotonic() + 30
+        running: list[int] = []
+        while time.monotonic() < deadline and not running:  # started at the worker's start
+            running = _children(live.process.pid, "mcp_server_time")
+            time.sleep(0.05)
+        guards = [pid for pid, line in _under(live.process.pid).items() if "mcp_stdio_guard" in line]
+        assert len(running) == 1 and len(guards) == 1, (running, guards)
+        live.process.send_signal(end)
+        live.process.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in running + guards):
+            time.sleep(0.05)
+        assert not [pid for pid in running + guards if _alive(pid)]
 
 
 def test_an_unreachable_or_hanging_server_leaves_the_answer_complete_with_the_others(
