@@ -5,21 +5,30 @@ updates it (the address stays); deleting the link revokes it."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
+import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Sum
 
 from files.models import File
+from files.uploads import storage_limit
 
 from . import refusals
-from .models import Conversation, Message, Share
+from .database import update_each
+from .models import Attachment, Conversation, Message, Share
 from .selectors import conversation_for_user
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
+
+log = logging.getLogger(__name__)
 
 MODES = ("off", "members", "public")
 
@@ -126,34 +135,99 @@ def shared_file(link: Share, file_id: Any) -> File:
 
 def copy_for(link: Share, viewer: User) -> Conversation:
     """'Continue in your own chat': the shared messages as a new conversation
-    of the viewer's, with the owner's system prompt text. The files stay the
-    owner's: a copied question names them, and the model is told so."""
-    with transaction.atomic():
-        copy = Conversation.objects.create(
-            owner=viewer,
-            title=f"{link.title} (shared)"[:200],
-            prompt_text=link.prompt_text,  # as shared, like its messages
-            model=link.model,
-        )
-        rows = []
-        for item in link.messages:
-            content = item["content"]
-            names = [record["filename"] for record in item.get("attachments") or ()]
-            if names:
-                content = (content + "\n\n" if content else "") + f"(Shared with files: {', '.join(names)})"
-            rows.append(
-                Message(
-                    conversation=copy,
-                    role=item["role"],
-                    content=content,
-                    model=item.get("model") or "",
-                    status=item.get("status") or Message.Status.COMPLETE,
+    of the viewer's, with the owner's system prompt text. The shared files
+    are copied into the viewer's files, as many as their storage holds (the
+    model reads them as in the original); a question whose file could not be
+    copied names it instead."""
+    saved: list[File] = []
+    try:
+        with transaction.atomic():
+            # One copy or upload of the viewer's at a time decides the storage left.
+            get_user_model().objects.select_for_update().filter(pk=viewer.pk).exists()
+            copies = _copy_files(link, viewer, saved)
+            copy = Conversation.objects.create(
+                owner=viewer,
+                title=f"{link.title} (shared)"[:200],
+                prompt_text=link.prompt_text,  # as shared, like its messages
+                model=link.model,
+            )
+            rows = []
+            for item in link.messages:
+                content = item["content"]
+                records = item.get("attachments") or []
+                kept = [{**r, "id": str(copies[str(r["id"])].pk)} for r in records if str(r["id"]) in copies]
+                names = [r["filename"] for r in records if str(r["id"]) not in copies]
+                if names:
+                    content = (
+                        content + "\n\n" if content else ""
+                    ) + f"(Shared with files: {', '.join(names)})"
+                rows.append(
+                    Message(
+                        conversation=copy,
+                        role=item["role"],
+                        content=content,
+                        model=item.get("model") or "",
+                        status=item.get("status") or Message.Status.COMPLETE,
+                        attachments=kept or None,
+                    )
                 )
+            made = Message.objects.bulk_create(rows)
+            Attachment.objects.bulk_create(
+                Attachment(message=message, file_id=record["id"])
+                for message in made
+                for record in message.attachments or ()
             )
-        made = Message.objects.bulk_create(rows)
-        # One after another, as they were (bulk_create stamps them all at once).
-        for index, message in enumerate(made):
-            Message.objects.filter(pk=message.pk).update(
-                created_at=copy.created_at + timedelta(microseconds=index)
+            # One after another, as they were (bulk_create stamps them all at once).
+            update_each(
+                Message,
+                ["created_at"],
+                [(message.pk, copy.created_at + timedelta(microseconds=i)) for i, message in enumerate(made)],
             )
+    except BaseException:
+        for row in saved:  # the copied bytes of a copy that was not made
+            with contextlib.suppress(Exception):
+                row.blob.delete(save=False)
+        raise
     return copy
+
+
+def _copy_files(link: Share, viewer: User, saved: list[File]) -> dict[str, File]:
+    """The shared messages' files, copied into the viewer's within their
+    storage limit, by the original's id (one deleted since, or whose bytes
+    are gone, is not copied). Each copy's stored bytes are added to `saved`."""
+    wanted = list(
+        dict.fromkeys(str(r["id"]) for item in link.messages for r in item.get("attachments") or ())
+    )
+    if not wanted:
+        return {}
+    originals = {
+        str(f.pk): f for f in File.objects.filter(pk__in=wanted, owner_id=link.conversation.owner_id)
+    }
+    used = File.objects.filter(owner=viewer).aggregate(total=Sum("bytes"))["total"] or 0
+    room = storage_limit(viewer) - used
+    copies: dict[str, File] = {}
+    for file_id in wanted:
+        original = originals.get(file_id)
+        if original is None or original.bytes > room:
+            continue
+        copy = File(
+            id=uuid.uuid4(),
+            owner=viewer,
+            filename=original.filename,
+            content_type=original.content_type,
+            kind=original.kind,
+            bytes=original.bytes,
+            text=original.text,
+            tokens=original.tokens,
+        )
+        try:
+            with original.blob.open("rb") as source:
+                copy.blob.save(original.filename, source, save=False)
+        except OSError:
+            log.warning("shared file %s: its bytes could not be read; not copied", original.pk)
+            continue
+        saved.append(copy)
+        room -= original.bytes
+        copies[file_id] = copy
+    File.objects.bulk_create(copies.values())
+    return copies

@@ -7,6 +7,8 @@ through the link, and "continue" copies the chat into the reader's own."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import uuid
 from collections.abc import Iterator
@@ -21,7 +23,9 @@ from conversations.models import Attachment, Conversation, Message, Share
 from files.models import File
 from tests.conftest import LiveServer, database_url, run_daphne
 from tests.factories import make_user, session_cookie
-from tests.fake_llm import FakeLLM
+from tests.fake_llm import FakeLLM, Reply
+from tests.test_attacks import _until
+from tests.test_security import open_socket
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -123,8 +127,8 @@ def test_the_api_shares_updates_and_revokes(daphne_server: LiveServer) -> None:
     assert api.delete(path).status_code == 404
 
 
-def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat(
-    daphne_server: LiveServer,
+def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat_and_its_files(
+    daphne_server: LiveServer, fake_llm: FakeLLM
 ) -> None:
     owner, reader = make_user("share_files"), make_user("share_files_reader")
     conversation = _chat(owner)
@@ -136,6 +140,11 @@ def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat(
         owner=owner, filename="secret.txt", content_type="text/plain", kind="text", bytes=6, text="secret"
     )
     secret.blob.save(f"files/{owner.pk}/{secret.pk.hex}", _content(b"secret"), save=True)
+    # More than the reader may store (its bytes as recorded): named in the copy, not copied.
+    huge = File.objects.create(
+        owner=owner, filename="huge.log", content_type="text/plain", kind="text", bytes=10**12, text="big"
+    )
+    huge.blob.save(f"files/{owner.pk}/{huge.pk.hex}", _content(b"big"), save=True)
     record = {
         "id": str(notes.pk),
         "filename": "plan.txt",
@@ -144,10 +153,12 @@ def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat(
         "tokens": 2,
         "read_tokens": 2,
     }
+    huge_record = {**record, "id": str(huge.pk), "filename": "huge.log", "bytes": 10**12}
     question = Message.objects.create(
-        conversation=conversation, role="user", content="Read this", attachments=[record]
+        conversation=conversation, role="user", content="Read this", attachments=[record, huge_record]
     )
     Attachment.objects.create(message=question, file=notes)
+    Attachment.objects.create(message=question, file=huge)
     Message.objects.create(conversation=conversation, role="assistant", content="It says: the plan.")
     token = _post(_browser(daphne_server, owner), f"/c/{conversation.pk}/share/", json={}).json()["token"]
     theirs = _browser(daphne_server, reader)
@@ -169,10 +180,36 @@ def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat(
     assert copy.owner == reader and copy.title == "Release plan (shared)"
     rows = list(copy.messages.order_by("created_at").values_list("role", "content"))
     assert rows == [
-        ("user", "Read this\n\n(Shared with files: plan.txt)"),
+        ("user", "Read this\n\n(Shared with files: huge.log)"),
         ("assistant", "It says: the plan."),
     ]
-    assert not Attachment.objects.filter(message__conversation=copy).exists()  # the files stay the owner's
+    # plan.txt is the reader's own now: a file of theirs, the copied question holds it.
+    copied_file = File.objects.get(owner=reader)
+    assert (copied_file.filename, copied_file.text, copied_file.bytes) == ("plan.txt", "the plan", 9)
+    held = copy.messages.get(role="user")
+    assert held.attachments == [{**record, "id": str(copied_file.pk)}]
+    assert list(Attachment.objects.filter(message__conversation=copy).values_list("file", flat=True)) == [
+        copied_file.pk
+    ]
+    assert theirs.get(f"/files/{copied_file.pk}/").content == b"the plan!"
+    assert File.objects.filter(owner=owner).count() == 3  # the owner's stay theirs
+    # Carried on, the model reads the copied file as it did in the original.
+    fake_llm.script(Reply(chunks=["Still Tuesday."]))
+    with contextlib.ExitStack() as sockets:
+        ws = open_socket(daphne_server, session_cookie(reader), sockets)
+        ws.send(
+            json.dumps(
+                {
+                    "type": "message.send",
+                    "conversation": str(copy.pk),
+                    "content": "And then?",
+                    "client_id": str(uuid.uuid4()),
+                }
+            )
+        )
+        _until(ws, lambda frame: frame["type"] == "generation.finished", 30)
+    sent = json.dumps(fake_llm.streamed_requests[-1].body["messages"])
+    assert "the plan" in sent and "big" not in sent
 
 
 def _content(data: bytes) -> Any:
