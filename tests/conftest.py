@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -240,6 +240,25 @@ def run_daphne(
         except subprocess.TimeoutExpired:
             process.kill()
         log_file.close()
+
+
+def module_server(name: str, doc: str = "", **env: str) -> Any:
+    """A fixture: a module's own daphne (`run_daphne` on the test database,
+    the fake model as its endpoint) with `env` on top, for the module's
+    tests. `server = module_server("projects", CHAT_X="1")` names it."""
+
+    @pytest.fixture(scope="module")
+    def fixture(
+        django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
+    ) -> Iterator[LiveServer]:
+        with django_db_blocker.unblock():
+            db_url = database_url()
+        log_path = tmp_path_factory.mktemp(name) / "daphne.log"
+        with run_daphne(db_url, fake_llm_server.base_url, log_path, **cast(Any, env)) as live:  # not `probe`
+            yield live
+
+    fixture.__doc__ = doc or f"daphne with {env}"
+    return fixture
 
 
 @pytest.fixture(scope="session")

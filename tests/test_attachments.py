@@ -15,7 +15,6 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from django.utils import timezone
 from api import tokens
 from conversations.models import Attachment, ChatModel, Conversation, Message, TokenUsage
 from files.models import File
-from tests.conftest import LiveServer, database_url, run_daphne
+from tests.conftest import LiveServer, module_server
 from tests.factories import make_user, session_cookie
 from tests.fake_llm import FakeLLM, Reply
 from tests.test_attacks import _until
@@ -41,21 +40,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 CONTEXT_TOKENS = 400  # of a message's files, on this module's server
 
 
-@pytest.fixture(scope="module")
-def server(
-    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
-) -> Iterator[LiveServer]:
-    with django_db_blocker.unblock():
-        db_url = database_url()
-    with run_daphne(
-        db_url,
-        fake_llm_server.base_url,
-        tmp_path_factory.mktemp("attachments") / "daphne.log",
-        CHAT_FILE_CONTEXT_TOKENS=str(CONTEXT_TOKENS),
-        CHAT_FILE_MAX_PER_MESSAGE="4",
-        OPENAI_VISION_MODELS="eyes-model",
-    ) as live:
-        yield live
+server = module_server(
+    "attachments",
+    CHAT_FILE_CONTEXT_TOKENS=str(CONTEXT_TOKENS),
+    CHAT_FILE_MAX_PER_MESSAGE="4",
+    OPENAI_VISION_MODELS="eyes-model",
+)
 
 
 def _person(name: str) -> tuple[Any, str]:

@@ -44,7 +44,7 @@ from conversations import refusals
 from conversations.generation import fanout, identity, recovery, runner, turns
 from conversations.models import Conversation, Message
 from conversations.sockets import socket_counts
-from tests.conftest import LiveServer, connect, database_url, run_daphne
+from tests.conftest import LiveServer, connect, database_url, module_server, run_daphne
 from tests.factories import PASSWORD, make_conversation, make_user, session_cookie
 from tests.fake_llm import FakeLLM, Reply
 from tests.test_api import error_of, http
@@ -331,16 +331,9 @@ def test_look_alike_spellings_of_a_username_share_its_login_throttle(daphne_serv
 GROQ_KEY = "gsk_" + "".join(random.choices(string.ascii_letters + string.digits, k=48))
 
 
-@pytest.fixture(scope="module")
-def groq_server(
-    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
-) -> Iterator[LiveServer]:
-    """A daphne whose key is not shaped like OpenAI's."""
-    with django_db_blocker.unblock():
-        db_url = database_url()
-    log_path = tmp_path_factory.mktemp("groq") / "daphne.log"
-    with run_daphne(db_url, fake_llm_server.base_url, log_path, OPENAI_API_KEY=GROQ_KEY) as server:
-        yield server
+groq_server = module_server(
+    "groq", "A daphne whose key is not shaped like OpenAI's.", OPENAI_API_KEY=GROQ_KEY
+)
 
 
 def _pieces(secret: str, size: int = 8) -> list[str]:

@@ -13,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from django.test import Client
 
 from api import tokens
 from files.models import File
-from tests.conftest import LiveServer, database_url, run_daphne
+from tests.conftest import LiveServer, module_server
 from tests.factories import make_user, session_cookie
 from tests.fake_llm import FakeLLM, Reply
 
@@ -240,23 +239,14 @@ def test_a_body_larger_than_any_upload_is_refused_before_django_reads_it(strict_
     assert status == 413 and refused["error"]["code"] == "too_large"
 
 
-@pytest.fixture(scope="module")
-def strict_server(
-    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
-) -> Iterator[LiveServer]:
-    """A server with small limits, and two seconds to read a PDF."""
-    with django_db_blocker.unblock():
-        db_url = database_url()
-    with run_daphne(
-        db_url,
-        fake_llm_server.base_url,
-        tmp_path_factory.mktemp("strict") / "daphne.log",
-        CHAT_FILE_MAX_BYTES="102400",
-        CHAT_FILE_STORAGE_PER_USER="250000",
-        CHAT_FILE_EXTRACT_SECONDS="2",
-        CHAT_FILE_UPLOAD_RATE="8/h",
-    ) as server:
-        yield server
+strict_server = module_server(
+    "strict",
+    "A server with small limits, and two seconds to read a PDF.",
+    CHAT_FILE_MAX_BYTES="102400",
+    CHAT_FILE_STORAGE_PER_USER="250000",
+    CHAT_FILE_EXTRACT_SECONDS="2",
+    CHAT_FILE_UPLOAD_RATE="8/h",
+)
 
 
 def test_the_size_and_storage_limits(strict_server: LiveServer) -> None:

@@ -28,7 +28,7 @@ import pytest
 
 from api import tokens
 from conversations.models import McpServer, SystemPrompt
-from tests.conftest import LiveServer, database_url, free_port, run_daphne
+from tests.conftest import LiveServer, database_url, free_port, module_server, run_daphne
 from tests.factories import make_user, session_cookie
 from tests.fake_llm import FakeLLM, Reply
 from tests.test_attacks import _until
@@ -114,22 +114,13 @@ def hostile_http() -> Iterator[str]:
         process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server(
-    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
-) -> Iterator[LiveServer]:
-    with django_db_blocker.unblock():
-        db_url = database_url()
-    with run_daphne(
-        db_url,
-        fake_llm_server.base_url,
-        tmp_path_factory.mktemp("mcp") / "daphne.log",
-        CHAT_MCP_CONFIG_TTL="0",  # each answer reads the servers' rows: a test's changes count at once
-        CHAT_MCP_CONNECT_WAIT="6",  # a stdio server's first start (Python, the SDK) takes seconds here
-        CHAT_MCP_RESULT_CHARS="600",
-        CHAT_MCP_MESSAGE_BYTES=str(MESSAGE_BYTES),
-    ) as live:
-        yield live
+server = module_server(
+    "mcp",
+    CHAT_MCP_CONFIG_TTL="0",  # each answer reads the servers' rows: a test's changes count at once
+    CHAT_MCP_CONNECT_WAIT="6",  # a stdio server's first start (Python, the SDK) takes seconds here
+    CHAT_MCP_RESULT_CHARS="600",
+    CHAT_MCP_MESSAGE_BYTES=str(MESSAGE_BYTES),
+)
 
 
 @pytest.fixture(autouse=True)

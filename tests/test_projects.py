@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +23,7 @@ from django.utils import timezone
 from api import tokens
 from conversations.models import Conversation, Project, SystemPrompt
 from files.models import File
-from tests.conftest import LiveServer, database_url, run_daphne
+from tests.conftest import LiveServer, module_server
 from tests.factories import make_user, session_cookie
 from tests.fake_llm import FakeLLM, Reply
 from tests.test_attacks import _until
@@ -36,19 +35,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 PROJECT_TOKENS = 300  # what a chat reads of its project's files, on this module's server
 
 
-@pytest.fixture(scope="module")
-def server(
-    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
-) -> Iterator[LiveServer]:
-    with django_db_blocker.unblock():
-        db_url = database_url()
-    with run_daphne(
-        db_url,
-        fake_llm_server.base_url,
-        tmp_path_factory.mktemp("projects") / "daphne.log",
-        CHAT_PROJECT_CONTEXT_TOKENS=str(PROJECT_TOKENS),
-    ) as live:
-        yield live
+server = module_server("projects", CHAT_PROJECT_CONTEXT_TOKENS=str(PROJECT_TOKENS))
 
 
 def _person(server: LiveServer, name: str) -> tuple[Any, httpx.Client, str]:

@@ -16,7 +16,6 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -27,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import LiveServer, database_url, run_daphne
+from tests.conftest import LiveServer, database_url, module_server, run_daphne
 from tests.factories import PASSWORD, make_conversation, make_user, session_cookie
 from tests.fake_llm import FakeLLM
 
@@ -148,17 +147,7 @@ def test_successful_logins_never_count(daphne_server: LiveServer) -> None:
 # --- Sign-up policy --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def approval_server(
-    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
-) -> Iterator[LiveServer]:
-    with django_db_blocker.unblock():
-        url = database_url()
-    log_path = tmp_path_factory.mktemp("approval") / "daphne.log"
-    with run_daphne(
-        url, fake_llm_server.base_url, log_path, CHAT_SIGNUP="approval", CHAT_SIGNUP_RATE="3/h"
-    ) as server:
-        yield server
+approval_server = module_server("approval", CHAT_SIGNUP="approval", CHAT_SIGNUP_RATE="3/h")
 
 
 def sign_up(visitor: Visitor, username: str) -> tuple[int, str, str]:

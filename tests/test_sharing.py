@@ -11,7 +11,6 @@ import contextlib
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,7 +20,7 @@ from django.conf import settings
 from api import tokens
 from conversations.models import Attachment, Conversation, Message, Share
 from files.models import File
-from tests.conftest import LiveServer, database_url, run_daphne
+from tests.conftest import LiveServer, module_server
 from tests.factories import make_user, session_cookie
 from tests.fake_llm import FakeLLM, Reply
 from tests.test_attacks import _until
@@ -218,28 +217,10 @@ def _content(data: bytes) -> Any:
     return ContentFile(data)
 
 
-@pytest.fixture(scope="module")
-def public_server(
-    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
-) -> Iterator[LiveServer]:
-    with django_db_blocker.unblock():
-        db_url = database_url()
-    with run_daphne(
-        db_url, fake_llm_server.base_url, tmp_path_factory.mktemp("public") / "d.log", CHAT_SHARING="public"
-    ) as server:
-        yield server
+public_server = module_server("public", CHAT_SHARING="public")
 
 
-@pytest.fixture(scope="module")
-def no_sharing_server(
-    django_db_setup: None, django_db_blocker: Any, fake_llm_server: FakeLLM, tmp_path_factory: Any
-) -> Iterator[LiveServer]:
-    with django_db_blocker.unblock():
-        db_url = database_url()
-    with run_daphne(
-        db_url, fake_llm_server.base_url, tmp_path_factory.mktemp("off") / "d.log", CHAT_SHARING="off"
-    ) as server:
-        yield server
+no_sharing_server = module_server("off", CHAT_SHARING="off")
 
 
 def test_public_links_open_for_anyone_and_off_opens_none(
