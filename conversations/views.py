@@ -6,6 +6,8 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
+from django.db.models import F, Window
+from django.db.models.functions import RowNumber
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -72,12 +74,29 @@ PROJECT_CHATS_SHOWN = 8  # of each project, in the sidebar (the project's page l
 PROJECT_PAGE_CHATS = 200  # listed on a project's page
 
 
-def _sidebar_projects(user: User) -> list[Project]:
-    """The user's projects, each with its newest chats (`recent`) and how many it holds."""
+def _sidebar_projects(user: User, shown: Conversation | None = None) -> list[Project]:
+    """The user's projects, each with its newest chats (`recent`) and how many
+    it holds, in two queries however many projects there are. The chat
+    `shown` is listed under its project even when older than the newest
+    ones (the page moves it to the top when it gets a message)."""
     found = projects.listing(user, with_counts=True)
+    if not found:
+        return found
+    newest = (
+        Conversation.objects.filter(project__in=found)
+        .annotate(rank=Window(RowNumber(), partition_by=F("project_id"), order_by=F("updated_at").desc()))
+        .filter(rank__lte=PROJECT_CHATS_SHOWN)
+        .only("id", "title", "updated_at", "project_id")
+        .order_by("project_id", "rank")
+    )
+    recent: dict[Any, list[Conversation]] = {}
+    for conversation in newest:
+        recent.setdefault(conversation.project_id, []).append(conversation)
     for p in found:
-        recent = Conversation.objects.filter(project=p).only("id", "title", "updated_at", "project_id")
-        p.recent = list(recent.order_by("-updated_at")[:PROJECT_CHATS_SHOWN])  # type: ignore[attr-defined]
+        chats = recent.get(p.pk, [])
+        if shown is not None and shown.project_id == p.pk and all(c.pk != shown.pk for c in chats):
+            chats.append(shown)
+        p.recent = chats  # type: ignore[attr-defined]
     return found
 
 
@@ -109,7 +128,7 @@ def _chat_page(
         "project": project,
         "project_files": project_files,
         "project_chats": project_chats,
-        "projects": _sidebar_projects(request.user),
+        "projects": _sidebar_projects(request.user, conversation),
         "conversation": conversation,
         "conversations": sidebar,
         "conversations_next": next_cursor,

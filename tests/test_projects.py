@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from api import tokens
@@ -287,3 +290,44 @@ def test_a_projects_files_have_their_own_room_and_never_crowd_out_the_turns(sett
     assert "[Only the first 1,000 of 10,000 tokens were read.]" in sent[2]["content"]
     turns = [m["content"] for m in sent[3:]]
     assert turns[-1] == "And the last one?" and "Question 2" in turns  # older turns kept beside it
+
+
+def _sidebar_ids(html: str, project: Project) -> list[str]:
+    found = re.search(rf'<ul class="project-chats" data-project-id="{project.pk}">(.*?)</ul>', html, re.S)
+    assert found, f"project {project.name} is not in the sidebar"
+    return re.findall(r'data-conversation-id="([0-9a-f-]+)"', found[1])
+
+
+def test_the_sidebar_lists_projects_newest_chats_in_the_same_queries_however_many_and_the_open_chat_too(
+    client: Any,
+) -> None:
+    """Each project's newest 8 chats, in queries that do not grow with the
+    projects; a chat opened from further down is listed under its project
+    (a message moves it to the top there, never into the other chats)."""
+    user = make_user(f"sidebar_{uuid.uuid4().hex[:6]}")
+    client.force_login(user)
+    big = Project.objects.create(owner=user, name="Big")
+    now = timezone.now()
+    chats = []
+    for age in range(10):
+        chat = Conversation.objects.create(owner=user, project=big, title=f"chat {age}")
+        Conversation.objects.filter(pk=chat.pk).update(updated_at=now - timedelta(minutes=age))
+        chats.append(chat)
+    loose = Conversation.objects.create(owner=user, title="Not in a project")
+
+    def page(conversation: Conversation) -> tuple[str, int]:
+        with CaptureQueriesContext(connection) as queries:
+            response = client.get(f"/c/{conversation.pk}/")
+        assert response.status_code == 200
+        return response.content.decode(), len(queries)
+
+    html, few = page(loose)
+    assert _sidebar_ids(html, big) == [str(c.pk) for c in chats[:8]]
+    html, _ = page(chats[9])  # the oldest: listed under its project as well
+    assert _sidebar_ids(html, big) == [str(c.pk) for c in chats[:8]] + [str(chats[9].pk)]
+    for n in range(12):
+        small = Project.objects.create(owner=user, name=f"Small {n}")
+        Conversation.objects.create(owner=user, project=small, title=f"only chat {n}")
+    html, many = page(loose)
+    assert many == few
+    assert len(re.findall(r'<ul class="project-chats"', html)) == 13

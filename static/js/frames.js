@@ -22,7 +22,8 @@ export function createFrames({ conversation, adopt, leaveDeleted, messages, vers
       if (sidebar) {
         if ("project" in c) sidebar.place(c.id, c.title, c.project); // moved into a project, or out
         else if (sidebar.has(c.id)) sidebar.applyTitle(c.id, c.title);
-        else sidebar.upsert(c.id, c.title, { top: false });
+        // A title of a chat not listed here (older than the chats loaded, or
+        // than a project's newest): it shows when the list loads that chat.
       }
       if (c.id === conversation() && c.title) shell.setTitle(c.title);
     },

@@ -444,11 +444,11 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
     highlight();
   }
 
-  function upsert(id, title, { top = true } = {}) {
+  // A chat that just had a message: to the top of its list (its project's, or the chats').
+  function upsert(id, title) {
     const inProject = document.querySelector(`.project-chat[data-conversation-id="${CSS.escape(id)}"]`);
     if (inProject && !findItem(id)) {
-      // A chat of a project: to the top of its project's list.
-      if (top) inProject.parentElement.prepend(inProject);
+      inProject.parentElement.prepend(inProject);
       if (title) inProject.querySelector(".conv-title").textContent = title;
       highlight();
       return;
@@ -458,10 +458,8 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
       li = item({ id, title: title || "New chat", updated_at: new Date().toISOString() });
       list.prepend(li);
     } else {
-      if (top) {
-        li.dataset.updated = new Date().toISOString();
-        list.prepend(li);
-      }
+      li.dataset.updated = new Date().toISOString();
+      list.prepend(li);
       if (title) setItemTitle(li, title);
     }
     regroup();
