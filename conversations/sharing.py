@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.files.storage import default_storage
 from django.db import transaction
 from django.db.models import Sum
 
@@ -138,63 +139,79 @@ def copy_for(link: Share, viewer: User) -> Conversation:
     of the viewer's, with the owner's system prompt text. The shared files
     are copied into the viewer's files, as many as their storage holds (the
     model reads them as in the original); a question whose file could not be
-    copied names it instead."""
-    saved: list[File] = []
+    copied names it instead. The bytes are copied before the transaction
+    (as an upload's are), and those of a copy not kept are deleted."""
+    copies = _copy_files(link, viewer)
+    kept: dict[str, File] = {}
     try:
         with transaction.atomic():
             # One copy or upload of the viewer's at a time decides the storage left.
             get_user_model().objects.select_for_update().filter(pk=viewer.pk).exists()
-            copies = _copy_files(link, viewer, saved)
-            copy = Conversation.objects.create(
-                owner=viewer,
-                title=f"{link.title} (shared)"[:200],
-                prompt_text=link.prompt_text,  # as shared, like its messages
-                model=link.model,
+            room = storage_limit(viewer) - (
+                File.objects.filter(owner=viewer).aggregate(total=Sum("bytes"))["total"] or 0
             )
-            rows = []
-            for item in link.messages:
-                content = item["content"]
-                records = item.get("attachments") or []
-                kept = [{**r, "id": str(copies[str(r["id"])].pk)} for r in records if str(r["id"]) in copies]
-                names = [r["filename"] for r in records if str(r["id"]) not in copies]
-                if names:
-                    content = (
-                        content + "\n\n" if content else ""
-                    ) + f"(Shared with files: {', '.join(names)})"
-                rows.append(
-                    Message(
-                        conversation=copy,
-                        role=item["role"],
-                        content=content,
-                        model=item.get("model") or "",
-                        status=item.get("status") or Message.Status.COMPLETE,
-                        attachments=kept or None,
-                    )
-                )
-            made = Message.objects.bulk_create(rows)
-            Attachment.objects.bulk_create(
-                Attachment(message=message, file_id=record["id"])
-                for message in made
-                for record in message.attachments or ()
-            )
-            # One after another, as they were (bulk_create stamps them all at once).
-            update_each(
-                Message,
-                ["created_at"],
-                [(message.pk, copy.created_at + timedelta(microseconds=i)) for i, message in enumerate(made)],
-            )
+            for original_id, file in copies.items():
+                if file.bytes <= room:
+                    room -= file.bytes
+                    kept[original_id] = file
+            File.objects.bulk_create(kept.values())
+            conversation = _conversation_copy(link, viewer, kept)
     except BaseException:
-        for row in saved:  # the copied bytes of a copy that was not made
-            with contextlib.suppress(Exception):
-                row.blob.delete(save=False)
+        kept = {}  # nothing was stored: every copied byte goes
         raise
+    finally:
+        for original_id, file in copies.items():
+            if original_id not in kept:
+                _delete_blob(file.blob.name or "")
+    return conversation
+
+
+def _conversation_copy(link: Share, viewer: User, files: dict[str, File]) -> Conversation:
+    """The new conversation and its messages, the copied files attached."""
+    copy = Conversation.objects.create(
+        owner=viewer,
+        title=f"{link.title} (shared)"[:200],
+        prompt_text=link.prompt_text,  # as shared, like its messages
+        model=link.model,
+    )
+    rows = []
+    for item in link.messages:
+        content = item["content"]
+        records = item.get("attachments") or []
+        held = [{**r, "id": str(files[str(r["id"])].pk)} for r in records if str(r["id"]) in files]
+        names = [r["filename"] for r in records if str(r["id"]) not in files]
+        if names:
+            content = (content + "\n\n" if content else "") + f"(Shared with files: {', '.join(names)})"
+        rows.append(
+            Message(
+                conversation=copy,
+                role=item["role"],
+                content=content,
+                model=item.get("model") or "",
+                status=item.get("status") or Message.Status.COMPLETE,
+                attachments=held or None,
+            )
+        )
+    made = Message.objects.bulk_create(rows)
+    Attachment.objects.bulk_create(
+        Attachment(message=message, file_id=record["id"])
+        for message in made
+        for record in message.attachments or ()
+    )
+    # One after another, as they were (bulk_create stamps them all at once).
+    update_each(
+        Message,
+        ["created_at"],
+        [(message.pk, copy.created_at + timedelta(microseconds=i)) for i, message in enumerate(made)],
+    )
     return copy
 
 
-def _copy_files(link: Share, viewer: User, saved: list[File]) -> dict[str, File]:
-    """The shared messages' files, copied into the viewer's within their
-    storage limit, by the original's id (one deleted since, or whose bytes
-    are gone, is not copied). Each copy's stored bytes are added to `saved`."""
+def _copy_files(link: Share, viewer: User) -> dict[str, File]:
+    """Unsaved copies for the viewer of the shared messages' files, their
+    bytes stored, by the original's id: as many as the viewer's storage
+    seems to hold now (the transaction decides). One deleted since, or
+    whose bytes cannot be read or written, is not copied."""
     wanted = list(
         dict.fromkeys(str(r["id"]) for item in link.messages for r in item.get("attachments") or ())
     )
@@ -220,14 +237,20 @@ def _copy_files(link: Share, viewer: User, saved: list[File]) -> dict[str, File]
             text=original.text,
             tokens=original.tokens,
         )
+        name = copy.blob.field.generate_filename(copy, original.filename)
         try:
             with original.blob.open("rb") as source:
-                copy.blob.save(original.filename, source, save=False)
-        except OSError:
-            log.warning("shared file %s: its bytes could not be read; not copied", original.pk)
+                copy.blob.name = default_storage.save(name, source)
+        except Exception:  # gone, unreadable, or the storage refused it: named instead
+            log.warning("shared file %s could not be copied", original.pk, exc_info=True)
+            _delete_blob(name)  # what a failed write may have left
             continue
-        saved.append(copy)
         room -= original.bytes
         copies[file_id] = copy
-    File.objects.bulk_create(copies.values())
     return copies
+
+
+def _delete_blob(name: str) -> None:
+    if name:
+        with contextlib.suppress(Exception):
+            default_storage.delete(name)

@@ -1,6 +1,7 @@
 """A hostile MCP server for tests, standard library only: its `flood` tool
-answers with as many bytes as asked (a stdio line, or a JSON body with or
-without its length declared), its `echo` tool answers as any server would.
+answers with as many bytes as asked (a stdio line with its id first or
+last, or a JSON body with or without its length declared, or gzipped),
+its `echo` tool answers as any server would.
 
     python tests/mcp_hostile.py stdio
     python tests/mcp_hostile.py http PORT
@@ -8,6 +9,7 @@ without its length declared), its `echo` tool answers as any server would.
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +21,12 @@ TOOLS = [
         "description": "Answers with `size` bytes.",
         "inputSchema": {
             "type": "object",
-            "properties": {"size": {"type": "integer"}, "declare": {"type": "boolean"}},
+            "properties": {
+                "size": {"type": "integer"},
+                "declare": {"type": "boolean"},
+                "last": {"type": "boolean"},
+                "gzip": {"type": "boolean"},
+            },
             "required": ["size"],
         },
     },
@@ -51,6 +58,8 @@ def answer(message: dict[str, Any]) -> dict[str, Any] | None:
         result = {"content": [{"type": "text", "text": f"echo: {params['arguments'].get('message', '')}"}]}
     else:
         result = {}
+    if (params.get("arguments") or {}).get("last"):  # as the TypeScript SDK writes it: the id last
+        return {"result": result, "jsonrpc": "2.0", "id": message["id"]}
     return {"jsonrpc": "2.0", "id": message["id"], "result": result}
 
 
@@ -72,9 +81,13 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         body = json.dumps(response).encode()
-        declare = (message.get("params") or {}).get("arguments", {}).get("declare", True)
+        arguments = (message.get("params") or {}).get("arguments") or {}
+        declare = arguments.get("declare", True)
         self.send_response(200)
         self.send_header("content-type", "application/json")
+        if arguments.get("gzip"):  # whatever the client asked for
+            body = gzip.compress(body)
+            self.send_header("content-encoding", "gzip")
         if declare:
             self.send_header("content-length", str(len(body)))
         else:

@@ -309,10 +309,10 @@ def test_an_unreachable_or_hanging_server_leaves_the_answer_complete_with_the_ot
 def test_a_server_answering_with_too_much_fails_that_call_at_once_and_keeps_its_session(
     server: LiveServer, fake_llm: FakeLLM, hostile_http: str, sockets: contextlib.ExitStack
 ) -> None:
-    """A line of 30 MB (stdio), a body of 30 MB with or without its length
-    (HTTP): never read whole (CHAT_MCP_MESSAGE_BYTES), each an error result
-    at once, not at the call's timeout; the next calls on the same sessions
-    work."""
+    """A line of 30 MB (stdio, its id first or last), a body of 30 MB with or
+    without its length, or gzipped (HTTP): never read whole
+    (CHAT_MCP_MESSAGE_BYTES), each an error result at once, not at the
+    call's timeout; the next calls on the same sessions work."""
     McpServer.objects.create(
         name="flood_stdio",
         transport="stdio",
@@ -330,6 +330,8 @@ def test_a_server_answering_with_too_much_fails_that_call_at_once_and_keeps_its_
             "name": "flood_http__flood",
             "arguments": json.dumps({"size": size, "declare": False}),
         },
+        {"id": "c_last", "name": "flood_stdio__flood", "arguments": json.dumps({"size": size, "last": True})},
+        {"id": "c_gzip", "name": "flood_http__flood", "arguments": json.dumps({"size": size, "gzip": True})},
         {"id": "c_fits", "name": "flood_http__flood", "arguments": json.dumps({"size": 1000})},
     ]
     echoes = [
@@ -352,9 +354,13 @@ def test_a_server_answering_with_too_much_fails_that_call_at_once_and_keeps_its_
         for m in fake_llm.streamed_requests[-1].body["messages"]
         if m["role"] == "tool"
     }
-    for call in ("c_stdio", "c_http", "c_chunked"):
+    for call in ("c_stdio", "c_http", "c_chunked", "c_last"):
         assert results[call].startswith("error: the flood_"), results[call][:300]
         assert f"{MESSAGE_BYTES:,}" in results[call] and results[call].endswith("not read")
+    # 30 MB of x in some 30 KB: never decoded.
+    assert results["c_gzip"].endswith(
+        "the server's answer is compressed (gzip), though asked not to be: not read"
+    )
     assert results["c_fits"].startswith("xxx")  # cut to CHAT_MCP_RESULT_CHARS, as any result
     assert results["e_stdio"] == results["e_http"] == "echo: still here"
 

@@ -65,6 +65,16 @@ def test_a_long_answer_becomes_an_error_for_its_request_and_the_next_lines_pass(
     assert out[1] == after and out[2] == b""
 
 
+def test_an_answer_with_its_id_last_gets_its_error_too_and_an_id_inside_its_result_is_not_taken() -> None:
+    """The TypeScript SDK writes `{result, jsonrpc, id}`; an "id" inside a
+    result (a record the tool returned) is not the message's."""
+    ts = json.dumps({"result": {"id": 99, "text": "x" * 5000}, "jsonrpc": "2.0", "id": 12})
+    inner_only = json.dumps({"result": {"text": "x" * 5000, "id": 99}, "jsonrpc": "2.0"})
+    bad_id = '{"jsonrpc": "2.0", "id": 01, "result": "' + "x" * 5000 + '"}'
+    out = _relay(f"{ts}\n{inner_only}\n{bad_id}\n".encode(), limit=1000, chunk=4096)
+    assert [json.loads(line)["id"] for line in out.splitlines()] == [12]
+
+
 def test_a_long_line_that_answers_nothing_is_dropped() -> None:
     request = json.dumps({"jsonrpc": "2.0", "id": "s1", "method": "sampling/createMessage", "x": "y" * 3000})
     no_id = json.dumps({"jsonrpc": "2.0", "result": "z" * 3000})
@@ -77,10 +87,15 @@ def test_the_guard_runs_the_server_and_says_when_it_cannot() -> None:
     echo = [
         sys.executable,
         "-c",
-        "import sys; print(sys.stdin.readline().strip() * 2000, flush=True); print('ok')",
+        # An answer to the request it reads, padded past the limit; then a short line.
+        "import json, sys; request = json.loads(sys.stdin.readline()); "
+        "print(json.dumps({'jsonrpc': '2.0', 'id': request['id'], 'result': 'x' * 2000}), flush=True); "
+        "print('ok')",
     ]
     done = subprocess.run(
-        [sys.executable, str(GUARD), "100", "--", *echo], input=b'{"id": 3, "r": 1}\n', capture_output=True
+        [sys.executable, "-I", "-S", str(GUARD), "100", "--", *echo],
+        input=b'{"jsonrpc": "2.0", "id": 3, "method": "tools/call"}\n',
+        capture_output=True,
     )
     assert done.returncode == 0
     assert [json.loads(line)["id"] for line in done.stdout.splitlines()[:1]] == [3]

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from django.conf import settings
+from django.core.files.storage import default_storage
 
 from api import tokens
 from conversations.models import Attachment, Conversation, Message, Share
@@ -132,7 +133,7 @@ def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat_
     owner, reader = make_user("share_files"), make_user("share_files_reader")
     conversation = _chat(owner)
     notes = File.objects.create(
-        owner=owner, filename="plan.txt", content_type="text/plain", kind="text", bytes=9, text="the plan"
+        owner=owner, filename="plan.txt", content_type="text/plain", kind="text", bytes=9, text="PLAN-7f3a"
     )
     notes.blob.save(f"files/{owner.pk}/{notes.pk.hex}", _content(b"the plan!"), save=True)
     secret = File.objects.create(
@@ -149,15 +150,25 @@ def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat_
         "filename": "plan.txt",
         "bytes": 9,
         "content_type": "text/plain",
-        "tokens": 2,
-        "read_tokens": 2,
+        "tokens": 3,
+        "read_tokens": 3,
     }
     huge_record = {**record, "id": str(huge.pk), "filename": "huge.log", "bytes": 10**12}
-    question = Message.objects.create(
-        conversation=conversation, role="user", content="Read this", attachments=[record, huge_record]
+    # Its bytes lost from storage since: named, and nothing of it left in the reader's.
+    gone = File.objects.create(
+        owner=owner, filename="gone.txt", content_type="text/plain", kind="text", bytes=4, text="gone"
     )
-    Attachment.objects.create(message=question, file=notes)
-    Attachment.objects.create(message=question, file=huge)
+    gone.blob.save(f"files/{owner.pk}/{gone.pk.hex}", _content(b"gone"), save=True)
+    default_storage.delete(gone.blob.name)
+    gone_record = {**record, "id": str(gone.pk), "filename": "gone.txt", "bytes": 4}
+    question = Message.objects.create(
+        conversation=conversation,
+        role="user",
+        content="Read this",
+        attachments=[record, huge_record, gone_record],
+    )
+    for held in (notes, huge, gone):
+        Attachment.objects.create(message=question, file=held)
     Message.objects.create(conversation=conversation, role="assistant", content="It says: the plan.")
     token = _post(_browser(daphne_server, owner), f"/c/{conversation.pk}/share/", json={}).json()["token"]
     theirs = _browser(daphne_server, reader)
@@ -179,19 +190,20 @@ def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat_
     assert copy.owner == reader and copy.title == "Release plan (shared)"
     rows = list(copy.messages.order_by("created_at").values_list("role", "content"))
     assert rows == [
-        ("user", "Read this\n\n(Shared with files: huge.log)"),
+        ("user", "Read this\n\n(Shared with files: huge.log, gone.txt)"),
         ("assistant", "It says: the plan."),
     ]
     # plan.txt is the reader's own now: a file of theirs, the copied question holds it.
     copied_file = File.objects.get(owner=reader)
-    assert (copied_file.filename, copied_file.text, copied_file.bytes) == ("plan.txt", "the plan", 9)
+    assert (copied_file.filename, copied_file.text, copied_file.bytes) == ("plan.txt", "PLAN-7f3a", 9)
     held = copy.messages.get(role="user")
     assert held.attachments == [{**record, "id": str(copied_file.pk)}]
     assert list(Attachment.objects.filter(message__conversation=copy).values_list("file", flat=True)) == [
         copied_file.pk
     ]
     assert theirs.get(f"/files/{copied_file.pk}/").content == b"the plan!"
-    assert File.objects.filter(owner=owner).count() == 3  # the owner's stay theirs
+    assert default_storage.listdir(f"files/{reader.pk}")[1] == [copied_file.pk.hex]  # no bytes left over
+    assert File.objects.filter(owner=owner).count() == 4  # the owner's stay theirs
     # Carried on, the model reads the copied file as it did in the original.
     fake_llm.script(Reply(chunks=["Still Tuesday."]))
     with contextlib.ExitStack() as sockets:
@@ -208,7 +220,7 @@ def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat_
         )
         _until(ws, lambda frame: frame["type"] == "generation.finished", 30)
     sent = json.dumps(fake_llm.streamed_requests[-1].body["messages"])
-    assert "the plan" in sent and "big" not in sent
+    assert "PLAN-7f3a" in sent and "big" not in sent  # the file's text, not the answer quoting it
 
 
 def _content(data: bytes) -> Any:

@@ -241,14 +241,15 @@ class _Session:
             # Its lines pass through the guard, none longer than the limit.
             params = StdioServerParameters(
                 command=sys.executable,
-                args=[str(GUARD), str(limit), "--", server.command, *server.args],
+                args=["-I", "-S", str(GUARD), str(limit), "--", server.command, *server.args],
                 env=env,
             )
             return stdio_client(params)  # its stderr: the worker's
         from mcp.client.streamable_http import streamable_http_client
 
         client = httpx2.AsyncClient(
-            headers=dict(server.headers),
+            # Uncompressed: what is counted is what is read (a small gzip body can be gigabytes).
+            headers={**dict(server.headers), "Accept-Encoding": "identity"},
             timeout=httpx2.Timeout(server.timeout, read=300.0),
             event_hooks={"response": [functools.partial(_bound_body, limit=limit)]},
         )
@@ -276,21 +277,27 @@ class MessageTooLarge(httpx2.StreamError):
 
 async def _bound_body(response: httpx2.Response, *, limit: int) -> None:
     """An HTTP server's answer read up to `limit` bytes, never more: the SDK
-    bounds an SSE event (`max_sse_event_size`) but reads a JSON body whole."""
-    if response.headers.get("content-type", "").lower().startswith("text/event-stream"):
-        return
+    bounds an SSE event (`max_sse_event_size`) but reads a JSON body, or a
+    redirect's, whole. Nothing compressed is read: a small gzip body can be
+    gigabytes once decoded (the client asks for none)."""
+    events = response.headers.get("content-type", "").lower().startswith("text/event-stream")
     stream = response.stream
 
     async def bounded() -> AsyncGenerator[bytes, None]:
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise MessageTooLarge(
+                f"the server's answer is compressed ({encoding[:40]}), though asked not to be: not read"
+            )
         declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if not events and declared.isdigit() and int(declared) > limit:
             raise MessageTooLarge(
                 f"the server's answer has {int(declared):,} bytes, more than {limit:,}: not read"
             )
         read = 0
         async for chunk in stream:  # type: ignore[union-attr]  # an async byte stream
             read += len(chunk)
-            if read > limit:
+            if read > limit and not events:  # a stream of events: each is bounded by the SDK
                 raise MessageTooLarge(f"the server's answer was larger than {limit:,} bytes: not read")
             yield chunk
 

@@ -5,12 +5,15 @@ take the worker's memory (every answer of that worker, not only the ones
 using the server). Here a longer line is read past, never kept: a response
 becomes a JSON-RPC error for the same request id (the call fails at once,
 the session goes on), anything else is dropped with a line on stderr.
+Should the guard fail, it ends the server with it.
 
 Run by path with the standard library only (no Django: it starts in tens
 of milliseconds), as the server's parent in its process group (the SDK ends
 the whole group):
 
-    python mcp_stdio_guard.py LIMIT -- COMMAND [ARG ...]
+    python -I -S mcp_stdio_guard.py LIMIT -- COMMAND [ARG ...]
+
+(`-I -S`: the server's environment, PYTHONPATH included, is never the guard's.)
 
 The server reads the guard's stdin itself (inherited, never copied) and
 writes its stderr where the guard's goes.
@@ -24,22 +27,33 @@ import re
 import subprocess
 import sys
 
-# A message's id, looked for in the start of a long line (the SDKs write it first).
-_ID = re.compile(rb'"id"\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,200}")')
-_HEAD = 4096  # bytes of a long line kept to find its id
+_ID = rb'(-?[1-9]\d{0,17}|0|"(?:[^"\\]|\\.){0,200}")'
+# Where a response's id is: first, after "jsonrpc" (Python's SDK) ...
+_ID_FIRST = re.compile(
+    rb'\s*\{\s*(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?"id"\s*:\s*' + _ID + rb'\s*,\s*"(?:result|error)"'
+)
+# ... or last, after its result (the TypeScript SDK's `{result, jsonrpc, id}`).
+_RESULT_FIRST = re.compile(rb'\s*\{\s*"(?:result|error)"\s*:')
+_ID_LAST = re.compile(rb',\s*"id"\s*:\s*' + _ID + rb"\s*\}\s*$")
+_HEAD = 4096  # bytes of a long line kept to tell what it is
+_TAIL = 512  # and of its end, to find an id written last
 CHUNK = 65536
 
 
-def refusal(head: bytes, size: int, limit: int) -> bytes:
+def refusal(head: bytes, tail: bytes, size: int, limit: int) -> bytes:
     """What the worker reads instead of a line over the limit: an error for
     the request it answers, or nothing (a request or notification of the
-    server's own, or no id found)."""
-    found = _ID.search(head)
-    if found is None or b'"method"' in head:
+    server's own, or a line whose id is not found where a response has it)."""
+    found = _ID_FIRST.match(head) or (_ID_LAST.search(tail) if _RESULT_FIRST.match(head) else None)
+    if found is None:
+        return b""
+    try:
+        request_id = json.loads(found.group(1))
+    except ValueError:
         return b""
     message = {
         "jsonrpc": "2.0",
-        "id": json.loads(found.group(1)),
+        "id": request_id,
         "error": {
             "code": -32603,
             "message": f"the server's answer had {size:,} bytes, more than {limit:,}: not read",
@@ -53,6 +67,7 @@ def relay(source: int, sink: int, limit: int) -> None:
     more than `limit` bytes (its newline not counted) is replaced."""
     line = bytearray()
     long_head: bytes | None = None  # set while a long line is read past
+    long_tail = b""
     long_size = 0
     while chunk := os.read(source, CHUNK):
         start = 0
@@ -61,18 +76,19 @@ def relay(source: int, sink: int, limit: int) -> None:
             piece = chunk[start:] if end < 0 else chunk[start:end]
             if long_head is not None:
                 long_size += len(piece)
+                long_tail = (long_tail + piece)[-_TAIL:]
             elif len(line) + len(piece) > limit:
-                long_head = bytes((line + piece)[:_HEAD])
-                long_size = len(line) + len(piece)
+                whole = bytes(line) + piece
+                long_head, long_tail, long_size = whole[:_HEAD], whole[-_TAIL:], len(whole)
                 line.clear()
             else:
                 line += piece
             if end < 0:
                 break
             if long_head is not None:
-                out = refusal(long_head, long_size, limit)
+                out = refusal(long_head, long_tail.rstrip(b"\r"), long_size, limit)
                 print(f"MCP server: a line of {long_size:,} bytes was not passed on", file=sys.stderr)
-                long_head = None
+                long_head, long_tail = None, b""
             else:
                 out = bytes(line) + b"\n"
                 line.clear()
@@ -101,8 +117,8 @@ def main(argv: list[str]) -> int:
     assert server.stdout is not None
     try:
         relay(server.stdout.fileno(), sys.stdout.fileno(), limit)
-    except BrokenPipeError:  # the worker is gone: the server sees its stdin end
-        pass
+    except BaseException:  # the worker went away (a broken pipe), or the guard failed
+        server.kill()  # never a server left writing to nobody
     return server.wait()
 
 
