@@ -159,7 +159,7 @@ def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat_
         owner=owner, filename="gone.txt", content_type="text/plain", kind="text", bytes=4, text="gone"
     )
     gone.blob.save(f"files/{owner.pk}/{gone.pk.hex}", _content(b"gone"), save=True)
-    default_storage.delete(gone.blob.name)
+    default_storage.delete(gone.blob.name or "")
     gone_record = {**record, "id": str(gone.pk), "filename": "gone.txt", "bytes": 4}
     question = Message.objects.create(
         conversation=conversation,
@@ -167,8 +167,8 @@ def test_a_shared_file_opens_through_the_link_only_and_continue_copies_the_chat_
         content="Read this",
         attachments=[record, huge_record, gone_record],
     )
-    for held in (notes, huge, gone):
-        Attachment.objects.create(message=question, file=held)
+    for one in (notes, huge, gone):
+        Attachment.objects.create(message=question, file=one)
     Message.objects.create(conversation=conversation, role="assistant", content="It says: the plan.")
     token = _post(_browser(daphne_server, owner), f"/c/{conversation.pk}/share/", json={}).json()["token"]
     theirs = _browser(daphne_server, reader)
