@@ -145,18 +145,52 @@ def deactivate_users(
     modeladmin.message_user(request, f"{count} user(s) deactivated.", messages.SUCCESS)
 
 
+@admin.action(
+    description="Send a new invitation (to invited users who have not set a password yet)",
+    permissions=["add"],
+)
+def invite_again(
+    modeladmin: admin.ModelAdmin[AuthUser], request: HttpRequest, queryset: QuerySet[AuthUser]
+) -> None:
+    """An invitation that was lost or ran out: a new one-time link, to the
+    selected users who are still waiting for theirs (active, with an
+    address, no password, and no sign-in through the company's provider,
+    who must not get a password this way). The others are named."""
+    from .views import send_invitation
+
+    allowed = _may_change(request, queryset)
+    waiting = [
+        user
+        for user in allowed.filter(is_active=True, socialaccount__isnull=True).exclude(email="").distinct()
+        if not user.has_usable_password()
+    ]
+    for user in waiting:
+        send_invitation(request, user, event="invited_again")
+    left = sorted(user.username for user in queryset.exclude(pk__in=[user.pk for user in waiting]))
+    if waiting:
+        modeladmin.message_user(request, f"{len(waiting)} new invitation(s) sent.", messages.SUCCESS)
+    if left:
+        modeladmin.message_user(
+            request,
+            f"No invitation for {', '.join(left)}: they have a password or sign in through the company's "
+            "provider, have no e-mail address or are inactive (or it is your own account, or a superuser's).",
+            messages.WARNING,
+        )
+
+
 if admin.site.is_registered(User):
     admin.site.unregister(User)
 
 
 @admin.register(User)
 class ChatUserAdmin(_UserAdmin):
-    """Django's user admin, with the sign-ups waiting for approval first and
-    an "Invite by e-mail" button. Activating and deactivating need the
-    permission to change users (Django offers an action to whoever may see
-    the list unless it says which permission it needs)."""
+    """Django's user admin, with the sign-ups waiting for approval first, an
+    "Invite by e-mail" button, and a new invitation for one that was lost.
+    Activating and deactivating need the permission to change users, a new
+    invitation the permission to add them (Django offers an action to
+    whoever may see the list unless it says which permission it needs)."""
 
-    actions = [activate_users, deactivate_users]
+    actions = [activate_users, deactivate_users, invite_again]
     list_display = ("username", "email", "is_active", "is_staff", "date_joined", "last_login")
     list_filter = ("is_active", "is_staff", "is_superuser", "groups")
     ordering = ("is_active", "-date_joined")

@@ -82,7 +82,8 @@ class InviteForm(forms.Form):
         user.save()
         return user
 
-    def send(self, user: User, link: str, *, invited_by: User | AnonymousUser) -> None:
+    @staticmethod
+    def send(user: User, link: str, *, invited_by: User | AnonymousUser) -> None:
         context = {
             "user": user,
             "link": link,

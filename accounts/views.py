@@ -260,18 +260,20 @@ def invite(request: HttpRequest) -> HttpResponse:
     sent = None
     if request.method == "POST" and form.is_valid():
         user = form.save()
-        uid = urlsafe_base64_encode(force_bytes(user.pk))
-        token = invitation_links.make_token(user)
-        link = request.build_absolute_uri(
-            reverse("invitation_accept", kwargs={"uidb64": uid, "token": token})
-        )
-        form.send(user, link, invited_by=request.user)
-        security.event(
-            "invited", user=request.user, address=security.request_address(request), invitee=user.username
-        )
+        send_invitation(request, user)
         sent = user
         form = InviteForm()
     return render(request, "accounts/invite.html", {"form": form, "sent": sent})
+
+
+def send_invitation(request: HttpRequest, user: User, *, event: str = "invited") -> None:
+    """Mail `user` a one-time link that sets their password (the invite
+    page's, and the admin's "send a new invitation")."""
+    uid = urlsafe_base64_encode(force_bytes(user.pk))
+    token = invitation_links.make_token(user)
+    link = request.build_absolute_uri(reverse("invitation_accept", kwargs={"uidb64": uid, "token": token}))
+    InviteForm.send(user, link, invited_by=request.user)
+    security.event(event, user=request.user, address=security.request_address(request), invitee=user.username)
 
 
 def admin_login(view: Any) -> Any:

@@ -63,13 +63,15 @@ class Visitor:
         url = path if path.startswith("http") else self.server.url + path
         return self._open(url)
 
-    def post(self, path: str, form: dict[str, str]) -> tuple[int, str, str]:
-        """GET the form's page for its CSRF token, then POST to it."""
+    def post(self, path: str, form: dict[str, str] | list[tuple[str, str]]) -> tuple[int, str, str]:
+        """GET the form's page for its CSRF token, then POST to it (a list:
+        a field may come more than once)."""
         url = path if path.startswith("http") else self.server.url + path
         status, url, page = self._open(url)
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
         assert token is not None, (status, page[:500])
-        data = urllib.parse.urlencode({"csrfmiddlewaretoken": token[1], **form}).encode()
+        fields = list(form.items()) if isinstance(form, dict) else form
+        data = urllib.parse.urlencode([("csrfmiddlewaretoken", token[1]), *fields]).encode()
         return self._open(url, data)
 
     def log_in(self, username: str, password: str = PASSWORD) -> tuple[int, str, str]:
@@ -266,6 +268,54 @@ def test_an_invitation_link_sets_a_password_once(daphne_server: LiveServer) -> N
     plain = Visitor(daphne_server)
     plain.use_session_of(make_user("plain"))
     assert "/admin/login/" in plain.get("/accounts/invite/")[1]
+
+
+def test_an_invitation_lost_or_run_out_is_sent_again_from_the_admin_to_who_still_waits_for_one(
+    daphne_server: LiveServer,
+) -> None:
+    from allauth.socialaccount.models import SocialAccount
+
+    staff = staff_who_may("reinviter", "add_user", "view_user")
+    admin = Visitor(daphne_server)
+    admin.use_session_of(staff)
+    admin.post("/accounts/invite/", {"username": "lost_invitee", "email": "lost@example.com"})
+
+    def mails() -> int:
+        return len(re.findall(r"http://127\.0\.0\.1:\d+/accounts/invitation/", daphne_server.log()))
+
+    sent = mails()
+    invitee = get_user_model().objects.get(username="lost_invitee")
+    with_password = make_user("has_a_password", email="pw@example.com")
+    through_sso = get_user_model().objects.create(username="sso_only", email="sso@example.com")
+    through_sso.set_unusable_password()
+    through_sso.save()
+    SocialAccount.objects.create(user=through_sso, provider="acme", uid="sso-only-1")
+    selected = [invitee, with_password, through_sso, staff]
+    status, _, page = admin.post(
+        "/admin/auth/user/",
+        [("action", "invite_again"), ("index", "0"), *(("_selected_action", str(u.pk)) for u in selected)],
+    )
+    assert status == 200 and "1 new invitation(s) sent." in page
+    assert "No invitation for has_a_password, reinviter, sso_only" in page
+    assert mails() == sent + 1  # to lost_invitee only
+    second = mailed_link(daphne_server, "/accounts/invitation/")
+    assert len(security_lines(daphne_server, "invited_again")) == 1
+    guest = Visitor(daphne_server)
+    status, url, page = guest.get(second)
+    assert "Welcome, lost_invitee" in page
+    status, url, _ = guest.post(
+        url, {"new_password1": "found-it-at-last-3", "new_password2": "found-it-at-last-3"}
+    )
+    assert (status, url) == (200, daphne_server.url + "/")
+    # Staff who may not add users are not offered it (and the attempt is logged).
+    viewer = Visitor(daphne_server)
+    viewer.use_session_of(staff_who_may("only_views", "view_user", "change_user"))
+    viewer.post(
+        "/admin/auth/user/",
+        [("action", "invite_again"), ("index", "0"), ("_selected_action", str(invitee.pk))],
+    )
+    assert mails() == sent + 1
+    assert any("only_views" in line for line in security_lines(daphne_server, "admin_action_refused"))
 
 
 def test_a_forgotten_password_is_reset_through_a_mailed_link_once(daphne_server: LiveServer) -> None:
