@@ -13,6 +13,7 @@ from django.http import HttpRequest, HttpResponse
 from . import security
 from .models import Quota, QuotaCounter
 from .signals import accounts_changed
+from .views import send_invitation
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User as AuthUser
@@ -156,8 +157,6 @@ def invite_again(
     selected users who are still waiting for theirs (active, with an
     address, no password, and no sign-in through the company's provider,
     who must not get a password this way). The others are named."""
-    from .views import send_invitation
-
     allowed = _may_change(request, queryset)
     waiting = [
         user

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from conversations import attachments, generation, projects
+from conversations import attachments, generation, projects, services
 from conversations.models import Conversation
 
 from . import parsing
@@ -82,7 +82,7 @@ def _update(user: User, project_id: uuid.UUID, body: dict[str, Any]) -> dict[str
 
 
 def _delete(user: User, project_id: uuid.UUID, with_chats: bool) -> dict[str, Any]:
-    gone = projects.delete(projects.own(user, project_id), with_chats=with_chats)
+    gone = services.project_delete(projects.own(user, project_id), with_chats=with_chats)
     return {"id": str(project_id), "object": "project", "deleted": True, "conversations_deleted": gone}
 
 

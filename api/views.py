@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, cast
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from conversations import attachments, generation, llm, projects, refusals, selectors, sharing
+from conversations import attachments, generation, llm, projects, refusals, selectors, services, sharing
 from conversations.batches import batches_of
 from conversations.generation import stateless, turns
 from conversations.generation.events import Event
@@ -285,7 +285,7 @@ def _move_conversation(user: User, conversation_id: uuid.UUID, body: dict[str, A
     conversation = selectors.conversation_for_user(
         user=user, conversation_id=conversation_id, with_prompt=True
     )
-    projects.move(user, conversation, parsing.optional_uuid(body, "project"))
+    services.conversation_move(user, conversation, parsing.optional_uuid(body, "project"))
     return _conversation_json(conversation)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.conf import settings
 
-from . import attachments
+from . import attachments, projects
 from .llm import ChatMessage, content_tokens
 from .models import ChatModel, Conversation, Message, Project, ToolRound
 
@@ -231,7 +231,6 @@ def _project_head(conversation: Conversation) -> list[ChatMessage]:
     project's files never crowd out the chat's own turns."""
     if conversation.project_id is None:
         return []
-    from . import projects
 
     project = Project.objects.filter(pk=conversation.project_id).first()
     return projects.context(project) if project is not None else []

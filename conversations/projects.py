@@ -15,12 +15,10 @@ and call these; the rules live here.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count
@@ -30,7 +28,7 @@ from files.models import File
 
 from . import attachments, inputs, refusals
 from .attachments import CHARS_PER_TOKEN, FILE_HEADING, AttachmentRecord, cut_text
-from .models import ChatModel, Conversation, Project, ProjectFile, SystemPrompt
+from .models import ChatModel, Project, ProjectFile, SystemPrompt
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -207,53 +205,6 @@ def update(
         if file_ids is not _UNSET:
             _set_files(locked, _files(locked.owner, file_ids))
     return locked
-
-
-def delete(project: Project, *, with_chats: bool) -> int:
-    """Delete a project; its chats go with it (`with_chats`) or stay, out of
-    any project. Its files stay the user's. How many chats went."""
-    from .generation import events
-    from .services import conversation_delete
-
-    gone = 0
-    with transaction.atomic():
-        # Locked: a send starting a chat in it meanwhile waits, then finds it gone.
-        locked = Project.objects.select_for_update().filter(pk=project.pk).first()
-        if locked is None:
-            return 0
-        if with_chats:
-            for conversation in Conversation.objects.filter(project=locked):
-                conversation_delete(conversation=conversation)
-                gone += 1
-        else:
-            moved = list(Conversation.objects.filter(project=locked).only("id", "title", "owner_id"))
-            Conversation.objects.filter(project=locked).update(project=None)
-            for conversation in moved:
-                transaction.on_commit(
-                    functools.partial(
-                        _tell, conversation.owner_id, events.conversation_moved(conversation, None)
-                    )
-                )
-        locked.delete()
-    return gone
-
-
-def move(user: User, conversation: Conversation, project_id: Any | None) -> Conversation:
-    """Put the user's conversation in one of their projects, or out (None)."""
-    from .generation import events
-
-    project = own(user, project_id) if project_id else None
-    conversation.project = project
-    conversation.save(update_fields=["project"])
-    moved = events.conversation_moved(conversation, str(project.pk) if project else None)
-    transaction.on_commit(lambda: _tell(conversation.owner_id, moved))
-    return conversation
-
-
-def _tell(user_id: int, event: dict[str, Any]) -> None:
-    from . import generation  # generation's turns import this module
-
-    async_to_sync(generation.tell)(generation.user_topic(user_id), event)
 
 
 # --- What a chat in a project is told ------------------------------------------------------

@@ -1,14 +1,19 @@
-"""Writes on conversations that are not an answer's: rename and delete. Each
-tells the user's open tabs (in every worker) through the hub."""
+"""Writes on conversations that are not an answer's: rename, delete, move
+into a project or out, and deleting a project. Each tells the user's open
+tabs (in every worker) through the hub."""
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from asgiref.sync import async_to_sync
+from django.contrib.auth.models import User
 from django.db import transaction
 
-from . import attachments, generation, inputs
+from . import attachments, generation, inputs, projects
 from .generation import events
-from .models import Conversation, Message
+from .models import Conversation, Message, Project
 
 MAX_TITLE_CHARS = 200
 
@@ -52,3 +57,36 @@ def conversation_delete(*, conversation: Conversation) -> None:
         conversation.delete()
         attachments.delete_unattached(files)  # its files, unless another chat holds one too
     transaction.on_commit(lambda: _tell_user(owner_id, events.conversation_deleted(conversation_id)))
+
+
+def conversation_move(user: User, conversation: Conversation, project_id: Any | None) -> Conversation:
+    """Put the user's conversation in one of their projects, or out (None)."""
+    project = projects.own(user, project_id) if project_id else None
+    conversation.project = project
+    conversation.save(update_fields=["project"])
+    moved = events.conversation_moved(conversation, str(project.pk) if project else None)
+    transaction.on_commit(lambda: _tell_user(conversation.owner_id, moved))
+    return conversation
+
+
+def project_delete(project: Project, *, with_chats: bool) -> int:
+    """Delete a project; its chats go with it (`with_chats`) or stay, out of
+    any project. Its files stay the user's. How many chats went."""
+    gone = 0
+    with transaction.atomic():
+        # Locked: a send starting a chat in it meanwhile waits, then finds it gone.
+        locked = Project.objects.select_for_update().filter(pk=project.pk).first()
+        if locked is None:
+            return 0
+        if with_chats:
+            for conversation in Conversation.objects.filter(project=locked):
+                conversation_delete(conversation=conversation)
+                gone += 1
+        else:
+            moved = list(Conversation.objects.filter(project=locked).only("id", "title", "owner_id"))
+            Conversation.objects.filter(project=locked).update(project=None)
+            for conversation in moved:
+                out = events.conversation_moved(conversation, None)
+                transaction.on_commit(functools.partial(_tell_user, conversation.owner_id, out))
+        locked.delete()
+    return gone

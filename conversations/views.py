@@ -367,7 +367,7 @@ def project_edit(request: AuthenticatedHttpRequest, project_id: uuid.UUID) -> Ht
 def project_delete(request: AuthenticatedHttpRequest, project_id: uuid.UUID) -> HttpResponse:
     """Delete a project; its chats go too only when the form says so."""
     project = _own_project_or_404(request, project_id)
-    projects.delete(project, with_chats=request.POST.get("chats") == "delete")
+    services.project_delete(project, with_chats=request.POST.get("chats") == "delete")
     return redirect("chat:new")
 
 
@@ -380,7 +380,7 @@ def conversation_move(request: AuthenticatedHttpRequest, conversation_id: uuid.U
     if "project" not in posted:
         return JsonResponse({"error": "Say which project (`project`: an id, or empty for none)."}, status=400)
     try:
-        projects.move(request.user, conversation, posted["project"] or None)
+        services.conversation_move(request.user, conversation, posted["project"] or None)
     except refusals.Refusal as refusal:
         raise Http404(refusal.message) from None
     if request.content_type == "application/json":
