@@ -67,7 +67,7 @@ def _list(user: User) -> dict[str, object]:
 
 
 def _create(user: User, body: dict[str, Any]) -> dict[str, Any]:
-    project = projects.create(user, **_fields(body, creating=True))
+    project = services.project_create(user, **_fields(body, creating=True))
     return projects.payload(project, chats=0)
 
 
@@ -77,7 +77,7 @@ def _detail(user: User, project_id: uuid.UUID) -> dict[str, Any]:
 
 
 def _update(user: User, project_id: uuid.UUID, body: dict[str, Any]) -> dict[str, Any]:
-    project = projects.update(projects.own(user, project_id), **_fields(body, creating=False))
+    project = services.project_update(projects.own(user, project_id), **_fields(body, creating=False))
     return projects.payload(project, chats=_chats(project))
 
 

@@ -563,7 +563,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     await outbox_send({"type": "websocket.send", "text": part})
 
     def _user_event(self, frame: Frame) -> None:
-        """conversation.created / updated / deleted, for all of a user's tabs;
+        """conversation.created / updated / deleted and project.created / updated
+        / deleted, for all of a user's tabs;
         and, never shown to them, that a sign-in of theirs ended."""
         kind = frame.data["type"]
         if kind == events.SESSION_ENDED:

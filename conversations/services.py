@@ -88,5 +88,24 @@ def project_delete(project: Project, *, with_chats: bool) -> int:
             for conversation in moved:
                 out = events.conversation_moved(conversation, None)
                 transaction.on_commit(functools.partial(_tell_user, conversation.owner_id, out))
+        project_id, owner_id = locked.pk, locked.owner_id
         locked.delete()
+        # After its chats' own events: a tab has moved them out before it drops the project.
+        transaction.on_commit(functools.partial(_tell_user, owner_id, events.project_deleted(project_id)))
     return gone
+
+
+def project_create(user: User, **fields: Any) -> Project:
+    """`projects.create`, and the user's tabs list it."""
+    project = projects.create(user, **fields)
+    created = events.project_created(project)
+    transaction.on_commit(lambda: _tell_user(project.owner_id, created))
+    return project
+
+
+def project_update(project: Project, **fields: Any) -> Project:
+    """`projects.update`; the user's tabs show its new name."""
+    changed = projects.update(project, **fields)
+    updated = events.project_updated(changed)
+    transaction.on_commit(lambda: _tell_user(changed.owner_id, updated))
+    return changed

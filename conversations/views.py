@@ -67,6 +67,7 @@ def _page_urls() -> dict[str, str]:
         "share": per_conversation("share"),
         "files": reverse("files:upload"),
         "file": reverse("files:content", kwargs={"file_id": _ANY}).replace(str(_ANY), "{id}"),
+        "project": reverse("chat:project", kwargs={"project_id": _ANY}).replace(str(_ANY), "{id}"),
     }
 
 
@@ -340,7 +341,7 @@ def project_new(request: AuthenticatedHttpRequest) -> HttpResponse:
         values = _form_values(request)
         projects.check(request.user, **values)  # before any upload is stored
         values["file_ids"] = [*values["file_ids"], *_upload_into(request)]
-        project = projects.create(request.user, **values)
+        project = services.project_create(request.user, **values)
     except refusals.Refusal as refusal:
         return _project_form(request, None, error=refusal.message, status=400)
     return redirect("chat:project", project_id=project.pk)
@@ -356,7 +357,7 @@ def project_edit(request: AuthenticatedHttpRequest, project_id: uuid.UUID) -> Ht
         values = _form_values(request)
         projects.check(request.user, **values)  # before any upload is stored
         values["file_ids"] = [*values["file_ids"], *_upload_into(request)]
-        projects.update(project, **values)
+        services.project_update(project, **values)
     except refusals.Refusal as refusal:
         return _project_form(request, project, error=refusal.message, status=400)
     return redirect("chat:project", project_id=project.pk)

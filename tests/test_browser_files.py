@@ -287,3 +287,61 @@ def test_make_a_project_chat_in_it_share_and_open_the_link_as_another_user(
     phone.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().left >= 0")
     expect(phone.locator(".project-group", has_text="Support desk").locator(".project-chat")).to_have_count(1)
     phone.screenshot(path=str(SHOTS / "project-phone-sidebar.png"))
+
+
+def test_projects_made_renamed_and_deleted_in_one_tab_show_in_the_others(
+    daphne_server: LiveServer, alice: Any, tabs: Tabs
+) -> None:
+    """Another tab's sidebar and Move menu follow (project.created, updated,
+    deleted): a project made there appears in its place by name, a new name
+    moves it, and once deleted its chats are back among the others."""
+    from conversations.models import Conversation
+
+    chat = Conversation.objects.create(owner=alice, title="Old notes")
+    watching = tabs.new(alice)
+    open_chat(watching, daphne_server, f"/c/{chat.pk}/")
+    working = tabs.new(alice)
+    open_chat(working, daphne_server)
+
+    working.get_by_role("link", name="New project").click()
+    working.get_by_label("Name").fill("Zeta team")
+    working.get_by_role("button", name="Create the project").click()
+    expect(working.locator("#project-banner")).to_contain_text("Project: Zeta team")
+    working.get_by_role("link", name="New project").click()
+    working.get_by_label("Name").fill("Mid team")
+    working.get_by_role("button", name="Create the project").click()
+    expect(working.locator("#project-banner")).to_contain_text("Project: Mid team")
+
+    names = watching.locator(".project-group .project-link")
+    expect(names).to_have_text(["Mid team", "Zeta team"])
+    expect(watching.locator(".projects-empty")).to_be_hidden()
+    expect(watching.locator("#move-select option")).to_have_text(["No project", "Mid team", "Zeta team"])
+
+    # Renamed: it moves to where its new name goes.
+    zeta = working.locator("#project-banner")
+    working.goto(daphne_server.url + "/")
+    working.locator(".project-link", has_text="Zeta team").click()
+    zeta.get_by_role("link", name="Edit project").click()
+    working.get_by_label("Name").fill("Alpha team")
+    working.get_by_role("button", name="Save").click()
+    expect(working.locator("#project-banner")).to_contain_text("Project: Alpha team")
+    expect(names).to_have_text(["Alpha team", "Mid team"])
+
+    # The watched chat goes into it, from the watching tab; then the project is deleted elsewhere.
+    watching.locator("#move-select").select_option(label="Alpha team")
+    watching.get_by_role("button", name="Move", exact=True).click()
+    expect(watching.locator("#project-banner")).to_contain_text("Project: Alpha team")
+    expect(watching.locator("#composer[data-ready]")).to_have_count(1)
+    alpha = watching.locator(".project-group", has_text="Alpha team")
+    expect(alpha.locator(".project-chat")).to_have_count(1)
+    expect(alpha.locator(".project-count")).to_have_text("1")
+    expect(watching.locator(".project-group", has_text="Mid team").locator(".project-count")).to_have_text(
+        "0"
+    )
+    watching.screenshot(path=str(SHOTS / "projects-followed.png"))
+    working.get_by_role("link", name="Edit project").click()
+    working.get_by_role("button", name="Delete the project").click()
+    expect(names).to_have_text(["Mid team"])
+    expect(watching.locator("#conversation-list .conv-item", has_text="Old notes")).to_have_count(1)
+    expect(watching.locator("#move-select option")).to_have_text(["No project", "Mid team"])
+    assert Conversation.objects.get(pk=chat.pk).project_id is None

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from .. import llm
-from ..models import Conversation, Message, UsagePayload
+from ..models import Conversation, Message, Project, UsagePayload
 
 NO_COST = Decimal("0.000000")  # a model without a ModelPrice row
 
@@ -126,6 +126,25 @@ def conversation_moved(conversation: Conversation, project: str | None) -> Event
         "type": "conversation.updated",
         "conversation": {"id": str(conversation.pk), "title": conversation.display_title, "project": project},
     }
+
+
+def project_payload(project: Project) -> dict[str, Any]:
+    """What a tab's sidebar shows of a project (the API's object has more)."""
+    return {"id": str(project.pk), "name": project.name}
+
+
+def project_created(project: Project) -> Event:
+    return {"type": "project.created", "project": project_payload(project)}
+
+
+def project_updated(project: Project) -> Event:
+    return {"type": "project.updated", "project": project_payload(project)}
+
+
+def project_deleted(project_id: Any) -> Event:
+    """Sent after its chats' own events: each moved out (`conversation.updated`)
+    or deleted (`conversation.deleted`)."""
+    return {"type": "project.deleted", "project": {"id": str(project_id)}}
 
 
 def conversation_deleted(conversation_id: Any) -> Event:

@@ -28,6 +28,19 @@ export function createFrames({ conversation, adopt, leaveDeleted, messages, vers
       if (c.id === conversation() && c.title) shell.setTitle(c.title);
     },
 
+    // A project made, renamed or deleted (in any tab): the sidebar and the Move menu follow.
+    "project.created"(frame) {
+      if (sidebar) sidebar.putProject(frame.project);
+    },
+
+    "project.updated"(frame) {
+      if (sidebar) sidebar.putProject(frame.project);
+    },
+
+    "project.deleted"(frame) {
+      if (sidebar && frame.project) sidebar.dropProject(frame.project.id);
+    },
+
     "conversation.deleted"(frame) {
       const c = frame.conversation;
       const id = typeof c === "string" ? c : c && c.id;

@@ -414,7 +414,7 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
     if (!shown) return;
     const n = Math.max(0, (parseInt(shown.textContent, 10) || 0) + by);
     shown.textContent = String(n);
-    shown.setAttribute("aria-label", `${n} chats`);
+    shown.setAttribute("aria-label", n === 1 ? "1 chat" : `${n} chats`);
   }
 
   function place(id, title, project) {
@@ -467,6 +467,66 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
     highlight();
   }
 
+  // --- Projects made, renamed or deleted in another tab ------------------------------------
+
+  const projectsSection = $("projects");
+
+  function projectGroup(id) {
+    return document.querySelector(`.project-group[data-project-id="${CSS.escape(id)}"]`);
+  }
+
+  // The Move menu's projects, like the sidebar's: by name.
+  function moveOption(project) {
+    const select = $("move-select");
+    if (!select) return;
+    let option = select.querySelector(`option[value="${CSS.escape(project.id)}"]`);
+    if (option) option.remove();
+    else option = make("option", null, project.name);
+    option.value = project.id;
+    option.textContent = project.name;
+    const after = [...select.options].find((o) => o.value && o.textContent.localeCompare(project.name) > 0);
+    select.insertBefore(option, after || null);
+  }
+
+  function putProject(project) {
+    if (!projectsSection || !project || !project.id) return;
+    let group = projectGroup(project.id);
+    if (group) {
+      group.querySelector(".project-link").textContent = project.name;
+      group.remove(); // placed again below: its name decides where
+    } else {
+      group = make("details", "project-group");
+      group.dataset.projectId = project.id;
+      const summary = make("summary");
+      const link = make("a", "project-link", project.name);
+      link.href = at("project", project.id);
+      const shown = make("span", "project-count", "0");
+      shown.setAttribute("aria-label", "0 chats");
+      summary.append(link, shown);
+      const chats = make("ul", "project-chats");
+      chats.dataset.projectId = project.id;
+      group.append(summary, chats);
+    }
+    const after = [...projectsSection.querySelectorAll(".project-group")].find(
+      (g) => g.querySelector(".project-link").textContent.localeCompare(project.name) > 0,
+    );
+    const none = projectsSection.querySelector(".projects-empty");
+    if (after) after.before(group);
+    else if (none) none.before(group);
+    else projectsSection.append(group);
+    if (none) none.hidden = true;
+    moveOption(project);
+  }
+
+  function dropProject(id) {
+    const group = projectGroup(id);
+    if (group) group.remove();
+    const option = $("move-select") && $("move-select").querySelector(`option[value="${CSS.escape(id)}"]`);
+    if (option) option.remove();
+    const none = projectsSection && projectsSection.querySelector(".projects-empty");
+    if (none && !projectsSection.querySelector(".project-group")) none.hidden = false;
+  }
+
   function setCurrent(id) {
     state.current = id;
     highlight();
@@ -477,6 +537,8 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
   return {
     upsert,
     place,
+    putProject,
+    dropProject,
     applyTitle,
     remove: removeConversation,
     setCurrent,
