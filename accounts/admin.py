@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, cast
 
 from django.contrib import admin, messages
@@ -13,7 +14,7 @@ from django.http import HttpRequest, HttpResponse
 from . import security
 from .models import Quota, QuotaCounter
 from .signals import accounts_changed
-from .views import send_invitation
+from .views import invitable, send_invitation
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User as AuthUser
@@ -67,6 +68,7 @@ class QuotaCounterAdmin(_QuotaCounterAdmin):
 # --- Users: activate the sign-ups that wait for approval; invite by e-mail ----------------
 
 User = get_user_model()
+log = logging.getLogger(__name__)
 
 
 def _may_change(request: HttpRequest, queryset: QuerySet[AuthUser]) -> QuerySet[AuthUser]:
@@ -154,25 +156,33 @@ def invite_again(
     modeladmin: admin.ModelAdmin[AuthUser], request: HttpRequest, queryset: QuerySet[AuthUser]
 ) -> None:
     """An invitation that was lost or ran out: a new one-time link, to the
-    selected users who are still waiting for theirs (active, with an
-    address, no password, and no sign-in through the company's provider,
-    who must not get a password this way). The others are named."""
+    selected users who are still waiting for theirs (`views.invitable`:
+    active, no password, no sign-in through the company's provider) and
+    have an address. The others are named; a mail that fails is said."""
     allowed = _may_change(request, queryset)
-    waiting = [
-        user
-        for user in allowed.filter(is_active=True, socialaccount__isnull=True).exclude(email="").distinct()
-        if not user.has_usable_password()
-    ]
+    _refused(modeladmin, request, queryset, allowed, "invite_again")
+    waiting = [user for user in allowed.exclude(email="") if invitable(user)]
+    sent, failed = [], []
     for user in waiting:
-        send_invitation(request, user, event="invited_again")
-    left = sorted(user.username for user in queryset.exclude(pk__in=[user.pk for user in waiting]))
-    if waiting:
-        modeladmin.message_user(request, f"{len(waiting)} new invitation(s) sent.", messages.SUCCESS)
+        try:
+            send_invitation(request, user, event="invited_again")
+        except Exception:  # the mail server refused: the others still go
+            log.exception("the invitation to %s could not be sent", user.username)
+            failed.append(user.username)
+        else:
+            sent.append(user.username)
+    left = sorted(u.username for u in allowed.exclude(pk__in=[u.pk for u in waiting]))
+    if sent:
+        modeladmin.message_user(request, f"{len(sent)} new invitation(s) sent.", messages.SUCCESS)
+    if failed:
+        modeladmin.message_user(
+            request, f"The mail to {', '.join(failed)} could not be sent: see the log.", messages.ERROR
+        )
     if left:
         modeladmin.message_user(
             request,
             f"No invitation for {', '.join(left)}: they have a password or sign in through the company's "
-            "provider, have no e-mail address or are inactive (or it is your own account, or a superuser's).",
+            "provider, have no e-mail address or are inactive (or the site takes no passwords).",
             messages.WARNING,
         )
 

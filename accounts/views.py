@@ -239,7 +239,7 @@ class InvitationAcceptView(auth_views.PasswordResetConfirmView):
 
     def get_user(self, uidb64: str) -> User | None:
         user = super().get_user(uidb64)
-        if user is not None and not (user.is_active and not user.has_usable_password()):
+        if user is not None and not invitable(user):
             security.event("invitation_refused", user=user, address=security.request_address(self.request))
             return None  # the page says the link is no longer valid
         return user
@@ -249,6 +249,19 @@ class InvitationAcceptView(auth_views.PasswordResetConfirmView):
         return super().form_valid(form)
 
 
+def invitable(user: User) -> bool:
+    """May an invitation's link set this account's password? An active
+    account that never had one nor signs in through the company's provider,
+    on a site that takes passwords (CHAT_PASSWORD_LOGIN: a link that logs
+    in would get round the provider and its required groups)."""
+    return (
+        settings.CHAT_PASSWORD_LOGIN
+        and user.is_active
+        and not user.has_usable_password()
+        and not SocialAccount.objects.filter(user=user).exists()
+    )
+
+
 @staff_member_required
 def invite(request: HttpRequest) -> HttpResponse:
     """Staff who may add users invite someone by e-mail: an active account
@@ -256,6 +269,8 @@ def invite(request: HttpRequest) -> HttpResponse:
     if not request.user.has_perm("auth.add_user"):
         security.event("invite_refused", user=request.user, address=security.request_address(request))
         return render(request, "accounts/invite.html", {"refused": True}, status=403)
+    if not settings.CHAT_PASSWORD_LOGIN:
+        return render(request, "accounts/invite.html", {"provider_only": True}, status=403)
     form = InviteForm(request.POST or None)
     sent = None
     if request.method == "POST" and form.is_valid():

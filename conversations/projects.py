@@ -56,10 +56,11 @@ def own(user: User, project_id: Any) -> Project:
 
 def listing(user: User, *, with_counts: bool = False) -> list[Project]:
     """The user's projects by name; `with_counts`: each with `chats`, how many it holds."""
-    found = Project.objects.filter(owner=user).select_related("prompt").order_by("name", "created_at")
+    found = Project.objects.filter(owner=user).select_related("prompt")
     if with_counts:
         found = found.annotate(chats=Count("conversations"))
-    return list(found)
+    # By name whatever its case, the same on every database (and on the page: sidebar.js).
+    return sorted(found, key=lambda p: (p.name.lower(), p.created_at))
 
 
 def _name(raw: str) -> str:

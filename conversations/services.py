@@ -104,8 +104,10 @@ def project_create(user: User, **fields: Any) -> Project:
 
 
 def project_update(project: Project, **fields: Any) -> Project:
-    """`projects.update`; the user's tabs show its new name."""
+    """`projects.update`; the user's tabs show a new name."""
+    before = project.name
     changed = projects.update(project, **fields)
-    updated = events.project_updated(changed)
-    transaction.on_commit(lambda: _tell_user(changed.owner_id, updated))
+    if changed.name != before:
+        updated = events.project_updated(changed)
+        transaction.on_commit(lambda: _tell_user(changed.owner_id, updated))
     return changed

@@ -339,9 +339,17 @@ def test_projects_made_renamed_and_deleted_in_one_tab_show_in_the_others(
         "0"
     )
     watching.screenshot(path=str(SHOTS / "projects-followed.png"))
+    # Renamed again while the watching tab shows a chat of it: its banner follows, and a
+    # lower-case name sorts as the server sorts it (case aside).
+    working.get_by_role("link", name="Edit project").click()
+    working.get_by_label("Name").fill("alpha crew")
+    working.get_by_role("button", name="Save").click()
+    expect(watching.locator("#project-banner .project-banner-name a").first).to_have_text("alpha crew")
+    expect(names).to_have_text(["alpha crew", "Mid team"])
     working.get_by_role("link", name="Edit project").click()
     working.get_by_role("button", name="Delete the project").click()
     expect(names).to_have_text(["Mid team"])
+    expect(watching.locator("#project-banner")).to_have_count(0)  # the chat stays, in no project
     expect(watching.locator("#conversation-list .conv-item", has_text="Old notes")).to_have_count(1)
     expect(watching.locator("#move-select option")).to_have_text(["No project", "Mid team"])
     assert Conversation.objects.get(pk=chat.pk).project_id is None

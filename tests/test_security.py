@@ -290,13 +290,22 @@ def test_an_invitation_lost_or_run_out_is_sent_again_from_the_admin_to_who_still
     through_sso.set_unusable_password()
     through_sso.save()
     SocialAccount.objects.create(user=through_sso, provider="acme", uid="sso-only-1")
-    selected = [invitee, with_password, through_sso, staff]
+    boss = get_user_model().objects.create(
+        username="boss_waiting", email="boss@example.com", is_superuser=True
+    )
+    gone = get_user_model().objects.create(username="gone_waiting", email="gone@example.com", is_active=False)
+    mailless = get_user_model().objects.create(username="no_address")
+    for waiting in (boss, gone, mailless):
+        waiting.set_unusable_password()
+        waiting.save()
+    selected = [invitee, with_password, through_sso, staff, boss, gone, mailless]
     status, _, page = admin.post(
         "/admin/auth/user/",
         [("action", "invite_again"), ("index", "0"), *(("_selected_action", str(u.pk)) for u in selected)],
     )
     assert status == 200 and "1 new invitation(s) sent." in page
-    assert "No invitation for has_a_password, reinviter, sso_only" in page
+    assert "No invitation for gone_waiting, has_a_password, no_address, sso_only" in page
+    assert "Left as they are: boss_waiting, reinviter" in page  # a superuser's, and one's own
     assert mails() == sent + 1  # to lost_invitee only
     second = mailed_link(daphne_server, "/accounts/invitation/")
     assert len(security_lines(daphne_server, "invited_again")) == 1

@@ -27,7 +27,7 @@ from django.contrib.auth.models import Group
 from accounts.models import ProviderMembership, Quota
 from conversations.quotas import forget_limits, limits_for
 from tests.conftest import LiveServer, database_url, free_port, run_daphne
-from tests.factories import PASSWORD, make_user
+from tests.factories import PASSWORD, make_user, session_cookie
 from tests.fake_llm import FakeLLM
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -317,6 +317,30 @@ def test_with_password_logins_off_the_form_is_gone_and_a_password_is_refused(clo
     )
     assert refused.status_code == 403 and "Password logins are turned off" in refused.text
     assert client.get(closed_site.url + "/", follow_redirects=False).status_code == 302
+
+
+def test_with_password_logins_off_no_invitation_sets_a_password(closed_site: Site) -> None:
+    """An invitation's link logs in with a password: with password logins
+    off it would get round the provider (and its required groups)."""
+    from django.conf import settings
+    from django.utils.encoding import force_bytes
+    from django.utils.http import urlsafe_base64_encode
+
+    from accounts.links import invitation_links
+
+    waiting = get_user_model().objects.create(username="lee_waiting", email="lee@acme.test")
+    waiting.set_unusable_password()
+    waiting.save()
+    link = f"/accounts/invitation/{urlsafe_base64_encode(force_bytes(waiting.pk))}/"
+    client = httpx.Client(timeout=20, follow_redirects=True)
+    page = client.get(closed_site.url + link + invitation_links.make_token(waiting) + "/")
+    assert "This link no longer works" in page.text and 'name="new_password1"' not in page.text
+    staff = make_user("inviting_staff", is_staff=True, is_superuser=True)
+    client.cookies.set(settings.SESSION_COOKIE_NAME, session_cookie(staff))
+    refused = client.get(closed_site.url + "/accounts/invite/")
+    assert refused.status_code == 403 and "through the company's provider only" in refused.text
+    waiting.refresh_from_db()
+    assert not waiting.has_usable_password()
 
 
 def test_with_password_logins_off_staff_still_reach_the_admin_with_a_password(closed_site: Site) -> None:

@@ -2,6 +2,8 @@
 
 export function createFrames({ conversation, adopt, leaveDeleted, messages, versions, stream, composer, shell, scroller, sidebar, showModel, changed }) {
   const isCurrent = (frame) => Boolean(conversation()) && frame.conversation === conversation();
+  // The banner of the project this page shows (its page, or a chat of it), if it is that one.
+  const shownProject = (id) => document.querySelector(`#project-banner[data-project-id="${CSS.escape(id)}"]`);
 
   const handlers = {
     "conversation.created"(frame) {
@@ -34,11 +36,23 @@ export function createFrames({ conversation, adopt, leaveDeleted, messages, vers
     },
 
     "project.updated"(frame) {
-      if (sidebar) sidebar.putProject(frame.project);
+      const p = frame.project;
+      if (!p || !p.id) return;
+      if (sidebar) sidebar.putProject(p);
+      const name = shownProject(p.id) && shownProject(p.id).querySelector(".project-banner-name a");
+      if (name) name.textContent = p.name;
     },
 
     "project.deleted"(frame) {
-      if (sidebar && frame.project) sidebar.dropProject(frame.project.id);
+      const p = frame.project;
+      if (!p || !p.id) return;
+      if (sidebar) sidebar.dropProject(p.id);
+      const banner = shownProject(p.id);
+      if (!banner) return;
+      // Its own page is gone (a chat started there would be refused): home.
+      // A chat of it stays open, out of any project now.
+      if (!conversation()) leaveDeleted();
+      else banner.remove();
     },
 
     "conversation.deleted"(frame) {

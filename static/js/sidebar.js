@@ -471,6 +471,13 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
 
   const projectsSection = $("projects");
 
+  // The server's order (projects.listing): by name whatever its case; a new one after its equals.
+  function byName(a, b) {
+    const x = a.toLowerCase();
+    const y = b.toLowerCase();
+    return x < y ? -1 : x > y ? 1 : 0;
+  }
+
   function projectGroup(id) {
     return document.querySelector(`.project-group[data-project-id="${CSS.escape(id)}"]`);
   }
@@ -484,7 +491,7 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
     else option = make("option", null, project.name);
     option.value = project.id;
     option.textContent = project.name;
-    const after = [...select.options].find((o) => o.value && o.textContent.localeCompare(project.name) > 0);
+    const after = [...select.options].find((o) => o.value && byName(o.textContent, project.name) > 0);
     select.insertBefore(option, after || null);
   }
 
@@ -508,7 +515,7 @@ export function createSidebar({ urls, current, onDeletedCurrent, announce }) {
       group.append(summary, chats);
     }
     const after = [...projectsSection.querySelectorAll(".project-group")].find(
-      (g) => g.querySelector(".project-link").textContent.localeCompare(project.name) > 0,
+      (g) => byName(g.querySelector(".project-link").textContent, project.name) > 0,
     );
     const none = projectsSection.querySelector(".projects-empty");
     if (after) after.before(group);
