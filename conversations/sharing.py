@@ -16,10 +16,9 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import Sum
 
 from files.models import File
-from files.uploads import storage_limit
+from files.uploads import storage_left
 
 from . import refusals
 from .database import update_each
@@ -147,9 +146,7 @@ def copy_for(link: Share, viewer: User) -> Conversation:
         with transaction.atomic():
             # One copy or upload of the viewer's at a time decides the storage left.
             get_user_model().objects.select_for_update().filter(pk=viewer.pk).exists()
-            room = storage_limit(viewer) - (
-                File.objects.filter(owner=viewer).aggregate(total=Sum("bytes"))["total"] or 0
-            )
+            room = storage_left(viewer)
             for original_id, file in copies.items():
                 if file.bytes <= room:
                     room -= file.bytes
@@ -220,8 +217,7 @@ def _copy_files(link: Share, viewer: User) -> dict[str, File]:
     originals = {
         str(f.pk): f for f in File.objects.filter(pk__in=wanted, owner_id=link.conversation.owner_id)
     }
-    used = File.objects.filter(owner=viewer).aggregate(total=Sum("bytes"))["total"] or 0
-    room = storage_limit(viewer) - used
+    room = storage_left(viewer)
     copies: dict[str, File] = {}
     for file_id in wanted:
         original = originals.get(file_id)

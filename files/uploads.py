@@ -71,6 +71,12 @@ def storage_limit(user: User) -> int:
     return int(settings.CHAT_FILE_STORAGE_PER_USER)
 
 
+def storage_left(user: User) -> int:
+    """Bytes the user may still store (their files against `storage_limit`)."""
+    used = File.objects.filter(owner=user).aggregate(total=Sum("bytes"))["total"] or 0
+    return storage_limit(user) - int(used)
+
+
 async def read(user: User, filename: str, data: bytes) -> File:
     """`data` taken in as the user's file, unsaved: the upload rate limit
     (counted before anything is read: a flood costs nothing), the size, the

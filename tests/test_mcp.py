@@ -52,26 +52,34 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float =
     raise AssertionError(f"nothing listens on {port}")
 
 
-@pytest.fixture(scope="module")
-def everything(tmp_path_factory: Any) -> Iterator[str]:
-    """The reference server over streamable HTTP: its /mcp address."""
-    assert (EVERYTHING / "dist" / "index.js").is_file(), "npm ci --prefix tests/mcp (make test does it)"
-    port = free_port()
-    log = (tmp_path_factory.mktemp("everything") / "everything.log").open("wb")
-    process = subprocess.Popen(
-        ["node", str(EVERYTHING / "dist" / "index.js"), "streamableHttp"],
-        env={**os.environ, "PORT": str(port)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+@contextlib.contextmanager
+def _serving(command: list[str], port: int, **popen: Any) -> Iterator[str]:
+    """An MCP server of the test's own, listening on `port`: its /mcp address."""
+    process = subprocess.Popen(command, start_new_session=True, **popen)
     try:
         _wait_for_port(port, process)
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)
-        log.close()
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory: Any) -> Iterator[str]:
+    """The reference server over streamable HTTP: its /mcp address."""
+    assert (EVERYTHING / "dist" / "index.js").is_file(), "npm ci --prefix tests/mcp (make test does it)"
+    port = free_port()
+    with (
+        (tmp_path_factory.mktemp("everything") / "everything.log").open("wb") as log,
+        _serving(
+            ["node", str(EVERYTHING / "dist" / "index.js"), "streamableHttp"],
+            port,
+            env={**os.environ, "PORT": str(port)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ) as url,
+    ):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +113,8 @@ def hanging() -> Iterator[str]:
 def hostile_http() -> Iterator[str]:
     """tests/mcp_hostile.py over HTTP: its /mcp address."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(HOSTILE), "http", str(port)], start_new_session=True)
-    try:
-        _wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
+    with _serving([sys.executable, str(HOSTILE), "http", str(port)], port) as url:
+        yield url
 
 
 server = module_server(
