@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import time
 from typing import Any, cast
 
+import httpx2
 import pytest
 
 from conversations import llm
@@ -446,3 +449,102 @@ async def test_no_tools_parameter_unless_tools_are_offered(fake_llm: FakeLLM) ->
 
     assert cast(StreamEnd, events[-1]).tool_calls == ()
     assert "tools" not in fake_llm.streamed_requests[0].body
+
+
+# --- The bytes of a stream, however they arrive ------------------------------------
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(event).encode() + b"\r\n\r\n" for event in events)
+
+
+def _content(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {
+        "model": "raw-model",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }
+
+
+class _RawServer:
+    """An HTTP server that sends a stream's body as given pieces, each its
+    own write and flushed apart (a chunked body, `gzip` when asked)."""
+
+    def __init__(self, pieces: list[bytes], *, gzipped: bool = False) -> None:
+        self.pieces = pieces
+        self.gzipped = gzipped
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        pieces = [gzip.compress(b"".join(self.pieces))] if self.gzipped else self.pieces
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+            + (b"content-encoding: gzip\r\n" if self.gzipped else b"")
+            + b"connection: close\r\n\r\n"
+        )
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.01)  # its own read on the other side
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+
+async def test_lines_split_anywhere_crlf_comments_and_a_last_line_without_newline(settings: Any) -> None:
+    body = (
+        b": a comment first\r\n\r\n"
+        + _sse(_content("Hel"), _content("lo"), _content(" wor"))
+        + b"event: ignored\r\n"
+        + b"data: "
+        + json.dumps(_content("ld", "stop")).encode()  # the last line: no newline, no [DONE]
+    )
+    # Cut the body in pieces that split lines, a UTF-8 character and "data:".
+    cuts = [3, 20, 21, 60, 61, 62, 130, len(body) - 5]
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    async with _RawServer(pieces) as url:
+        settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY, settings.OPENAI_MAX_RETRIES = url, "k", 0
+        events = await collect()
+
+    assert texts(events) == ["Hel", "lo", " wor", "ld"]
+    assert events[-1] == StreamEnd(finish_reason="stop", usage=None, model="raw-model")
+
+
+async def test_a_gzipped_stream_is_read_through_its_decoder(settings: Any) -> None:
+    body = _sse(_content("é"), _content("t"), _content("é", "stop")) + b"data: [DONE]\n\n"
+    async with _RawServer([body], gzipped=True) as url:
+        settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY, settings.OPENAI_MAX_RETRIES = url, "k", 0
+        events = await collect()
+
+    assert texts(events) == ["é", "t", "é"]
+    assert cast(StreamEnd, events[-1]).finish_reason == "stop"
+
+
+async def test_the_kept_urls_are_those_the_sdk_and_httpx_would_build(fake_llm: FakeLLM) -> None:
+    import openai
+
+    from conversations.llm.client import client
+
+    sdk = client()
+    for path in ("/chat/completions", "chat/completions", "/models?limit=2", "https://elsewhere.test/v1/x"):
+        assert sdk._prepare_url(path) == openai.AsyncOpenAI._prepare_url(sdk, path)
+        built = sdk._client.build_request("POST", str(sdk._prepare_url(path)), content=b"{}")
+        assert built.url == httpx2.Client().build_request("POST", str(sdk._prepare_url(path))).url
+    sdk.base_url = "http://127.0.0.1:9/other/"  # a client whose base URL is changed builds the new one
+    assert str(sdk._prepare_url("/chat/completions")) == "http://127.0.0.1:9/other/chat/completions"

@@ -70,19 +70,30 @@ async def stream_chat(
         offer = tools if tools and key not in no_tools else None
         started = False
         try:
-            async with contextlib.aclosing(
-                _stream_one(
-                    messages,
-                    current,
-                    temperature=temperature,
-                    max_tokens=max_tokens,
-                    tools=offer,
-                    response_format=response_format,
-                )
-            ) as events:  # closed at once when the caller stops: the HTTP stream ends
-                async for event in events:
-                    started = True
-                    yield event
+            response = await _request(
+                messages,
+                current,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                tools=offer,
+                response_format=response_format,
+            )
+            try:
+                # Read here, not through a generator of each layer: every
+                # chunk passes each one (a stream is a hundred chunks or more).
+                async with contextlib.aclosing(_read_sse(response, current)) as events:
+                    async for event in events:
+                        started = True
+                        yield event
+            except LLMError:
+                raise
+            except Exception as exc:  # the body broke off (httpx's errors, over aiohttp's)
+                raise from_broken_stream(exc) from None
+            finally:
+                # A stop closes the upstream's stream here (the connection is
+                # not reused when its body was not read to the end).
+                with contextlib.suppress(Exception):
+                    await response.aclose()
             return
         except LLMError as exc:
             refused_tools = type(exc) is UpstreamBadRequest and "tool" in str(exc).lower()
@@ -102,7 +113,7 @@ async def stream_chat(
             )
 
 
-async def _stream_one(
+async def _request(
     messages: Sequence[ChatMessage],
     model: str,
     *,
@@ -110,7 +121,8 @@ async def _stream_one(
     max_tokens: int | None,
     tools: Sequence[dict[str, Any]] | None,
     response_format: dict[str, Any] | None = None,
-) -> AsyncGenerator[StreamEvent, None]:
+) -> httpx2.Response:
+    """The request of one streamed completion, answered: its body unread."""
     body: dict[str, Any] = {
         "model": model,
         "messages": list(messages),
@@ -128,72 +140,69 @@ async def _stream_one(
         # answer as the raw HTTP response: `chat.completions.create` would
         # walk every message to validate it and wrap the stream, 3.5 to 4 ms
         # of CPU more per answer (measured: 400 streams of 100 chunks).
-        response = await client().post("/chat/completions", body=body, cast_to=httpx2.Response, stream=True)
+        return await client().post("/chat/completions", body=body, cast_to=httpx2.Response, stream=True)
     except openai.APIError as exc:
         raise from_sdk(exc, model) from None  # its message quotes the body: never passed on
-    try:
-        async for event in _read_sse(_lines(response), model):
-            yield event
-    except LLMError:
-        raise
-    except Exception as exc:  # the body broke off (httpx's errors, over aiohttp's)
-        raise from_broken_stream(exc) from None
-    finally:
-        # A stop closes the upstream's stream here (the connection is not
-        # reused when its body was not read to the end).
-        with contextlib.suppress(Exception):
-            await response.aclose()
 
 
-async def _lines(response: httpx2.Response) -> AsyncGenerator[bytes, None]:
-    """The body's lines. Straight from the transport's byte stream (httpx's
-    own line, text and byte layers cost a third of reading a stream), unless
-    the server compressed it."""
-    encoding = response.headers.get("content-encoding", "identity").lower()
-    chunks = response.aiter_bytes() if encoding not in ("", "identity") else response.stream
-    rest = b""
-    async for chunk in chunks:  # type: ignore[union-attr]  # an AsyncByteStream
-        lines = (rest + chunk).split(b"\n")
-        rest = lines.pop()
-        for line in lines:
-            yield line
-    if rest:
-        yield rest
-
-
-async def _read_sse(lines: AsyncIterator[bytes], model: str) -> AsyncGenerator[StreamEvent, None]:
+async def _read_sse(response: httpx2.Response, model: str) -> AsyncGenerator[StreamEvent, None]:
     """Server-sent events of a Chat Completions stream: `data: {chunk}` lines
-    up to `data: [DONE]` (comments and other fields are skipped)."""
+    up to `data: [DONE]` (comments and other fields are skipped). The lines
+    are split here, straight from the transport's byte stream (httpx's own
+    line, text and byte layers cost a third of reading a stream), unless the
+    server compressed it."""
+    encoding = response.headers.get("content-encoding", "identity").lower()
+    chunks: AsyncIterator[bytes] = (
+        response.aiter_bytes() if encoding not in ("", "identity") else response.stream.__aiter__()  # type: ignore[union-attr]  # an AsyncByteStream
+    )
     finish_reason: str | None = None
     usage: Usage | None = None
     served_model = model
     calls: dict[int, dict[str, str]] = {}  # tool calls by index, as their deltas arrive
-    async for line in lines:
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            break
-        try:
-            chunk = json.loads(data)
-        except ValueError as exc:
-            raise IncompleteStream("The stream sent a chunk that is not JSON.") from exc
-        if not isinstance(chunk, dict):
-            continue
-        if chunk.get("error"):
-            raise from_stream_event(chunk["error"])
-        served_model = chunk.get("model") or served_model
-        if chunk.get("usage"):
-            usage = usage_of(chunk["usage"])
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if text:
-                yield TextDelta(text)
-            for piece in delta.get("tool_calls") or ():
-                _add_tool_call_piece(calls, piece)
-            if choice.get("finish_reason"):
-                finish_reason = choice["finish_reason"]
+    rest = b""
+    ended = done = False
+    try:
+        while not (done or ended):
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                if not rest:
+                    break
+                chunk, ended = b"\n", True  # the last line had no newline
+            lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                try:
+                    parsed = json.loads(data)
+                except ValueError as exc:
+                    raise IncompleteStream("The stream sent a chunk that is not JSON.") from exc
+                if not isinstance(parsed, dict):
+                    continue
+                if parsed.get("error"):
+                    raise from_stream_event(parsed["error"])
+                served_model = parsed.get("model") or served_model
+                if parsed.get("usage"):
+                    usage = usage_of(parsed["usage"])
+                for choice in parsed.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content")
+                    if text:
+                        yield TextDelta(text)
+                    for piece in delta.get("tool_calls") or ():
+                        _add_tool_call_piece(calls, piece)
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+    finally:
+        closing = getattr(chunks, "aclose", None)
+        if closing is not None:
+            with contextlib.suppress(Exception):
+                await closing()
     if finish_reason is None:
         raise IncompleteStream("The stream ended without a finish_reason.")
     tool_calls = tuple(
