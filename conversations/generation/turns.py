@@ -27,6 +27,7 @@ from accounts.limits import take_send, take_sends
 
 from .. import attachments, inputs, llm, projects, prompts, quotas, refusals
 from ..attachments import files_for_send
+from ..database import insert_each
 from ..history import History, head_of, messages_tokens, plan_history
 from ..models import ChatModel, Conversation, Message, SystemPrompt
 from ..selectors import conversation_for_user
@@ -466,9 +467,9 @@ def _accept_new_together(sends: list[Send]) -> list[Accepted | Exception]:
         if not accepted:
             return outcomes
         turns = [turn for _place, turn in accepted]
-        Conversation.objects.bulk_create([turn.conversation for turn in turns])
+        insert_each(Conversation, [turn.conversation for turn in turns])
         # The questions first: each is older than its answer.
-        Message.objects.bulk_create([turn.question for turn in turns] + [turn.answer for turn in turns])
+        insert_each(Message, [turn.question for turn in turns] + [turn.answer for turn in turns])
         _first_heartbeat([turn.answer.pk for turn in turns])
         refused = []
         waits = take_sends([turn.conversation.owner for turn in turns])
