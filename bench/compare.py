@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import load
 from load_common import log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,12 +80,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parsed = parser.parse_args(args)
     if parsed.pairs < 1:
         parser.error("--pairs must be at least 1")
-    for i, arg in enumerate(load_args):
-        scenario = arg.split("=", 1)[1] if arg.startswith("--scenario=") else None
-        if arg == "--scenario" and i + 1 < len(load_args):
-            scenario = load_args[i + 1]
-        if scenario == "capacity":
-            parser.error("--scenario capacity prints a line per burst: compare burst or steady runs")
+    # load.py's own parser: a wrong argument is told once, before any run.
+    if load.parse_args(load_args).scenario == "capacity":
+        parser.error("--scenario capacity prints a line per burst: compare burst or steady runs")
+    for name in ("before", "after"):
+        revision = getattr(parsed, name)
+        if revision is not None:
+            try:
+                setattr(parsed, name, git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"))
+            except subprocess.CalledProcessError:
+                parser.error(f"--{name} {revision}: not a commit of this repository")
     return parsed, load_args
 
 
@@ -95,9 +100,8 @@ def git(*args: str) -> str:
 
 
 @contextmanager
-def checkout(revision: str, into: Path) -> Iterator[Path]:
-    """The revision in a worktree of its own, measured by this tree's bench/."""
-    commit = git("rev-parse", "--verify", f"{revision}^{{commit}}")
+def checkout(commit: str, into: Path) -> Iterator[Path]:
+    """The commit in a worktree of its own, measured by this tree's bench/."""
     git("worktree", "add", "--detach", str(into), commit)
     try:
         shutil.rmtree(into / "bench", ignore_errors=True)
@@ -168,22 +172,16 @@ def summary(runs: list[Run]) -> dict[str, Any]:
         if after["ratio"] is not None and before["ratio"] is not None
         else None
     )
-    cpu_change = (
-        round(100 * (after["cpu_per_1k"] / before["cpu_per_1k"] - 1), 1)
-        if after["cpu_per_1k"] is not None and before["cpu_per_1k"]
-        else None
-    )
-    cpu_ratio_change = (
-        round(100 * (after["cpu_ratio"] / before["cpu_ratio"] - 1), 1)
-        if after["cpu_ratio"] is not None and before["cpu_ratio"]
-        else None
-    )
     return {
         **sides,
         "ratio_change": ratio_change,
-        "cpu_change_pct": cpu_change,
-        "cpu_ratio_change_pct": cpu_ratio_change,
+        "cpu_change_pct": percent_change(before["cpu_per_1k"], after["cpu_per_1k"]),
+        "cpu_ratio_change_pct": percent_change(before["cpu_ratio"], after["cpu_ratio"]),
     }
+
+
+def percent_change(before: float | None, after: float | None) -> float | None:
+    return round(100 * (after / before - 1), 1) if after is not None and before else None
 
 
 def cell(value: Any) -> str:

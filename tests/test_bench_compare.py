@@ -30,14 +30,29 @@ def compare() -> Iterator[ModuleType]:
 
 
 def test_arguments_after_the_separator_go_to_load_py(compare: ModuleType) -> None:
-    args, load_args = compare.parse_args(["--before", "abc", "--pairs", "4", "--", "--scenario", "burst"])
-    assert (args.before, args.after, args.pairs) == ("abc", None, 4)
+    head = compare.git("rev-parse", "HEAD")
+    args, load_args = compare.parse_args(["--before", "HEAD", "--pairs", "4", "--", "--scenario", "burst"])
+    assert (args.before, args.after, args.pairs) == (head, None, 4)  # the commit, resolved once
     assert load_args == ["--scenario", "burst"]
     for capacity in (["--scenario", "capacity"], ["--scenario=capacity"]):
         with pytest.raises(SystemExit):
-            compare.parse_args(["--before", "abc", "--", *capacity])
+            compare.parse_args(["--before", "HEAD", "--", *capacity])
     with pytest.raises(SystemExit):
-        compare.parse_args(["--before", "abc", "--pairs", "0"])
+        compare.parse_args(["--before", "HEAD", "--pairs", "0"])
+
+
+def test_a_wrong_revision_or_load_argument_is_refused_before_any_run(
+    compare: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--before", "no-such-revision", "--", "--scenario", "burst"])
+    assert "--before no-such-revision: not a commit of this repository" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--before", "HEAD", "--after", "HEAD~100000"])
+    assert "--after HEAD~100000: not a commit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--before", "HEAD", "--", "--users", "-3"])
+    assert "bench/load.py: error:" in capsys.readouterr().err
 
 
 def test_medians_per_side_and_their_changes(compare: ModuleType) -> None:
